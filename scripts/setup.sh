@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Make .venv and install vqpt with its test tools, every version pinned by constraints.txt
+# (torch==2.13.0: the CPU wheel; any looser spec pulls a CUDA torch with GBs of nvidia packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# One pip command: s3fs and boto3 must resolve together (a later boto3 install breaks aiobotocore's pin).
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -c "import torch, storage; print('vqpt installed: torch', torch.__version__)"

@@ -1,0 +1,454 @@
+"""Token codecs: VQ token ids <-> bytes, plus lossless codecs for segmentation label maps.
+
+A codec turns a flat stream of token ids in ``[0, K)`` (typically every 32x32 grid of a block of
+~256 images, concatenated) into bytes and back. ``CodecSpec`` is everything a manifest stores to
+rebuild the same codec in another process (``make_codec``); ``fit_codec`` trains what a codec
+needs (zstd dictionary, rANS frequency model) from sample tokens.
+
+Codecs (``CODEC_NAMES``):
+
+- ``raw16``: little-endian uint16 per token.
+- ``bitpack``: ``ceil(log2 K)`` bits per token, MSB-first, zero-padded to a whole byte, no header.
+- ``seit``: SeiT's escape-byte scheme then gzip -9 (see :class:`SeitCodec`).
+- ``zstd``: uint8 (K <= 256) or little-endian uint16, zstd frame at ``level`` with content size and
+  checksum, optionally with a trained dictionary.
+- ``rans``: static order-0 rANS (constriction); see ``storage.entropy``.
+
+Decoding returns a fresh, writable 1-D ``np.uint16`` array and raises :class:`CodecError` (a
+ValueError) for corrupt or short data wherever that is detectable: lengths, value ranges, zstd
+and gzip checksums, and the rANS end state. Codec objects are immutable and thread-safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import io
+import json
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import zstandard
+from PIL import Image
+
+from storage import entropy
+from storage.errors import StorageError
+
+CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans")
+LABELMAP_METHODS: tuple[str, ...] = ("zstd", "png")
+MAX_VOCAB = 65536
+
+
+class CodecError(StorageError):
+    """Stored token or label-map bytes are corrupt, truncated or inconsistent with the codec."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """What the manifest stores to rebuild a codec: JSON-serialisable.
+
+    name: one of ``CODEC_NAMES``. vocab_size: K, 2..65536. params: JSON-safe values only (str keys;
+    int, float, str, bool, None, lists and dicts of those; binary blobs as base64 str). ``params`` is
+    copied on construction; treat it as read-only.
+    """
+
+    name: str
+    vocab_size: int
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {self.name!r}; expected one of {CODEC_NAMES}")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+            raise ValueError(f"vocab_size must be an int, got {self.vocab_size!r}")
+        if not 2 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"vocab_size K={self.vocab_size} outside 2..{MAX_VOCAB}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a dict, got {type(self.params).__name__}")
+        try:
+            canon = json.loads(json.dumps(self.params, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"CodecSpec params must be JSON-safe: {exc}") from exc
+        if canon != self.params:  # e.g. tuples or non-str keys, which JSON would silently change
+            raise ValueError(f"CodecSpec params do not survive a JSON round trip: {self.params!r:.200}")
+        object.__setattr__(self, "params", canon)
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal specs give equal text."""
+        body = {"name": self.name, "vocab_size": self.vocab_size, "params": self.params}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CodecSpec:
+        """Parse :meth:`to_json` output; ValueError naming the problem on malformed input."""
+        try:
+            body = json.loads(text)
+        except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"CodecSpec JSON is unreadable: {exc}") from exc
+        if not isinstance(body, dict) or set(body) != {"name", "vocab_size", "params"}:
+            got = sorted(body) if isinstance(body, dict) else type(body).__name__
+            raise ValueError(f"CodecSpec JSON needs exactly the keys name, vocab_size, params; got {got}")
+        if not isinstance(body["name"], str):
+            raise ValueError(f"CodecSpec name must be a string, got {body['name']!r}")
+        return cls(body["name"], body["vocab_size"], body["params"])
+
+
+def _as_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Flatten (C order) and validate: integer dtype, every value in [0, K). Returns a 1-D view/copy."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be an integer array, got dtype {arr.dtype} (K={vocab_size})")
+    arr = arr.reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        bad = int(np.flatnonzero((arr < 0) | (arr >= vocab_size))[0])
+        raise ValueError(f"token id {int(arr[bad])} at flat index {bad} is not in [0, K) with K={vocab_size}")
+    return arr
+
+
+class TokenCodec:
+    """Base class of the codecs. ``encode(ids) -> bytes``; ``decode(data, count) -> uint16[count]``.
+
+    encode: ``ids`` any-shape integer array (flattened in C order), values in [0, K), else ValueError
+    naming the value, its flat index and K. decode: ``data`` bytes-like, ``count`` tokens expected;
+    returns a new writable 1-D ``np.uint16`` array; CodecError (ValueError) on corrupt data.
+    """
+
+    name: ClassVar[str]
+    _param_keys: ClassVar[frozenset[str]] = frozenset()  # params a spec may carry
+    _model_keys: ClassVar[tuple[str, ...]] = ()  # params that are a stored model (see model_bytes)
+
+    def __init__(self, spec: CodecSpec):
+        if spec.name != self.name:
+            raise ValueError(f"{type(self).__name__} cannot be built from a {spec.name!r} spec")
+        unknown = set(spec.params) - self._param_keys
+        if unknown:
+            raise ValueError(f"codec {self.name!r}: unknown params {sorted(unknown)}")
+        self.spec = spec
+        self.vocab_size = spec.vocab_size
+
+    def encode(self, ids: np.ndarray) -> bytes:
+        return self._encode(_as_ids(ids, self.vocab_size))
+
+    def decode(self, data: bytes, count: int) -> np.ndarray:
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        out = self._decode(data, int(count))
+        if out.shape != (count,):
+            raise CodecError(f"{self.name}: decoded {out.size} tokens, expected {count}")
+        if count and int(out.max()) >= self.vocab_size:
+            raise CodecError(f"{self.name}: corrupt data: decoded id {int(out.max())} >= K={self.vocab_size}")
+        return out
+
+    def _encode(self, ids: np.ndarray) -> bytes:  # ids: validated 1-D integer array
+        raise NotImplementedError
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __reduce__(self) -> tuple:
+        """Cross-process copies (Ray, spawn workers) are rebuilt from the spec, never from state."""
+        return (make_codec, (self.spec,))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(K={self.vocab_size}, params={sorted(self.spec.params)})"
+
+
+class Raw16Codec(TokenCodec):
+    """2 bytes per token, little-endian uint16."""
+
+    name = "raw16"
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        return ids.astype("<u2").tobytes()
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        if len(data) != 2 * count:
+            raise CodecError(f"raw16: {len(data)} bytes for {count} tokens, expected {2 * count}")
+        return np.frombuffer(data, dtype="<u2").astype(np.uint16)
+
+
+class BitpackCodec(TokenCodec):
+    """``b = ceil(log2 K)`` bits per token, MSB first, last byte zero-padded: ``ceil(n*b/8)`` bytes."""
+
+    name = "bitpack"
+
+    def __init__(self, spec: CodecSpec):
+        super().__init__(spec)
+        self.bits = (self.vocab_size - 1).bit_length()
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        big = ids.astype(">u2").view(np.uint8).reshape(-1, 2)
+        bitmat = np.unpackbits(big, axis=1)[:, 16 - self.bits :]
+        return np.packbits(bitmat.reshape(-1)).tobytes()
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        b = self.bits
+        need = (count * b + 7) // 8
+        if len(data) != need:
+            raise CodecError(f"bitpack: {len(data)} bytes for {count} tokens of {b} bits, expected {need}")
+        buf = np.zeros(need + 2, dtype=np.uint32)  # 2 spare bytes so every 3-byte window exists
+        buf[:need] = np.frombuffer(data, dtype=np.uint8)
+        pos = np.arange(count, dtype=np.int64) * b
+        at = pos >> 3
+        window = (buf[at] << 16) | (buf[at + 1] << 8) | buf[at + 2]  # 24 bits >= b + 7
+        shift = (24 - b - (pos & 7)).astype(np.uint32)
+        out = ((window >> shift) & ((1 << b) - 1)).astype(np.uint16)
+        pad = need * 8 - count * b
+        if pad and int(buf[need - 1]) & ((1 << pad) - 1):
+            raise CodecError("bitpack: padding bits of the last byte are not zero")
+        return out
+
+
+class SeitCodec(TokenCodec):
+    """SeiT (naver-ai/seit) storage: escape bytes, then gzip -9 of the whole byte stream.
+
+    Our reading of SeiT's ``get_data_index_of``: a token id ``v`` is written as ``v // 255`` escape
+    bytes 255 followed by one byte ``v % 255`` (so ids < 255 take 1 byte, 255..509 take
+    ``[255, v - 255]``). For K <= 510 this is byte-identical to SeiT (their codebook has 391 codes);
+    SeiT's decoder *resets* on a repeated escape, ours *accumulates* (each 255 adds 255), which is
+    what lets larger K stay lossless (id 65535 costs 258 bytes before gzip). gzip header has mtime 0.
+    """
+
+    name = "seit"
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        ids = ids.astype(np.int64)
+        escapes, rest = np.divmod(ids, 255)
+        ends = np.cumsum(escapes + 1) - 1
+        stream = np.full(int(ends[-1]) + 1 if ids.size else 0, 255, dtype=np.uint8)
+        stream[ends] = rest
+        return gzip.compress(stream.tobytes(), compresslevel=9, mtime=0)
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        inflater = zlib.decompressobj(wbits=31)  # gzip container; checks CRC32 and length
+        try:
+            raw = inflater.decompress(data)
+        except zlib.error as exc:
+            raise CodecError(f"seit: gzip stream is corrupt: {exc}") from exc
+        if not inflater.eof or inflater.unused_data:
+            raise CodecError("seit: gzip stream is truncated or followed by extra bytes")
+        stream = np.frombuffer(raw, dtype=np.uint8)
+        ends = np.flatnonzero(stream != 255)
+        if ends.size != count or (stream.size and (not count or ends[-1] != stream.size - 1)):
+            raise CodecError(f"seit: {ends.size} tokens (or a trailing escape), expected {count}")
+        ids = (np.diff(ends, prepend=-1) - 1) * 255 + stream[ends]  # int64: check before narrowing
+        if count and int(ids.max()) >= self.vocab_size:
+            raise CodecError(f"seit: corrupt data: decoded id {int(ids.max())} >= K={self.vocab_size}")
+        return ids.astype(np.uint16)
+
+
+class ZstdCodec(TokenCodec):
+    """uint8 (K <= 256) or little-endian uint16 tokens in one zstd frame (content size + checksum).
+
+    params: ``level`` (int, default 19), optional ``dict`` (base64 zstd dictionary).
+    """
+
+    name = "zstd"
+    _param_keys = frozenset({"level", "dict"})
+    _model_keys = ("dict",)
+
+    def __init__(self, spec: CodecSpec):
+        super().__init__(spec)
+        level = spec.params.get("level", 19)
+        if isinstance(level, bool) or not isinstance(level, int) or not -7 <= level <= 22:
+            raise ValueError(f"zstd: level must be an int in -7..22, got {level!r}")
+        self.level = level
+        self.dtype = np.dtype(np.uint8) if self.vocab_size <= 256 else np.dtype("<u2")
+        self._dict: zstandard.ZstdCompressionDict | None = None
+        if "dict" in spec.params:
+            try:
+                raw = base64.b64decode(str(spec.params["dict"]).encode("ascii"), validate=True)
+            except (ValueError, UnicodeError) as exc:
+                raise ValueError(f"zstd: dict param is not base64: {exc}") from exc
+            self._dict = zstandard.ZstdCompressionDict(raw)
+        self._local = threading.local()  # ZstdDecompressor objects are not shared between threads
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        cctx = zstandard.ZstdCompressor(level=self.level, dict_data=self._dict, write_checksum=True)
+        return cctx.compress(ids.astype(self.dtype).tobytes())
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor(dict_data=self._dict)
+        need = count * self.dtype.itemsize
+        try:  # check the declared size first: a corrupt header must not trigger a huge allocation
+            declared = zstandard.frame_content_size(data)
+            if declared != need:
+                raise CodecError(f"zstd: frame declares {declared} bytes, expected {need} for {count} tokens")
+            raw = dctx.decompress(data, max_output_size=need, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd: corrupt frame ({len(data)} bytes): {exc}") from exc
+        if len(raw) != need:
+            raise CodecError(f"zstd: frame holds {len(raw)} bytes, expected {need} for {count} tokens")
+        return np.frombuffer(raw, dtype=self.dtype).astype(np.uint16)
+
+
+class RansCodec(TokenCodec):
+    """Static order-0 rANS (constriction, 32-bit words, 24-bit probabilities); payload = LE uint32 words.
+
+    params: ``counts`` (base64 zstd LE uint32 symbol counts, see ``storage.entropy``) and
+    ``fingerprint`` (CRC32 of a probe encoding; a reader whose constriction quantises the counts
+    differently refuses the spec instead of mis-decoding).
+    """
+
+    name = "rans"
+    _param_keys = frozenset({"counts", "fingerprint"})
+    _model_keys = ("counts",)
+
+    def __init__(self, spec: CodecSpec):
+        super().__init__(spec)
+        if "counts" not in spec.params or "fingerprint" not in spec.params:
+            raise ValueError("rans: spec needs params 'counts' and 'fingerprint' (build it with fit_codec)")
+        if not isinstance(spec.params["counts"], str):
+            raise ValueError("rans: counts param must be a base64 string")
+        self.counts = entropy.counts_from_text(spec.params["counts"], self.vocab_size)
+        self._model = entropy.build_model(self.counts)
+        got = entropy.model_fingerprint(self._model, self.vocab_size)
+        if got != spec.params["fingerprint"]:
+            raise ValueError(
+                f"rans: model fingerprint {got} != stored {spec.params['fingerprint']!r}; this "
+                "constriction build quantises the stored counts differently from the writer's"
+            )
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        return entropy.rans_encode(ids, self._model)
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        try:
+            return entropy.rans_decode(data, count, self._model).astype(np.uint16)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from exc
+
+
+_CODECS: dict[str, type[TokenCodec]] = {
+    c.name: c for c in (Raw16Codec, BitpackCodec, SeitCodec, ZstdCodec, RansCodec)
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _make_cached(spec: CodecSpec) -> TokenCodec:
+    return _CODECS[spec.name](spec)
+
+
+def make_codec(spec: CodecSpec) -> TokenCodec:
+    """Rebuild the codec a manifest's spec describes (memoised per spec: cheap to call per block)."""
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"make_codec needs a CodecSpec, got {type(spec).__name__}")
+    return _make_cached(spec)
+
+
+def fit_codec(name: str, sample: np.ndarray | None, vocab_size: int, **params: Any) -> TokenCodec:
+    """Build codec ``name`` for K = ``vocab_size``, training its model on ``sample`` token ids.
+
+    - ``raw16``, ``bitpack``, ``seit``: nothing to fit; ``sample`` is ignored, no params accepted.
+    - ``zstd``: ``level`` (default 19); ``dict`` (bytes or base64 str: use this dictionary) or
+      ``dict_size`` (> 0: train a dictionary of that many bytes with ``zstandard.train_dictionary`` on
+      ``sample`` cut into ``dict_chunk``-token pieces, default 1024 = one 32x32 grid). Default: no dictionary.
+    - ``rans``: order-0 counts of ``sample``; symbols absent from it share a Good-Turing escape mass
+      (see ``storage.entropy``), so they stay encodable. An empty sample gives the uniform model.
+    """
+    spec_params: dict[str, Any] = {}
+    if name == "zstd":
+        spec_params["level"] = params.pop("level", 19)
+        given, dict_size = params.pop("dict", None), int(params.pop("dict_size", 0))
+        chunk = int(params.pop("dict_chunk", 1024))
+        if given is not None:
+            spec_params["dict"] = given if isinstance(given, str) else base64.b64encode(given).decode("ascii")
+        elif dict_size > 0:
+            ids = _as_ids(sample, vocab_size).astype(np.uint8 if vocab_size <= 256 else "<u2")
+            pieces = [ids[i : i + chunk].tobytes() for i in range(0, ids.size, chunk)]
+            try:
+                trained = zstandard.train_dictionary(dict_size, pieces, level=int(spec_params["level"]))
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"zstd: dictionary training failed on {len(pieces)} pieces: {exc}") from exc
+            spec_params["dict"] = base64.b64encode(trained.as_bytes()).decode("ascii")
+    elif name == "rans":
+        ids = _as_ids(sample if sample is not None else np.zeros(0, np.int64), vocab_size)
+        counts = entropy.fit_counts(ids, vocab_size)
+        spec_params["counts"] = entropy.counts_to_text(counts)
+        spec_params["fingerprint"] = entropy.model_fingerprint(entropy.build_model(counts), vocab_size)
+    if params:
+        raise ValueError(f"fit_codec({name!r}): unknown params {sorted(params)}")
+    spec = CodecSpec(name, vocab_size, spec_params)
+    return _CODECS[spec.name](spec)
+
+
+def order0_entropy_bits(ids: np.ndarray, vocab_size: int) -> float:
+    """Empirical order-0 entropy of ``ids`` (values in [0, K)) in bits per token; 0.0 when empty."""
+    arr = _as_ids(ids, vocab_size)
+    return entropy.entropy_from_counts(entropy.symbol_counts(arr, vocab_size))
+
+
+def model_bytes(codec: TokenCodec) -> int:
+    """Bytes the codec's model costs in the manifest: length of its base64 model params (dict, counts).
+
+    0 for codecs without a model. Amortised cost per token = model_bytes / tokens sharing the spec.
+    """
+    return sum(len(codec.spec.params[k]) for k in codec._model_keys if k in codec.spec.params)
+
+
+_labelmap_local = threading.local()
+
+
+def _check_method(method: str) -> None:
+    if method not in LABELMAP_METHODS:
+        raise ValueError(f"unknown label-map method {method!r}; expected one of {LABELMAP_METHODS}")
+
+
+def encode_labelmap(label: np.ndarray, method: str = "zstd", *, level: int = 19) -> bytes:
+    """Losslessly encode a (H, W) uint8 label map (ADE20K: 0 = other, 1..150).
+
+    method ``zstd``: C-order bytes in a zstd frame (``level``, with checksum); ``png``: 8-bit greyscale PNG.
+    Integer arrays with values in 0..255 are accepted and stored as uint8.
+    """
+    _check_method(method)
+    arr = np.asarray(label)
+    if arr.ndim != 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"label map must be a 2-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    if arr.dtype != np.uint8:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise ValueError(f"label map values must fit uint8, got range [{arr.min()}, {arr.max()}]")
+        arr = arr.astype(np.uint8)
+    arr = np.ascontiguousarray(arr)
+    if method == "zstd":
+        return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(arr.tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def decode_labelmap(data: bytes, shape: tuple[int, int], method: str = "zstd") -> np.ndarray:
+    """Inverse of :func:`encode_labelmap`: writable uint8 array of ``shape`` (H, W); CodecError if corrupt."""
+    _check_method(method)
+    h, w = (int(s) for s in shape)
+    if method == "zstd":
+        dctx = getattr(_labelmap_local, "dctx", None)
+        if dctx is None:
+            dctx = _labelmap_local.dctx = zstandard.ZstdDecompressor()
+        try:
+            if zstandard.frame_content_size(data) != h * w:
+                raise CodecError(f"label map: zstd frame does not declare {h}x{w} = {h * w} bytes")
+            raw = dctx.decompress(data, max_output_size=h * w, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"label map: corrupt zstd frame: {exc}") from exc
+        if len(raw) != h * w:
+            raise CodecError(f"label map: {len(raw)} bytes, expected {h}x{w}={h * w}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(h, w).copy()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode != "L" or img.size != (w, h):
+                raise CodecError(f"label map: PNG is {img.mode} {img.size[::-1]}, expected L ({h}, {w})")
+            return np.array(img, dtype=np.uint8)
+    except CodecError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ... on bad PNGs
+        raise CodecError(f"label map: unreadable PNG: {exc}") from exc

@@ -1,0 +1,25 @@
+"""Errors raised by storage/: each names the shard, manifest or field at fault."""
+
+
+class StorageError(ValueError):
+    """Base class: bad or unreadable stored data. Subclasses ValueError so callers may catch either."""
+
+
+class ManifestError(StorageError):
+    """A manifest is missing, malformed, or names unsafe shard URLs."""
+
+
+class ShardError(StorageError):
+    """A shard is truncated, corrupt, fails its hash, or cannot be read after retries.
+
+    ``url`` is the shard's full URL; ``reason`` says what is wrong.
+    """
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"shard {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class FingerprintMismatch(StorageError):
+    """The manifest's tokenizer fingerprint is not the one the caller expects."""

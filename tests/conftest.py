@@ -1,0 +1,115 @@
+"""Shared fixtures: real-data location, a real S3 endpoint (moto's server), small token datasets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.codec import fit_codec
+from storage.manifest import DatasetMeta, Manifest, write_split
+from storage.shard import Sample, View
+
+SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data_dir(name: str) -> Path:
+    """``$VQPT_DATA/<name>`` (default ../shared/data/<name>), or skip the test saying where it looked."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set VQPT_DATA to the folder holding {name}/)")
+    return path
+
+
+def make_samples(n: int, grid: tuple[int, int] = (8, 8), vocab: int = 64, seed: int = 0,
+                 labelmap: tuple[int, int] | None = None, views: int = 0, prefix: str = "img") -> list[Sample]:
+    """``n`` samples with spatially smooth ids (runs, not uniform noise) and unique keys."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        base = rng.integers(0, vocab, size=(grid[0] // 2 + 1, grid[1] // 2 + 1))
+        tokens = np.kron(base, np.ones((2, 2), dtype=np.int64))[: grid[0], : grid[1]]
+        lm = None if labelmap is None else rng.integers(0, 151, size=labelmap).astype(np.uint8)
+        vs = tuple(View(rng.integers(0, vocab, size=grid), (i % 7, 1, 20, 30), bool(i % 2)) for _ in range(views))
+        out.append(Sample(key=f"{prefix}/{i:06d}", tokens=tokens, label=i % 10, labelmap=lm,
+                          image_size=(100 + i % 5, 120), crop_box=(0, 10, 100, 100), views=vs))
+    return out
+
+
+def make_meta(samples: list[Sample], codec_name: str = "rans", vocab: int = 64, split: str = "train",
+              **kwargs) -> DatasetMeta:
+    sample_ids = np.concatenate([s.tokens.ravel() for s in samples[:200]])
+    codec = fit_codec(codec_name, sample_ids, vocab)
+    grid = samples[0].tokens.shape
+    return DatasetMeta(split=split, codec=codec.spec, tokenizer_fingerprint="f" * 64, grid=(grid[0], grid[1]),
+                       vocab_size=vocab, resolution=64, class_names=tuple(f"c{i}" for i in range(10)), **kwargs)
+
+
+def write_dataset(split_dir: str, samples: list[Sample], shard_size: int = 50, block_size: int = 16,
+                  codec_name: str = "rans", vocab: int = 64) -> Manifest:
+    return write_split(split_dir, samples, make_meta(samples, codec_name, vocab), shard_size=shard_size,
+                       block_size=block_size)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1, stoppable and restartable (its in-memory state survives)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint for the session; sets the env vars storage/ reads, then restores them."""
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "VQPT_S3_ENDPOINT")}
+    server = S3Server()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", VQPT_S3_ENDPOINT=server.endpoint)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the test S3 server; returns its ``s3://`` URL."""
+    import boto3
+
+    name = "vqpt-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    client.create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    for obj in client.list_objects_v2(Bucket=name).get("Contents", []):
+        client.delete_object(Bucket=name, Key=obj["Key"])
+    client.delete_bucket(Bucket=name)

@@ -1,0 +1,223 @@
+"""The streaming reader: exactly once, elastic global order, equal ranks, O(1) resume, faults."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+import storage.io as sio
+from storage.errors import ShardError
+from storage.order import EpochOrder, OrderConfig, resume_workers
+from storage.stream import StreamLoader, TokenStream
+from tests.conftest import make_samples, write_dataset
+
+N = 230  # not a multiple of anything used below, so padding is exercised
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    samples = make_samples(N)
+    manifest = write_dataset(str(root), samples, shard_size=23, block_size=8)
+    return manifest, {s.key: s for s in samples}
+
+
+def _epoch(manifest, world_size, num_workers, seed=0, batch_size=7, epoch=0, **kw):
+    """All batches of one epoch, per rank, through a real DataLoader."""
+    per_rank = []
+    for rank in range(world_size):
+        ds = TokenStream(manifest, batch_size, seed=seed, partitions=8, shuffle_window=16, rank=rank,
+                         world_size=world_size, **kw)
+        loader = StreamLoader(ds, num_workers=num_workers)
+        loader.epoch = epoch
+        per_rank.append(list(loader))
+    return per_rank
+
+
+def _global_order(per_rank):
+    pos = {}
+    for batches in per_rank:
+        for b in batches:
+            for i, k, p in zip(b["index"].tolist(), b["key"], b["pad"].tolist()):
+                assert i not in pos, f"global position {i} read twice"
+                pos[i] = (k, p)
+    return [pos[i] for i in sorted(pos)]
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2), (4, 1)])
+def test_every_sample_exactly_once_and_ranks_equal(dataset, world_size, num_workers):
+    manifest, by_key = dataset
+    per_rank = _epoch(manifest, world_size, num_workers)
+    counts = [sum(len(b["key"]) for b in batches) for batches in per_rank]
+    assert len(set(counts)) == 1, f"ranks got unequal sample counts {counts}"
+    order = _global_order(per_rank)
+    real = collections.Counter(k for k, pad in order if not pad)
+    assert set(real) == set(by_key) and set(real.values()) == {1}
+    pads = [k for k, pad in order if pad]
+    assert len(order) == len(real) + len(pads) and len(pads) < 8  # padding < partitions
+    # the payload is the stored one
+    for batches in per_rank:
+        for b in batches:
+            for k, tok, lab in zip(b["key"], b["tokens"], b["label"].tolist()):
+                np.testing.assert_array_equal(tok.numpy(), by_key[k].tokens)
+                assert lab == by_key[k].label
+            assert b["tokens"].dtype == torch.int64 and b["tokens"].shape[1:] == (8, 8)
+
+
+def test_global_order_is_independent_of_world_size_and_depends_on_seed(dataset):
+    manifest, _ = dataset
+    ref = _global_order(_epoch(manifest, 1, 0))
+    assert _global_order(_epoch(manifest, 2, 0)) == ref
+    assert _global_order(_epoch(manifest, 4, 2)) == ref
+    other_seed = _global_order(_epoch(manifest, 1, 0, seed=1))
+    real = lambda order: sorted(k for k, pad in order if not pad)  # noqa: E731
+    assert other_seed != ref and real(other_seed) == real(ref)
+    next_epoch = _global_order(_epoch(manifest, 1, 0, epoch=1))
+    assert next_epoch != ref
+    # shuffling really mixes: the order is far from storage order
+    keys = [k for k, pad in ref if not pad]
+    assert keys != sorted(keys)
+
+
+@pytest.mark.parametrize("num_workers,stop_after", [(0, 5), (2, 3), (2, 12), (3, 4), (3, 13)])
+def test_resume_continues_exactly_where_it_stopped(dataset, num_workers, stop_after):
+    manifest, _ = dataset
+
+    def loader():
+        return StreamLoader(TokenStream(manifest, 7, seed=3, partitions=8, shuffle_window=16, rank=1,
+                                        world_size=2), num_workers=num_workers)
+
+    straight = [b["key"] for b in loader()]
+    first = loader()
+    before = []
+    for b in first:
+        before.append(b["key"])
+        if len(before) == stop_after:
+            break
+    state = first.state_dict()
+    assert state["batches"] == stop_after and state["epoch"] == 0
+    resumed = loader()
+    resumed.load_state_dict(state)
+    after = [b["key"] for b in resumed]
+    assert before + after == straight
+    assert resumed.epoch == 1 and resumed.batches == 0
+
+
+def test_resume_reads_nothing_it_skips(dataset, monkeypatch):
+    manifest, _ = dataset
+    reads = []
+    real = sio.read_bytes
+    monkeypatch.setattr(sio, "read_bytes", lambda url, *a, **k: reads.append(url) or real(url, *a, **k))
+    ds = TokenStream(manifest, 7, partitions=8, shuffle_window=16, prefetch_shards=0)
+    total = len(list(StreamLoader(ds)))
+    full_reads = len(reads)
+    reads.clear()
+    loader = StreamLoader(ds)
+    loader.load_state_dict(loader.state_dict() | {"batches": total - 1})
+    assert len(list(loader)) == 1
+    assert 0 < len(reads) <= 2 < full_reads
+
+
+def test_resume_under_other_settings_is_refused(dataset):
+    manifest, _ = dataset
+    a = StreamLoader(TokenStream(manifest, 7, partitions=8, world_size=2, rank=0))
+    b = StreamLoader(TokenStream(manifest, 8, partitions=8, world_size=2, rank=0))
+    with pytest.raises(ValueError, match="batch_size: saved 7 vs now 8"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_world_size_must_divide_partitions(dataset):
+    manifest, _ = dataset
+    with pytest.raises(ValueError, match="divisible by world_size"):
+        TokenStream(manifest, 4, partitions=8, world_size=3, rank=0)
+
+
+def test_unbatched_mode_yields_samples(dataset):
+    manifest, by_key = dataset
+    samples = list(TokenStream(manifest, None, partitions=1, shuffle=False))
+    assert [s["key"] for s in samples] == sorted(by_key)[: len(samples)] and len(samples) == N
+    assert samples[0]["tokens"].shape == (8, 8)
+
+
+def test_sample_and_batch_transforms_run(dataset):
+    manifest, _ = dataset
+
+    def flip(sample):
+        return sample | {"tokens": sample["tokens"][:, ::-1].copy()}
+
+    plain = next(iter(TokenStream(manifest, 5, shuffle=False, partitions=1)))
+    flipped = next(iter(TokenStream(manifest, 5, shuffle=False, partitions=1, sample_transform=flip,
+                                    batch_transform=lambda b: b | {"seen": True})))
+    assert flipped["seen"] is True
+    torch.testing.assert_close(flipped["tokens"], plain["tokens"].flip(-1))
+
+
+def test_one_corrupted_byte_names_the_shard_and_skip_mode_reports(tmp_path):
+    samples = make_samples(60)
+    manifest = write_dataset(str(tmp_path), samples, shard_size=20)
+    path = tmp_path / manifest.shards[1].url
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-000001.tar.*sha256"):
+        list(TokenStream(str(tmp_path), 8, partitions=1))
+    ds = TokenStream(str(tmp_path), 8, partitions=1, on_error="skip")
+    keys = [k for b in ds for k in b["key"]]
+    assert len(keys) == 40 and not {s.key for s in samples[20:40]} & set(keys)
+    assert list(ds.skipped) == [manifest.shard_url(1)] and "sha256" in ds.skipped[manifest.shard_url(1)]
+
+
+def test_truncated_shard_is_named(tmp_path):
+    manifest = write_dataset(str(tmp_path), make_samples(40), shard_size=20)
+    path = tmp_path / manifest.shards[0].url
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ShardError, match="shard-000000.tar.*truncated"):
+        list(TokenStream(str(tmp_path), 8, partitions=1, shuffle=False))
+
+
+def test_local_cache_serves_the_second_epoch(dataset, tmp_path, monkeypatch):
+    manifest, _ = dataset
+    reads = []
+    real = sio.read_bytes
+    monkeypatch.setattr(sio, "read_bytes", lambda url, *a, **k: reads.append(url) or real(url, *a, **k))
+    loader = StreamLoader(TokenStream(manifest, 16, partitions=2, cache_dir=str(tmp_path / "cache"),
+                                      cache_limit_bytes=1 << 30))
+    first = [k for b in loader for k in b["key"]]
+    n_first = len(reads)
+    second = [k for b in loader for k in b["key"]]
+    assert n_first >= len(manifest.shards) and len(reads) == n_first
+    assert sorted(first) == sorted(second) and first != second
+    assert len(list((tmp_path / "cache").glob("*.tar"))) == len(manifest.shards)
+
+
+def test_views_and_labelmaps_are_batched(tmp_path):
+    samples = make_samples(12, labelmap=(16, 16), views=2)
+    manifest = write_dataset(str(tmp_path), samples, shard_size=6)
+    batch = next(iter(TokenStream(manifest, 4, shuffle=False, partitions=1)))
+    assert batch["view_tokens"].shape == (4, 2, 8, 8) and batch["view_box"].shape == (4, 2, 4)
+    assert batch["labelmap"].shape == (4, 16, 16) and batch["labelmap"].dtype == torch.uint8
+    np.testing.assert_array_equal(batch["labelmap"][0].numpy(), samples[0].labelmap)
+    np.testing.assert_array_equal(batch["view_tokens"][1, 1].numpy(), samples[1].views[1].tokens)
+
+
+def test_order_arithmetic():
+    order = EpochOrder([5, 3, 4], OrderConfig(seed=0, partitions=4, window=2), epoch=0)
+    assert order.num_samples == 12 and order.partition_len == 3 and order.padded_samples == 12
+    got = np.concatenate([c.positions for p in range(4) for c in order.partition_chunks(p)])
+    np.testing.assert_array_equal(got, np.arange(12))
+    pairs = {(int(s), int(r)) for p in range(4) for c in order.partition_chunks(p)
+             for s, r in zip(c.shards, c.rows)}
+    assert pairs == {(s, r) for s, n in enumerate([5, 3, 4]) for r in range(n)}
+    # resuming mid-window gives the tail of the same window
+    full = order.window_chunk(1, 0)
+    tail = order.window_chunk(1, 0, start=1)
+    np.testing.assert_array_equal(full.rows[1:], tail.rows)
+    assert resume_workers(5, [3, 3]) == ([3, 2], [1, 0])
+    assert resume_workers(5, [1, 4]) == ([1, 4], [0, 1])  # all done: roles do not matter
+    assert resume_workers(4, [2, 1, 2]) == ([2, 1, 1], [2, 0, 1])
+    assert resume_workers(0, [2, 1, 2]) == ([0, 0, 0], [0, 1, 2])
+    with pytest.raises(ValueError, match="past the end"):
+        resume_workers(6, [1, 4])
