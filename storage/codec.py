@@ -13,6 +13,9 @@ Codecs (``CODEC_NAMES``):
 - ``zstd``: uint8 (K <= 256) or little-endian uint16, zstd frame at ``level`` with content size and
   checksum, optionally with a trained dictionary.
 - ``rans``: static order-0 rANS (constriction); see ``storage.entropy``.
+- ``zstd2d``: grid prediction (each token: "same as left", "same as above" or a literal), then zstd
+  on the mode bytes and on the literals' byte planes; see :class:`Zstd2dCodec`. Real VQ token maps
+  repeat their neighbours often, which order-0 coding cannot use: this is the default codec.
 
 Decoding returns a fresh, writable 1-D ``np.uint16`` array and raises :class:`CodecError` (a
 ValueError) for corrupt or short data wherever that is detectable: lengths, value ranges, zstd
@@ -24,7 +27,6 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
-import io
 import json
 import threading
 import zlib
@@ -33,13 +35,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import zstandard
-from PIL import Image
 
 from storage import entropy
 from storage.errors import StorageError
 
-CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans")
-LABELMAP_METHODS: tuple[str, ...] = ("zstd", "png")
+CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans", "zstd2d")
+DEFAULT_CODEC = "zstd2d"  # smallest on real tokens, and fast to decode (bench/storage.py)
 MAX_VOCAB = 65536
 
 
@@ -328,8 +329,111 @@ class RansCodec(TokenCodec):
             raise CodecError(str(exc)) from exc
 
 
+class Zstd2dCodec(TokenCodec):
+    """Grid-predictive coding: the stream is read as (h, w) grids; each token gets a mode.
+
+    mode 0: equals its left neighbour; 1: equals the token above (and not the left one);
+    2: literal. Payload: u32 LE length of part 1 | part 1 = zstd(modes, one byte per token) |
+    part 2 = zstd(literals as byte planes: low bytes, then high bytes when K > 256). Tokens
+    after the last whole grid (views of another shape) are literals. Decoding places the
+    literals, then resolves copies row by row for all grids at once (vectorised over grids and
+    columns; ``h`` numpy steps per call). params: ``grid`` [h, w], ``level`` (default 19).
+    """
+
+    name = "zstd2d"
+    _param_keys = frozenset({"grid", "level"})
+
+    def __init__(self, spec: CodecSpec):
+        super().__init__(spec)
+        grid = spec.params.get("grid")
+        if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
+            raise ValueError(f"zstd2d: params.grid must be [h, w] positive ints, got {grid!r}")
+        self.h, self.w = grid
+        self.level = int(spec.params.get("level", 19))
+        self._local = threading.local()
+
+    def _modes(self, ids: np.ndarray) -> np.ndarray:
+        cell = self.h * self.w
+        main = ids.size - ids.size % cell
+        g = ids[:main].reshape(-1, self.h, self.w)
+        modes = np.full(ids.size, 2, dtype=np.uint8)
+        m = modes[:main].reshape(g.shape)
+        up = np.zeros(g.shape, dtype=bool)
+        up[:, 1:, :] = g[:, 1:, :] == g[:, :-1, :]
+        left = np.zeros(g.shape, dtype=bool)
+        left[:, :, 1:] = g[:, :, 1:] == g[:, :, :-1]
+        m[up] = 1
+        m[left] = 0
+        return modes
+
+    def _planes(self, lit: np.ndarray) -> bytes:
+        if self.vocab_size <= 256:
+            return lit.astype(np.uint8).tobytes()
+        return (lit & 0xFF).astype(np.uint8).tobytes() + (lit >> 8).astype(np.uint8).tobytes()
+
+    def _encode(self, ids: np.ndarray) -> bytes:
+        modes = self._modes(ids)
+        cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+        part1 = cctx.compress(modes.tobytes())
+        part2 = cctx.compress(self._planes(ids[modes == 2]))
+        return len(part1).to_bytes(4, "little") + part1 + part2
+
+    def _unzstd(self, data: bytes, need: int, what: str) -> bytes:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        try:
+            if zstandard.frame_content_size(data) != need:
+                raise CodecError(f"zstd2d: {what} frame does not declare {need} bytes")
+            return dctx.decompress(data, max_output_size=need, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd2d: corrupt {what} frame: {exc}") from exc
+
+    def _decode(self, data: bytes, count: int) -> np.ndarray:
+        if len(data) < 4:
+            raise CodecError("zstd2d: payload shorter than its 4-byte header")
+        n1 = int.from_bytes(data[:4], "little")
+        if 4 + n1 > len(data):
+            raise CodecError(f"zstd2d: mode frame of {n1} bytes overruns the {len(data)}-byte payload")
+        modes = np.frombuffer(self._unzstd(data[4 : 4 + n1], count, "mode"), dtype=np.uint8)
+        if count and int(modes.max()) > 2:
+            raise CodecError("zstd2d: corrupt modes (value > 2)")
+        is_lit = modes == 2
+        n_lit = int(is_lit.sum())
+        planes = 1 if self.vocab_size <= 256 else 2
+        raw = np.frombuffer(self._unzstd(data[4 + n1 :], n_lit * planes, "literal"), dtype=np.uint8)
+        lit = raw[:n_lit].astype(np.uint16)
+        if planes == 2:
+            lit |= raw[n_lit:].astype(np.uint16) << 8
+        out = np.zeros(count, dtype=np.uint16)
+        out[is_lit] = lit
+        cell = self.h * self.w
+        main = count - count % cell
+        if (modes[main:] != 2).any():
+            raise CodecError("zstd2d: corrupt modes (a copy outside a whole grid)")
+        n, h, w = main // cell, self.h, self.w
+        m = modes[:main].reshape(n, h, w)
+        if (m[:, :, 0] == 0).any() or (m[:, 0, :] == 1).any():
+            raise CodecError("zstd2d: corrupt modes (a copy from outside the grid)")
+        # Rows of all grids side by side: (h, n * w). A left-copy run takes the value at the
+        # nearest column to its left that is not a left-copy (``source``, found for every row
+        # at once); an up-copy takes the finished row above. One gather per row.
+        # (column 0 is never a left-copy, so the running maximum never crosses into another grid)
+        m_rows = np.ascontiguousarray(m.transpose(1, 0, 2)).reshape(h, n * w)
+        source = np.where(m_rows != 0, np.arange(n * w, dtype=np.int32), np.int32(0))
+        np.maximum.accumulate(source, axis=1, out=source)
+        from_up = m_rows == 1
+        base = np.ascontiguousarray(out[:main].reshape(n, h, w).transpose(1, 0, 2)).reshape(h, n * w)
+        rows = np.empty_like(base)
+        for i in range(h):
+            filled = np.where(from_up[i], rows[i - 1], base[i]) if i else base[i]
+            np.take(filled, source[i], out=rows[i])
+        out[:main] = rows.reshape(h, n, w).transpose(1, 0, 2).reshape(-1)
+        return out
+
+
 _CODECS: dict[str, type[TokenCodec]] = {
-    c.name: c for c in (Raw16Codec, BitpackCodec, SeitCodec, ZstdCodec, RansCodec)
+    c.name: c for c in (Raw16Codec, BitpackCodec, SeitCodec, ZstdCodec, RansCodec, Zstd2dCodec)
 }
 
 
@@ -345,13 +449,17 @@ def make_codec(spec: CodecSpec) -> TokenCodec:
     return _make_cached(spec)
 
 
-def fit_codec(name: str, sample: np.ndarray | None, vocab_size: int, **params: Any) -> TokenCodec:
+def fit_codec(name: str, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None = None,
+              **params: Any) -> TokenCodec:
     """Build codec ``name`` for K = ``vocab_size``, training its model on ``sample`` token ids.
+
+    ``grid`` (h, w) is the token grid the streams are made of; codecs that do not use it ignore it.
 
     - ``raw16``, ``bitpack``, ``seit``: nothing to fit; ``sample`` is ignored, no params accepted.
     - ``zstd``: ``level`` (default 19); ``dict`` (bytes or base64 str: use this dictionary) or
       ``dict_size`` (> 0: train a dictionary of that many bytes with ``zstandard.train_dictionary`` on
       ``sample`` cut into ``dict_chunk``-token pieces, default 1024 = one 32x32 grid). Default: no dictionary.
+    - ``zstd2d``: ``grid`` (h, w) required, ``level`` (default 19); nothing fitted.
     - ``rans``: order-0 counts of ``sample``; symbols absent from it share a Good-Turing escape mass
       (see ``storage.entropy``), so they stay encodable. An empty sample gives the uniform model.
     """
@@ -370,6 +478,11 @@ def fit_codec(name: str, sample: np.ndarray | None, vocab_size: int, **params: A
             except zstandard.ZstdError as exc:
                 raise ValueError(f"zstd: dictionary training failed on {len(pieces)} pieces: {exc}") from exc
             spec_params["dict"] = base64.b64encode(trained.as_bytes()).decode("ascii")
+    elif name == "zstd2d":
+        if grid is None:
+            raise ValueError("fit_codec('zstd2d'): pass grid=(h, w), the token grid the stream is made of")
+        spec_params["grid"] = [int(grid[0]), int(grid[1])]
+        spec_params["level"] = int(params.pop("level", 19))
     elif name == "rans":
         ids = _as_ids(sample if sample is not None else np.zeros(0, np.int64), vocab_size)
         counts = entropy.fit_counts(ids, vocab_size)
@@ -393,62 +506,3 @@ def model_bytes(codec: TokenCodec) -> int:
     0 for codecs without a model. Amortised cost per token = model_bytes / tokens sharing the spec.
     """
     return sum(len(codec.spec.params[k]) for k in codec._model_keys if k in codec.spec.params)
-
-
-_labelmap_local = threading.local()
-
-
-def _check_method(method: str) -> None:
-    if method not in LABELMAP_METHODS:
-        raise ValueError(f"unknown label-map method {method!r}; expected one of {LABELMAP_METHODS}")
-
-
-def encode_labelmap(label: np.ndarray, method: str = "zstd", *, level: int = 19) -> bytes:
-    """Losslessly encode a (H, W) uint8 label map (ADE20K: 0 = other, 1..150).
-
-    method ``zstd``: C-order bytes in a zstd frame (``level``, with checksum); ``png``: 8-bit greyscale PNG.
-    Integer arrays with values in 0..255 are accepted and stored as uint8.
-    """
-    _check_method(method)
-    arr = np.asarray(label)
-    if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"label map must be a 2-D integer array, got shape {arr.shape} dtype {arr.dtype}")
-    if arr.dtype != np.uint8:
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
-            raise ValueError(f"label map values must fit uint8, got range [{arr.min()}, {arr.max()}]")
-        arr = arr.astype(np.uint8)
-    arr = np.ascontiguousarray(arr)
-    if method == "zstd":
-        return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(arr.tobytes())
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=9)
-    return buf.getvalue()
-
-
-def decode_labelmap(data: bytes, shape: tuple[int, int], method: str = "zstd") -> np.ndarray:
-    """Inverse of :func:`encode_labelmap`: writable uint8 array of ``shape`` (H, W); CodecError if corrupt."""
-    _check_method(method)
-    h, w = (int(s) for s in shape)
-    if method == "zstd":
-        dctx = getattr(_labelmap_local, "dctx", None)
-        if dctx is None:
-            dctx = _labelmap_local.dctx = zstandard.ZstdDecompressor()
-        try:
-            if zstandard.frame_content_size(data) != h * w:
-                raise CodecError(f"label map: zstd frame does not declare {h}x{w} = {h * w} bytes")
-            raw = dctx.decompress(data, max_output_size=h * w, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"label map: corrupt zstd frame: {exc}") from exc
-        if len(raw) != h * w:
-            raise CodecError(f"label map: {len(raw)} bytes, expected {h}x{w}={h * w}")
-        return np.frombuffer(raw, dtype=np.uint8).reshape(h, w).copy()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode != "L" or img.size != (w, h):
-                raise CodecError(f"label map: PNG is {img.mode} {img.size[::-1]}, expected L ({h}, {w})")
-            return np.array(img, dtype=np.uint8)
-    except CodecError:
-        raise
-    except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ... on bad PNGs
-        raise CodecError(f"label map: unreadable PNG: {exc}") from exc

@@ -33,8 +33,9 @@ import numpy as np
 import zstandard
 
 from storage import io as sio
-from storage.codec import TokenCodec, decode_labelmap, encode_labelmap
+from storage.codec import TokenCodec
 from storage.errors import ShardError
+from storage.labelmap import decode_labelmap, encode_labelmap
 
 BLOCK_MAGIC = b"VQB1"
 BLOCK_EXT = "vqb"

@@ -17,13 +17,12 @@ import pytest
 from storage.codec import (
     CODEC_NAMES,
     CodecSpec,
-    decode_labelmap,
-    encode_labelmap,
     fit_codec,
     make_codec,
     model_bytes,
     order0_entropy_bits,
 )
+from storage.labelmap import decode_labelmap, encode_labelmap
 
 VOCABS = (2, 391, 1024, 65536)
 GRID = 32  # tokens per side of one image, as in the real data (1024 tokens per image)
@@ -102,7 +101,7 @@ def tokens_for(k: int) -> np.ndarray:
 def test_roundtrip_lossless_and_rebuilt_from_json(name: str, k: int) -> None:
     grids = tokens_for(k)
     grids.reshape(-1)[:2] = (0, k - 1)  # both ends of the range
-    codec = fit_codec(name, grids[: len(grids) // 2], k)  # rans: later half may hold unseen symbols
+    codec = fit_codec(name, grids[: len(grids) // 2], k, grid=(GRID, GRID))  # rans: later half may hold unseen symbols
     data = codec.encode(grids)  # any shape, flattened in C order
     out = codec.decode(data, grids.size)
     assert out.dtype == np.uint16 and out.shape == (grids.size,)
@@ -119,7 +118,7 @@ def test_roundtrip_lossless_and_rebuilt_from_json(name: str, k: int) -> None:
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_empty_and_single_token(name: str) -> None:
-    codec = fit_codec(name, np.array([1, 2, 2], np.int64), 391)
+    codec = fit_codec(name, np.array([1, 2, 2], np.int64), 391, grid=(GRID, GRID))
     assert codec.decode(codec.encode(np.zeros(0, np.int64)), 0).shape == (0,)
     np.testing.assert_array_equal(codec.decode(codec.encode(np.array([390])), 1), [390])
 
@@ -148,7 +147,7 @@ def test_rans_and_zstd_decode_in_another_process(tmp_path: Path) -> None:
     ids = zipf_run_tokens(16, 8192, seed=4).reshape(-1)
     sample = zipf_run_tokens(32, 8192, seed=5)
     for name in ("rans", "zstd"):
-        codec = fit_codec(name, sample, 8192, **({"dict_size": 4096} if name == "zstd" else {}))
+        codec = fit_codec(name, sample, 8192, grid=(GRID, GRID), **({"dict_size": 4096} if name == "zstd" else {}))
         (tmp_path / f"{name}.json").write_text(codec.spec.to_json())
         (tmp_path / f"{name}.bin").write_bytes(codec.encode(ids))
     np.save(tmp_path / "ids.npy", ids)
@@ -240,7 +239,7 @@ def test_seit_byte_stream_matches_seit_reference() -> None:
 # ---------------------------------------------------------------- validation and corruption
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_out_of_range_ids_raise_naming_k(name: str) -> None:
-    codec = fit_codec(name, np.arange(391), 391)
+    codec = fit_codec(name, np.arange(391), 391, grid=(GRID, GRID))
     with pytest.raises(ValueError, match=r"391.*index 2.*K=391"):
         codec.encode(np.array([0, 5, 391, 7]))
     with pytest.raises(ValueError, match=r"-1.*K=391"):
@@ -433,3 +432,27 @@ def test_labelmap_rejects_bad_input() -> None:
     eye = np.eye(3, dtype=np.int64)  # other integer dtypes within uint8 are accepted
     np.testing.assert_array_equal(decode_labelmap(encode_labelmap(eye), (3, 3)), eye)
     assert json.loads(CodecSpec("raw16", 2).to_json())["params"] == {}
+
+
+def test_zstd2d_uses_the_grid_and_rejects_impossible_copies() -> None:
+    rng = np.random.default_rng(7)
+    grids = np.kron(rng.integers(0, 391, size=(64, 8, 8)), np.ones((1, 4, 4), np.int64))  # 64 grids 32x32
+    tail = rng.integers(0, 391, size=100)  # e.g. views of another shape: stored as literals
+    ids = np.concatenate([grids.ravel(), tail])
+    grid_codec = fit_codec("zstd2d", None, 391, grid=(GRID, GRID))
+    data = grid_codec.encode(ids)
+    np.testing.assert_array_equal(grid_codec.decode(data, ids.size), ids)
+    assert len(data) < len(fit_codec("zstd", None, 391).encode(ids))
+    # a wrong grid is still lossless, only larger
+    other = fit_codec("zstd2d", None, 391, grid=(GRID, 7))
+    np.testing.assert_array_equal(other.decode(other.encode(ids), ids.size), ids)
+    import zstandard
+
+    modes = np.full(GRID * GRID, 2, np.uint8)
+    modes[0] = 0  # "same as left" in column 0: there is no left
+    part1 = zstandard.ZstdCompressor().compress(modes.tobytes())
+    part2 = zstandard.ZstdCompressor().compress(bytes(2 * (GRID * GRID - 1)))  # two byte planes (K > 256)
+    with pytest.raises(ValueError, match="outside the grid"):
+        grid_codec.decode(len(part1).to_bytes(4, "little") + part1 + part2, GRID * GRID)
+    with pytest.raises(ValueError, match="pass grid"):
+        fit_codec("zstd2d", None, 391)

@@ -7,6 +7,7 @@ import functools
 import http.server
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -119,6 +120,6 @@ def test_retries_then_clear_error():
     with pytest.raises(OSError, match="thing: failed after 2 attempts: ConnectionError"):
         sio.with_retries(lambda: (_ for _ in ()).throw(ConnectionError("down")), "thing", retries=1, backoff_s=0.01)
     with pytest.raises(FileNotFoundError):  # permanent: not retried
-        sio.with_retries(lambda: open("/nonexistent/x"), "thing", retries=5, backoff_s=10)
+        sio.with_retries(lambda: Path("/nonexistent/x").read_bytes(), "thing", retries=5, backoff_s=10)
     with pytest.raises(TypeError):  # a bug, not the network: not retried
         sio.with_retries(lambda: len(5), "thing", retries=5, backoff_s=10)

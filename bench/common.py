@@ -1,0 +1,127 @@
+"""Shared pieces of the benchmarks: tokens made from real images, and the JPEG baseline pipeline.
+
+Every benchmark measures its baselines in the same run, on the same images and cores, and
+prints ratios; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.images import list_images, load_resized
+from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
+
+
+@dataclass
+class TokenisedFolder:
+    """Images under a folder and their tokens. tokens: int64 (N, h, w); labels: int64 (N,)
+    (index of the parent folder name in sorted order); jpeg_bytes: size of each source file."""
+
+    paths: list[Path]
+    tokens: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    jpeg_bytes: np.ndarray
+    tokenizer: Tokenizer
+    fit_s: float
+    encode_s: float
+
+
+def tokenise_folder(root: str | Path, tokenizer_path: str | None = None, resolution: int = 256,
+                    vocab_size: int = 512, limit: int | None = None, batch: int = 128) -> TokenisedFolder:
+    """Tokenise every image under ``root`` (recursively); fit a k-means tokenizer when none is given."""
+    paths = list_images(root)
+    if limit:
+        paths = paths[:limit]
+    if not paths:
+        raise SystemExit(f"no images found under {root}")
+    class_names = sorted({p.parent.name for p in paths})
+    labels = np.array([class_names.index(p.parent.name) for p in paths], dtype=np.int64)
+    images = load_resized(paths, resolution)
+    t0 = time.perf_counter()
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = KMeansTokenizer.fit(images, vocab_size=vocab_size, patch=8, iters=20, seed=0)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokens = np.concatenate([tokenizer.encode(images[i : i + batch]) for i in range(0, len(images), batch)])
+    encode_s = time.perf_counter() - t0
+    jpeg_bytes = np.array([p.stat().st_size for p in paths], dtype=np.int64)
+    return TokenisedFolder(paths, tokens, labels, class_names, jpeg_bytes, tokenizer, fit_s, encode_s)
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop, in PIL (torchvision cannot be imported here)."""
+    width, height = img.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            return img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def jpeg_samples(paths: list[Path], seed: int = 0) -> Iterable[torch.Tensor]:
+    """The classic pixel pipeline: read file, PIL decode, RandomResizedCrop 224, flip, to float tensor."""
+    rng = random.Random(seed)
+    for path in paths:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        img = random_resized_crop(img, 224, rng)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        yield torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+def rate(run_epoch: Callable[[], int], min_seconds: float = 3.0) -> float:
+    """Items per second of ``run_epoch`` (returns items done), repeated for at least ``min_seconds``."""
+    run_epoch()  # warm-up: imports, caches, first allocation
+    done, t0 = 0, time.perf_counter()
+    while True:
+        done += run_epoch()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def jpeg_rate(paths: list[Path], batch: int = 64, min_seconds: float = 3.0) -> float:
+    """Samples/s of the JPEG pipeline with collation into (B, 3, 224, 224) batches, one process."""
+
+    def epoch() -> int:
+        n, buf = 0, []
+        for x in jpeg_samples(paths):
+            buf.append(x)
+            if len(buf) == batch:
+                torch.stack(buf)
+                n, buf = n + batch, []
+        if buf:
+            torch.stack(buf)
+        return n + len(buf)
+
+    return rate(epoch, min_seconds)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
