@@ -172,7 +172,7 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
     except OSError as err:
         raise ManifestError(f"manifest {url}: cannot be read: {err}") from err
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), use_threads=False)  # pyarrow 26: threaded reads can abort at exit
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError(f"manifest {url}: not a readable parquet file: {err}") from err
     raw_meta = (table.schema.metadata or {}).get(META_KEY)

@@ -1,0 +1,93 @@
+"""The front door: `vqpt quickstart`, `vqpt inspect`, `vqpt verify`, and bench/storage.py on small data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.codec import fit_codec, order0_entropy_bits
+from storage.manifest import DatasetMeta, read_manifest, write_split
+from storage.shard import Sample
+from storage.stream import TokenStream
+from tests.conftest import shared_data_dir
+from vqpt.cli import main
+from vqpt.quickstart import generate_imagenet_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs")
+    assert main(["quickstart", "--out", str(out), "--vocab", "64", "--resolution", "128"]) == 0
+    return out
+
+
+def test_quickstart_round_trips_every_image(quickstart_run):
+    report = json.loads((quickstart_run / "report.json").read_text())
+    n_images = len(list((quickstart_run / "images").rglob("*.JPEG")))
+    assert report["images"] == n_images == report["streamed_samples"]
+    assert report["storage_fraction"] < 0.2 and report["shard_bytes"] > 0
+    manifest = read_manifest(str(quickstart_run / "tokens" / "train"))
+    assert manifest.num_samples == n_images and manifest.meta.codec.name == "zstd2d"
+
+
+def test_inspect_and_verify(quickstart_run, capsys):
+    split = str(quickstart_run / "tokens" / "train")
+    assert main(["inspect", split]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["samples"] == 240 and info["codec"] == "zstd2d" and info["grid"] == [16, 16]
+    assert main(["verify", split]) == 0
+    shard = sorted(Path(split).glob("shard-*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x10
+    shard.write_bytes(bytes(data))
+    assert main(["verify", split]) == 1
+    assert shard.name in capsys.readouterr().err
+
+
+def test_help_is_helpful():
+    out = subprocess.run([sys.executable, "-m", "vqpt.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "quickstart" in out.stdout and "VQPT_S3_ENDPOINT" in out.stdout
+
+
+def test_storage_bench_runs_on_a_small_folder(tmp_path):
+    generate_imagenet_folder(tmp_path / "imgs", classes=4, per_class=12)
+    out = tmp_path / "storage.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "storage.py"), "--data", str(tmp_path / "imgs"), "--json", str(out),
+           "--vocab", "32", "--resolution", "64", "--seconds", "0.2"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    for key in ("bits_per_token", "entropy_bits_per_token", "bytes_per_image", "container_overhead",
+                "stream_vs_jpeg_per_core", "stream_vs_wds_per_member"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["images"] == 48 and result["codecs"]["bitpack"]["bits_per_token"] == 5.0
+
+
+@pytest.mark.realdata
+def test_real_images_tokens_round_trip_below_order0_entropy(tmp_path):
+    from pipeline.images import list_images, load_resized
+    from pipeline.tokenizer import KMeansTokenizer
+
+    paths = list_images(shared_data_dir("imagenette") / "val")[:200]
+    pixels = load_resized(paths, 128)
+    tokenizer = KMeansTokenizer.fit(pixels, vocab_size=128, patch=8, iters=10, seed=0)
+    tokens = tokenizer.encode(pixels)
+    samples = [Sample(key=p.stem, tokens=t, label=0) for p, t in zip(paths, tokens)]
+    codec = fit_codec("zstd2d", None, 128, grid=(16, 16))
+    meta = DatasetMeta(split="val", codec=codec.spec, tokenizer_fingerprint=tokenizer.fingerprint, grid=(16, 16),
+                       vocab_size=128, resolution=128)
+    manifest = write_split(str(tmp_path), samples, meta, shard_size=64, block_size=32)
+    got = {k: t for b in TokenStream(manifest.url, 50, shuffle=False, partitions=1)
+           for k, t in zip(b["key"], b["tokens"].numpy())}
+    for s in samples:
+        np.testing.assert_array_equal(got[s.key], s.tokens)
+    coded_bits = 8 * len(codec.encode(tokens)) / tokens.size
+    assert coded_bits < order0_entropy_bits(tokens, 128) < 7.0  # 7 bits = bit-packing at K=128
+    container_bits = 8 * sum(s.bytes for s in manifest.shards) / tokens.size
+    assert container_bits < 7.0
