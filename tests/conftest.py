@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from storage.codec import fit_codec
 from storage.manifest import DatasetMeta, Manifest, write_split
 from storage.shard import Sample, View
+from vqpt.local_s3 import LocalS3
 
 SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -54,62 +54,19 @@ def write_dataset(split_dir: str, samples: list[Sample], shard_size: int = 50, b
                        block_size=block_size)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 server on 127.0.0.1, stoppable and restartable (its in-memory state survives)."""
-
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._cls = ThreadedMotoServer
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
-
-    def start(self) -> None:
-        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 HTTP endpoint for the session; sets the env vars storage/ reads, then restores them."""
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "VQPT_S3_ENDPOINT")}
-    server = S3Server()
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", VQPT_S3_ENDPOINT=server.endpoint)
-    server.start()
-    try:
+    """A real S3 HTTP endpoint (moto's server) for the session; env vars set while it runs."""
+    with LocalS3() as server:
         yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh bucket on the test S3 server; returns its ``s3://`` URL."""
-    import boto3
-
     name = "vqpt-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
-    client.create_bucket(Bucket=name)
-    yield f"s3://{name}"
+    client = s3_server.client()
+    yield s3_server.bucket(name)
     for obj in client.list_objects_v2(Bucket=name).get("Contents", []):
         client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)

@@ -221,3 +221,10 @@ def test_order_arithmetic():
     assert resume_workers(0, [2, 1, 2]) == ([0, 0, 0], [0, 1, 2])
     with pytest.raises(ValueError, match="past the end"):
         resume_workers(6, [1, 4])
+
+
+def test_file_urls_work_like_paths(dataset):
+    manifest, by_key = dataset
+    url = "file://" + manifest.url
+    keys = [k for b in TokenStream(url, 50, partitions=2) for k, pad in zip(b["key"], b["pad"].tolist()) if not pad]
+    assert sorted(keys) == sorted(by_key)

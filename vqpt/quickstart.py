@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from storage.codec import DEFAULT_CODEC, fit_codec
 from storage.manifest import DatasetMeta, write_split
 from storage.shard import Sample
 from storage.stream import StreamLoader, TokenStream
+from vqpt.local_s3 import LocalS3
 
 
 def generate_imagenet_folder(root: Path, classes: int = 10, per_class: int = 24, seed: int = 0) -> Path:
@@ -50,29 +49,10 @@ def generate_imagenet_folder(root: Path, classes: int = 10, per_class: int = 24,
 
 
 @contextlib.contextmanager
-def local_s3() -> Iterator[str]:
-    """A local S3 endpoint (moto's server on 127.0.0.1) with a bucket; yields ``s3://bucket``."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VQPT_S3_ENDPOINT")}
-    os.environ.update(AWS_ACCESS_KEY_ID="quickstart", AWS_SECRET_ACCESS_KEY="quickstart", VQPT_S3_ENDPOINT=endpoint)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="vqpt-quickstart")
-        yield "s3://vqpt-quickstart"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def local_s3_bucket() -> Iterator[str]:
+    """A local S3 endpoint with a bucket for the quickstart; yields ``s3://vqpt-quickstart``."""
+    with LocalS3() as s3:
+        yield s3.bucket("vqpt-quickstart")
 
 
 def run(images: str | None, out: str, use_s3: bool, vocab: int, resolution: int, limit: int | None) -> dict:
@@ -111,7 +91,7 @@ def run(images: str | None, out: str, use_s3: bool, vocab: int, resolution: int,
                        grid=(grid[0], grid[1]), vocab_size=vocab, resolution=resolution,
                        class_names=tuple(class_names))
 
-    with local_s3() if use_s3 else contextlib.nullcontext(str(out_dir / "tokens")) as base:
+    with local_s3_bucket() if use_s3 else contextlib.nullcontext(str(out_dir / "tokens")) as base:
         split_url = f"{base}/train"
         print(f"[3/4] writing shards + manifest to {split_url}")
         manifest = write_split(split_url, samples, meta, shard_size=64, block_size=32, progress=True)
