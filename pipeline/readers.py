@@ -1,0 +1,220 @@
+"""Dataset readers: list the images of ImageNet, ADE20K or a plain folder, with labels.
+
+A reader only lists (it opens no image); ``load_item`` decodes one item or says why it cannot
+be used. Listings are sorted by ``key`` (the path relative to the dataset root, without
+extension), so shard i of a tokenisation job always holds the same images.
+
+ImageNet: ``train/<wnid>/*.JPEG``; ``val/`` either in class folders or flat with a labels file:
+``LOC_val_solution.csv`` (Kaggle), ``val.txt`` / ``val_labels.txt`` (``<file> <index>``), or the
+devkit's ``ILSVRC2012_validation_ground_truth.txt`` (1-based ILSVRC ids, mapped through
+``map_clsloc.txt``). Class index = position of the wnid in sorted order (the standard mapping),
+taken from a synset list when one is found (``synset_words.txt``, ``LOC_synset_mapping.txt``,
+``map_clsloc.txt``), else from the class folders present. ADE20K:
+``ADEChallengeData2016/images/{training,validation}/*.jpg`` with ``annotations/.../*.png``
+(0 = other, 1..150), class names from ``objectInfo150.txt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
+
+META_DIRS = (".", "meta", "meta/ILSVRC2012_devkit", "ILSVRC2012_devkit", "..", "../meta")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image to tokenise. label: class index or -1; labelmap: path of its label PNG or None."""
+
+    key: str
+    path: str
+    label: int = -1
+    labelmap: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A file that was not used, and why (one line of ``rejects.jsonl``)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    """What a reader found: items sorted by key, class names by index, files rejected while listing."""
+
+    items: list[SourceItem]
+    class_names: list[str]
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _find(root: Path, names: Iterable[str]) -> Path | None:
+    for d in META_DIRS:
+        for name in names:
+            p = (root / d / name).resolve()
+            if p.is_file():
+                return p
+    return None
+
+
+def _files(folder: Path) -> tuple[list[Path], list[Reject]]:
+    """Image files under ``folder`` (sorted) and rejects for other, non-hidden files."""
+    images, rejects = [], []
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(p)
+        else:
+            rejects.append(Reject(str(p), f"not an image file (extension {p.suffix or 'none'!r})"))
+    return images, rejects
+
+
+def _key(root: Path, path: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def imagenet_classes(root: Path, present: Iterable[str] = ()) -> list[str]:
+    """The sorted wnid list: from a synset file if found, else the class folders present."""
+    for name in ("synset_words.txt", "LOC_synset_mapping.txt", "map_clsloc.txt"):
+        found = _find(root, [name])
+        if found:
+            wnids = [line.split()[0] for line in found.read_text().splitlines() if line.strip()]
+            return sorted(set(wnids))
+    found = _find(root, ["imagenet_class_index.json"])
+    if found:
+        return sorted(v[0] for v in json.loads(found.read_text()).values())
+    return sorted(set(present))
+
+
+def _val_labels(root: Path, wnids: list[str]) -> dict[str, int] | None:
+    """File stem -> class index for a flat val folder, from the first labels file found."""
+    index = {w: i for i, w in enumerate(wnids)}
+    found = _find(root, ["LOC_val_solution.csv"])
+    if found:
+        with found.open() as f:
+            return {row["ImageId"]: index[row["PredictionString"].split()[0]] for row in csv.DictReader(f)}
+    found = _find(root, ["val_labels.txt", "val.txt"])
+    if found:
+        pairs = (line.split() for line in found.read_text().splitlines() if line.strip())
+        return {Path(name).stem: int(label) for name, label in pairs}
+    truth = _find(root, ["ILSVRC2012_validation_ground_truth.txt"])
+    clsloc = _find(root, ["map_clsloc.txt"])
+    if truth and clsloc:
+        by_id = {int(line.split()[1]): line.split()[0] for line in clsloc.read_text().splitlines() if line.strip()}
+        ids = [int(x) for x in truth.read_text().split()]
+        return {f"ILSVRC2012_val_{i + 1:08d}": index[by_id[c]] for i, c in enumerate(ids)}
+    return None
+
+
+def list_imagenet(root: str | Path, split: str = "train") -> Listing:
+    """ImageNet ``split`` ("train" or "val") under ``root``; see the module docstring for layouts."""
+    root = Path(root)
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageNet split folder {folder} does not exist")
+    files, rejects = _files(folder)
+    in_class_folders = [p for p in files if p.parent != folder]
+    wnids = imagenet_classes(root, {p.parent.name for p in in_class_folders})
+    index = {w: i for i, w in enumerate(wnids)}
+    items = []
+    flat_labels = _val_labels(root, wnids) if any(p.parent == folder for p in files) else None
+    for p in files:
+        if p.parent != folder:
+            if p.parent.name not in index:
+                rejects.append(Reject(str(p), f"class folder {p.parent.name!r} is not in the synset list"))
+                continue
+            label = index[p.parent.name]
+        elif flat_labels is not None and p.stem in flat_labels:
+            label = flat_labels[p.stem]
+        else:
+            rejects.append(Reject(str(p), "no label: not in a class folder and not in any labels file"))
+            continue
+        items.append(SourceItem(_key(root, p), str(p), label))
+    return Listing(sorted(items, key=lambda it: it.key), wnids, rejects)
+
+
+def list_ade20k(root: str | Path, split: str = "training") -> Listing:
+    """ADE20K (SceneParsing) ``split`` ("training" or "validation"); ``root`` may be the folder
+    holding ADEChallengeData2016 or that folder itself."""
+    root = Path(root)
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    images_dir, ann_dir = root / "images" / split, root / "annotations" / split
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"ADE20K images folder {images_dir} does not exist")
+    names = []
+    info = root / "objectInfo150.txt"
+    if info.is_file():
+        rows = [line.split("\t") for line in info.read_text().splitlines()[1:] if line.strip()]
+        names = ["other"] + [r[-1].strip() for r in rows]
+    files, rejects = _files(images_dir)
+    items = []
+    for p in files:
+        ann = ann_dir / (p.stem + ".png")
+        if not ann.is_file():
+            rejects.append(Reject(str(p), f"no annotation {ann}"))
+            continue
+        items.append(SourceItem(_key(root, p), str(p), -1, str(ann)))
+    return Listing(sorted(items, key=lambda it: it.key), names, rejects)
+
+
+def list_folder(root: str | Path) -> Listing:
+    """Images under ``root``: labelled by subfolder (sorted names) when every image sits in one,
+    else unlabelled (-1)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files, rejects = _files(root)
+    labelled = bool(files) and all(p.parent != root for p in files)
+    classes = sorted({p.relative_to(root).parts[0] for p in files}) if labelled else []
+    items = [SourceItem(_key(root, p), str(p), classes.index(p.relative_to(root).parts[0]) if labelled else -1)
+             for p in files]
+    return Listing(sorted(items, key=lambda it: it.key), classes, rejects)
+
+
+@dataclass
+class LoadedItem:
+    """A decoded image (PIL RGB, EXIF-oriented) and its label map (uint8 (H, W)) if any."""
+
+    item: SourceItem
+    image: Image.Image
+    labelmap: np.ndarray | None
+
+
+def load_item(item: SourceItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedItem | Reject:
+    """Decode ``item``; a file that cannot be used comes back as a ``Reject`` with the reason."""
+    try:
+        if Path(item.path).stat().st_size == 0:
+            return Reject(item.path, "empty file (0 bytes)")
+        image = load_rgb(item.path, max_pixels=max_pixels)
+        labelmap = None
+        if item.labelmap is not None:
+            with Image.open(item.labelmap) as lm:
+                labelmap = np.array(lm)
+            if labelmap.ndim != 2 or labelmap.shape != (image.height, image.width):
+                return Reject(item.path, f"label map {item.labelmap} is {labelmap.shape}, image is "
+                                         f"{(image.height, image.width)}")
+        return LoadedItem(item, image, labelmap)
+    except PermissionError as err:
+        return Reject(item.path, f"unreadable: permission denied ({err.strerror})")
+    except FileNotFoundError:
+        return Reject(item.path, "file vanished after listing")
+    except (ValueError, OSError) as err:
+        return Reject(item.path, str(err))
+
+
+def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
+    """Write ``rejects.jsonl`` (one JSON object per line: path, reason); returns the count."""
+    lines = [json.dumps(asdict(r), sort_keys=True) for r in sorted(rejects, key=lambda r: r.path)]
+    Path(path).write_text("".join(line + "\n" for line in lines))
+    return len(lines)
