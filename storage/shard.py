@@ -352,7 +352,12 @@ class ShardWriter:
 
     def is_complete(self, info: ShardInfo) -> bool:
         """Whether shard ``info.url`` exists with exactly ``info.sha256`` (for idempotent re-runs)."""
-        url = sio.join(self.out_dir, info.url)
-        if not sio.exists(url, self.storage_options):
-            return False
-        return hashlib.sha256(sio.read_bytes(url, self.storage_options)).hexdigest() == info.sha256
+        return shard_is_complete(self.out_dir, info, self.storage_options)
+
+
+def shard_is_complete(split_dir: str, info: ShardInfo, storage_options: dict | None = None) -> bool:
+    """Whether the shard ``info`` describes exists under ``split_dir`` with exactly its sha256."""
+    url = sio.join(split_dir, info.url)
+    if not sio.exists(url, storage_options):
+        return False
+    return hashlib.sha256(sio.read_bytes(url, storage_options)).hexdigest() == info.sha256

@@ -9,6 +9,7 @@ from pipeline.tokenizer.base import (
     register_tokenizer,
 )
 from pipeline.tokenizer.kmeans import KMeansConfig, KMeansTokenizer
+from pipeline.tokenizer.vqgan import VQGANConfig, VQGANTokenizer  # noqa: F401  (registers kind "vqgan")
 
 __all__ = [
     "KMeansConfig",

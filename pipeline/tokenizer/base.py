@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import math
 from abc import ABC, abstractmethod
@@ -163,22 +164,34 @@ class Tokenizer(ABC):
         """sha256 hex of kind + config JSON + weights (see ``fingerprint_of``); stable across save/load."""
         return fingerprint_of(self.kind, self.config_dict(), self.state_dict())
 
-    def save(self, path: str | Path) -> None:
-        """Write ``{"kind", "config", "state_dict"}`` via ``torch.save`` (tensors + JSON-safe values only)."""
+    def _checkpoint(self) -> dict[str, Any]:
         if not self.kind:
             raise TypeError(f"{type(self).__name__} is not registered (use @register_tokenizer)")
         config = self.config_dict()
         _canonical_json(config)  # fail early on non-JSON-safe configs
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        return {"kind": self.kind, "config": config, "state_dict": state}
+
+    def save(self, path: str | Path) -> None:
+        """Write ``{"kind", "config", "state_dict"}`` via ``torch.save`` (tensors + JSON-safe values only)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"kind": self.kind, "config": config, "state_dict": state}, tmp)
+        torch.save(self._checkpoint(), tmp)
         tmp.replace(path)  # atomic on POSIX: readers never see a half-written checkpoint
 
+    def to_bytes(self) -> bytes:
+        """The checkpoint ``save`` writes, as bytes (for object stores and Ray actors)."""
+        buf = io.BytesIO()
+        torch.save(self._checkpoint(), buf)
+        return buf.getvalue()
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load any registered tokenizer from ``path`` (``weights_only=True``: no arbitrary pickles)."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+
+def load_tokenizer(path: str | Path | bytes) -> Tokenizer:
+    """Load any registered tokenizer from a file or checkpoint bytes (``weights_only=True``: no pickles)."""
+    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    if isinstance(path, bytes):
+        path = "<checkpoint bytes>"
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path}: not a tokenizer checkpoint (expected keys {CHECKPOINT_KEYS})")
     kind = ckpt["kind"]

@@ -1,0 +1,132 @@
+"""The Ray half of the tokenisation job: tasks decode, an actor pool tokenises, tasks write shards.
+
+Each shard is cut into chunks of ``chunk_size`` images. A chunk goes through ``prepare_task``
+(CPU: decode, crop, resize) and then one tokenizer actor (round robin; ``num_gpus=1`` per actor
+where the cluster has GPUs, else CPU actors that share the CPUs with the decode tasks); when all of
+a shard's chunks are tokenised, ``write_task`` writes the shard and its progress record. At most
+``max_inflight`` shards are in flight, which bounds the memory the job holds. Transient I/O
+errors (OSError, connection errors) are retried by Ray; bad images never raise, they become rejects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import ray
+from tqdm import tqdm
+
+from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
+from pipeline.readers import SourceItem
+from storage.codec import CodecSpec, TokenCodec, make_codec
+
+TRANSIENT = [OSError, ConnectionError, TimeoutError]
+
+
+@ray.remote(num_cpus=1, max_retries=3, retry_exceptions=TRANSIENT)
+def prepare_task(items: list[SourceItem], cfg: PrepareConfig) -> PreparedChunk:
+    return prepare_chunk(items, cfg)
+
+
+@ray.remote(max_restarts=0)  # a dead actor fails the job; a re-run resumes from the finished shards
+class TokenizerActor:
+    """Holds one tokenizer (on the GPU when it has one) and tokenises prepared chunks."""
+
+    def __init__(self, checkpoint: bytes, batch_size: int):
+        import torch
+
+        from pipeline.tokenizer import load_tokenizer
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # CPU actors share cores with the decode tasks
+        self.tokenizer = load_tokenizer(checkpoint)
+        if torch.cuda.is_available() and hasattr(self.tokenizer, "to"):
+            self.tokenizer.to("cuda")
+        self.batch_size = batch_size
+
+    def encode(self, chunk: PreparedChunk):
+        from pipeline.tokenise import encode_chunk
+
+        return encode_chunk(self.tokenizer, chunk, self.batch_size)
+
+
+@ray.remote(num_cpus=1, max_retries=3, retry_exceptions=TRANSIENT)
+def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, n: int, *parts) -> dict:
+    from pipeline.tokenise import write_shard
+
+    chunks, tokens = parts[:n], parts[n:]
+    return write_shard(cfg, make_codec(spec), fingerprint, index,
+                       [(c, t[0], t[1]) for c, t in zip(chunks, tokens)])
+
+
+def _init_ray(cfg) -> bool:
+    """Connect to (or start) Ray; returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, codec: TokenCodec,
+               fingerprint: str) -> list[dict]:
+    """Write every shard not already finished; returns the progress records of all shards."""
+    from pipeline.tokenise import finished_record
+
+    records: dict[int, dict] = {}
+    for i in range(len(shards)):
+        record = finished_record(cfg, i, fingerprint)
+        if record is not None:
+            records[i] = record
+    todo = [i for i in range(len(shards)) if i not in records]
+    if records:
+        print(f"resuming: {len(records)} of {len(shards)} shards already written, skipping them", file=sys.stderr)
+    if not todo:
+        return [records[i] for i in range(len(shards))]
+    started_ray = _init_ray(cfg)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        cpus = int(resources.get("CPU", 1))
+        n_actors = cfg.actors or (gpus if gpus else max(1, cpus // 2))
+        options = {"num_gpus": 1} if gpus else {"num_cpus": 0}
+        ckpt_ref = ray.put(checkpoint)
+        actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size) for _ in range(n_actors)]
+        where = f"{gpus} GPU actor(s)" if gpus else f"{n_actors} CPU actor(s)"
+        print(f"ray: {cpus} CPUs, {gpus} GPUs; tokenising with {where}", file=sys.stderr)
+        prep_cfg = cfg.prepare_config()
+        inflight: dict = {}
+        turn = 0
+        bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc=f"tokenising {cfg.split}")
+
+        def collect(refs):
+            for ref in refs:
+                index, size = inflight.pop(ref)
+                records[index] = ray.get(ref)
+                bar.update(size)
+
+        for i in todo:
+            while len(inflight) >= cfg.max_inflight:
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                collect(done)
+            items = list(shards[i])
+            preps = [prepare_task.remote(items[j : j + cfg.chunk_size], prep_cfg)
+                     for j in range(0, len(items), cfg.chunk_size)]
+            tokens = []
+            for p in preps:
+                tokens.append(actors[turn % n_actors].encode.remote(p))
+                turn += 1
+            ref = write_task.remote(cfg, codec.spec, fingerprint, i, len(preps), *preps, *tokens)
+            inflight[ref] = (i, len(items))
+        while inflight:
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            collect(done)
+        bar.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return [records[i] for i in range(len(shards))]
