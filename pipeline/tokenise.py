@@ -222,6 +222,7 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
         "bytes": sum(i.bytes for i in infos),
         "bytes_per_image": sum(i.bytes for i in infos) / max(1, written),
         "wall_s": time.perf_counter() - started,
+        "tokenise_s": max((r.get("tokenise_s", 0.0) for r in records), default=0.0),
         "manifest": url,
         "tokenizer": how,
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import ray
@@ -22,6 +23,14 @@ from pipeline.readers import SourceItem
 from storage.codec import CodecSpec, TokenCodec, make_codec
 
 TRANSIENT = [OSError, ConnectionError, TimeoutError]
+
+
+@ray.remote(num_cpus=1)
+def warm_up() -> bool:
+    """Import the decode stack in a worker before the clock starts (first imports take seconds)."""
+    import pipeline.prepare  # noqa: F401
+
+    return True
 
 
 @ray.remote(num_cpus=1, max_retries=3, retry_exceptions=TRANSIENT)
@@ -44,6 +53,9 @@ class TokenizerActor:
         if torch.cuda.is_available() and hasattr(self.tokenizer, "to"):
             self.tokenizer.to("cuda")
         self.batch_size = batch_size
+
+    def ready(self) -> bool:
+        return True
 
     def encode(self, chunk: PreparedChunk):
         from pipeline.tokenise import encode_chunk
@@ -96,12 +108,14 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         options = {"num_gpus": 1} if gpus else {"num_cpus": 0}
         ckpt_ref = ray.put(checkpoint)
         actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size) for _ in range(n_actors)]
+        ray.get([a.ready.remote() for a in actors] + [warm_up.remote() for _ in range(cpus)])
         where = f"{gpus} GPU actor(s)" if gpus else f"{n_actors} CPU actor(s)"
         print(f"ray: {cpus} CPUs, {gpus} GPUs; tokenising with {where}", file=sys.stderr)
         prep_cfg = cfg.prepare_config()
         inflight: dict = {}
         turn = 0
         bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc=f"tokenising {cfg.split}")
+        t0 = time.perf_counter()
 
         def collect(refs):
             for ref in refs:
@@ -126,6 +140,8 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
             done, _ = ray.wait(list(inflight), num_returns=1)
             collect(done)
         bar.close()
+        for i in todo:  # steady-state time (after Ray and the actors are up), for benchmarks
+            records[i]["tokenise_s"] = time.perf_counter() - t0
     finally:
         if started_ray:
             ray.shutdown()

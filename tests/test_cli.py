@@ -54,6 +54,9 @@ def test_inspect_and_verify(quickstart_run, capsys):
 def test_help_is_helpful():
     out = subprocess.run([sys.executable, "-m", "vqpt.cli", "--help"], capture_output=True, text=True, check=True)
     assert "quickstart" in out.stdout and "VQPT_S3_ENDPOINT" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "vqpt.cli", "tokenise", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--dataset" in out.stdout and "--views" in out.stdout and "rejects.jsonl" in out.stdout
 
 
 def test_storage_bench_runs_on_a_small_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``vqpt`` command: ``vqpt quickstart``, ``vqpt inspect URL``, ``vqpt verify URL``."""
+"""The ``vqpt`` command: ``quickstart``, ``tokenise``, ``inspect URL``, ``verify URL``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 EPILOG = """examples:
   vqpt quickstart                              # generated images -> tokens -> shards -> stream
+  vqpt tokenise --dataset imagenet --src /data/imagenet --out s3://bucket/in1k-tok --split train
   vqpt quickstart --images ~/imagenette/train --s3
   vqpt inspect s3://bucket/in1k-tok/train      # what a dataset split holds
   vqpt verify runs/quickstart/tokens/train     # re-read every shard: hashes and decoding
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a dataset split (manifest URL or split directory)")
     i.add_argument("url")
     i.set_defaults(func=_inspect)
+    sub.add_parser("tokenise", help="the Ray tokenisation job (same flags as python -m pipeline.tokenise)",
+                   add_help=False)
     v = sub.add_parser("verify", help="re-read every shard of a split: size, sha256, decoding, counts")
     v.add_argument("url")
     v.set_defaults(func=_verify)
@@ -98,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tokenise"]:  # its own parser: `vqpt tokenise --help` shows the job's flags
+        from pipeline.tokenise import main as tokenise_main
+
+        return tokenise_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
