@@ -232,7 +232,7 @@ def train(data: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> tuple[
     history: list[dict[str, float]] = []
     t0 = time.monotonic()
     bar = tqdm(total=cfg.steps, disable=not progress, dynamic_ncols=True, mininterval=2.0)
-    step = 0
+    step, t_cal = 0, t0
     while step < total and time.monotonic() - t0 < budget:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
@@ -240,8 +240,13 @@ def train(data: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> tuple[
         stats = train_step(model, cb, opt, x, step, cfg, gen)
         history.append(stats)
         step += 1
-        if cfg.steps is None and step == _CALIBRATE:  # fix the cosine length from the measured speed
-            total = max(step + 1, int(budget / ((time.monotonic() - t0) / step) * 0.98))
+        if cfg.steps is None and step == _CALIBRATE:  # first guess of the cosine length from the measured speed
+            t_cal = time.monotonic()
+            total = max(step + 1, int(budget / ((t_cal - t0) / step) * 0.98))
+            bar.total = total
+        elif cfg.steps is None and step == max(cfg.warmup, 2 * _CALIBRATE):  # refit on steady-state speed, still
+            rate = (time.monotonic() - t_cal) / (step - _CALIBRATE)  # in warm-up so the cosine is unaffected
+            total = max(step + 1, step + int((budget - (time.monotonic() - t0)) / rate * 0.98))
             bar.total = total
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", ppl=f"{stats['ppl']:.0f}",
