@@ -7,8 +7,6 @@ prints ratios; nothing here asserts a speed.
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.images import list_images, load_resized
+from pipeline.prepare import crop_resize, random_crop_box
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 
 
@@ -61,34 +60,17 @@ def tokenise_folder(root: str | Path, tokenizer_path: str | None = None, resolut
     return TokenisedFolder(paths, tokens, labels, class_names, jpeg_bytes, tokenizer, fit_s, encode_s)
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop, in PIL (torchvision cannot be imported here)."""
-    width, height = img.size
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            return img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
-
-
 def jpeg_samples(paths: list[Path], seed: int = 0) -> Iterable[torch.Tensor]:
     """The classic pixel pipeline: read file, PIL decode, RandomResizedCrop 224, flip, to float tensor."""
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     for path in paths:
         with Image.open(path) as im:
             img = im.convert("RGB")
-        img = random_resized_crop(img, 224, rng)
+        box = random_crop_box(img.height, img.width, rng, scale=(0.08, 1.0))
+        pixels = crop_resize(img, box, 224, Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        yield torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+            pixels = pixels[:, ::-1]
+        yield torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
 
 
 def rate(run_epoch: Callable[[], int], min_seconds: float = 3.0) -> float:
