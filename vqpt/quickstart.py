@@ -1,8 +1,9 @@
 """``vqpt quickstart``: the journey so far on a small dataset, on this machine.
 
-Stages: images (``--images DIR``, or a generated ImageNet-layout folder) -> a k-means VQ
-tokenizer fitted on them -> token shards + manifest (a local directory, or a local S3 endpoint
-with ``--s3``) -> streamed back through the training reader -> a storage and speed report.
+Stages: images (``--images DIR``, or a generated ImageNet-layout folder) -> the tokenisation job
+(``pipeline.tokenise`` on a local Ray instance: a k-means VQ tokenizer fitted on the images, token
+shards + manifest in a local directory, or on a local S3 endpoint with ``--s3``) -> streamed back
+through the training reader -> a storage and speed report.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from pipeline.images import list_images, load_rgb, resize_center_crop
-from pipeline.tokenizer import KMeansTokenizer
-from storage.codec import DEFAULT_CODEC, fit_codec
-from storage.manifest import DatasetMeta, write_split
-from storage.shard import Sample
+from pipeline import tokenise
+from pipeline.images import list_images
+from storage.manifest import read_manifest
 from storage.stream import StreamLoader, TokenStream
 from vqpt.local_s3 import LocalS3
 
@@ -63,56 +61,51 @@ def run(images: str | None, out: str, use_s3: bool, vocab: int, resolution: int,
     if images is None:
         images_root = out_dir / "images"
         shutil.rmtree(images_root, ignore_errors=True)
-        print(f"[1/4] no --images given: generating a small ImageNet-layout folder in {images_root}")
+        print(f"[1/3] no --images given: generating a small ImageNet-layout folder in {images_root}")
         generate_imagenet_folder(images_root)
         images = str(images_root)
-    paths = list_images(images)[:limit] if limit else list_images(images)
+    if limit:
+        subset = out_dir / "subset"
+        shutil.rmtree(subset, ignore_errors=True)
+        for p in list_images(images)[:limit]:
+            dst = subset / p.relative_to(images)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(p.resolve())
+        images = str(subset)
+    paths = list_images(images)
     if not paths:
         raise SystemExit(f"no images found under {images}")
-    class_names = sorted({p.parent.name for p in paths})
-    print(f"[1/4] {len(paths)} images in {len(class_names)} classes under {images}")
-    arrays, boxes, sizes = [], [], []
-    for p in tqdm(paths, desc="decode + resize", unit="img"):
-        img = load_rgb(p)
-        arr, box = resize_center_crop(img, resolution)
-        arrays.append(arr)
-        boxes.append(box)
-        sizes.append((img.height, img.width))
-    pixels = np.stack(arrays)
-    print(f"[2/4] fitting a k-means tokenizer (K={vocab}, 8x8 patches) on {len(pixels)} images")
-    tokenizer = KMeansTokenizer.fit(pixels, vocab_size=vocab, patch=8, iters=20, seed=0)
-    tokens = np.concatenate([tokenizer.encode(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
-    tokenizer.save(out_dir / "tokenizer.pt")
-    grid = tuple(tokens.shape[1:])
-    samples = [Sample(key=f"{p.parent.name}/{p.stem}", tokens=t, label=class_names.index(p.parent.name),
-                      image_size=s, crop_box=b) for p, t, s, b in zip(paths, tokens, sizes, boxes)]
-    codec = fit_codec(DEFAULT_CODEC, tokens[: max(1, len(tokens) // 10)].reshape(-1), vocab, grid=grid)
-    meta = DatasetMeta(split="train", codec=codec.spec, tokenizer_fingerprint=tokenizer.fingerprint,
-                       grid=(grid[0], grid[1]), vocab_size=vocab, resolution=resolution,
-                       class_names=tuple(class_names))
-
+    imagenet_layout = (Path(images) / "train").is_dir()
+    print(f"[1/3] {len(paths)} images under {images}")
     with local_s3_bucket() if use_s3 else contextlib.nullcontext(str(out_dir / "tokens")) as base:
-        split_url = f"{base}/train"
-        print(f"[3/4] writing shards + manifest to {split_url}")
-        manifest = write_split(split_url, samples, meta, shard_size=64, block_size=32, progress=True)
-        print(f"[4/4] streaming {split_url} back through the training reader (2 DataLoader workers)")
-        loader = StreamLoader(TokenStream(manifest.url, 64, partitions=4, expected_fingerprint=tokenizer.fingerprint),
-                              num_workers=2)
+        print(f"[2/3] tokenisation job (local Ray, k-means tokenizer K={vocab}) -> {base}")
+        shutil.rmtree(out_dir / "tokens", ignore_errors=True)
+        report = tokenise.run(tokenise.JobConfig(
+            dataset="imagenet" if imagenet_layout else "folder", src=images, out=base, split="train",
+            vocab=vocab, resolution=resolution, shard_size=64, block_size=32, chunk_size=32))
+        manifest = read_manifest(report["manifest"])
+        print(f"[3/3] streaming {manifest.root} back through the training reader (2 DataLoader workers)")
+        loader = StreamLoader(TokenStream(manifest.url, 64, partitions=4,
+                                          expected_fingerprint=report["tokenizer_fingerprint"]), num_workers=2)
         t0 = time.perf_counter()
         seen = [k for batch in loader for k, pad in zip(batch["key"], batch["pad"].tolist()) if not pad]
         stream_s = time.perf_counter() - t0
-    if sorted(seen) != sorted(s.key for s in samples):
+    if len(seen) != len(set(seen)) or len(seen) != manifest.num_samples:
         raise SystemExit("quickstart: the stream did not return every sample exactly once")
     jpeg_bytes = sum(p.stat().st_size for p in paths)
     token_bytes = sum(s.bytes for s in manifest.shards)
+    n_tokens = manifest.num_samples * manifest.meta.grid[0] * manifest.meta.grid[1]
     report = {
         "images": len(paths),
-        "tokenizer": {"kind": "kmeans", "vocab_size": vocab, "grid": list(grid), "fingerprint": tokenizer.fingerprint},
-        "codec": DEFAULT_CODEC,
+        "written": manifest.num_samples,
+        "rejected": report["rejected"],
+        "tokenizer": {"how": report["tokenizer"], "vocab_size": vocab, "grid": list(manifest.meta.grid),
+                      "fingerprint": report["tokenizer_fingerprint"]},
+        "codec": manifest.meta.codec.name,
         "jpeg_bytes": jpeg_bytes,
         "shard_bytes": token_bytes,
         "storage_fraction": token_bytes / jpeg_bytes,
-        "bits_per_token": 8 * token_bytes / tokens.size,
+        "bits_per_token": 8 * token_bytes / n_tokens,
         "shards": len(manifest.shards),
         "streamed_samples": len(seen),
         "stream_samples_per_s": len(seen) / stream_s,
