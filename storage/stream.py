@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.errors import ShardError
+from storage.errors import FingerprintMismatch, ShardError
 from storage.fetch import ShardCache, ShardFetcher
 from storage.manifest import Manifest, read_manifest
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
@@ -101,10 +101,13 @@ class TokenStream(IterableDataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-        self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(
-            manifest, expected_fingerprint, storage_options)
-        if isinstance(manifest, Manifest) and expected_fingerprint is not None:
-            read_manifest(manifest.url, expected_fingerprint, storage_options)
+        if not isinstance(manifest, Manifest):
+            manifest = read_manifest(manifest, expected_fingerprint, storage_options)
+        elif expected_fingerprint not in (None, manifest.meta.tokenizer_fingerprint):
+            have = manifest.meta.tokenizer_fingerprint
+            raise FingerprintMismatch(f"manifest {manifest.url}: tokens come from tokenizer {have[:16]}..., "
+                                      f"not {expected_fingerprint[:16]}...")
+        self.manifest = manifest
         self.batch_size = batch_size
         self.order = OrderConfig(seed=seed, partitions=partitions, window=shuffle_window, shuffle=shuffle)
         default_rank, default_world = _dist_rank_world()

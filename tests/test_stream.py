@@ -228,3 +228,12 @@ def test_file_urls_work_like_paths(dataset):
     url = "file://" + manifest.url
     keys = [k for b in TokenStream(url, 50, partitions=2) for k, pad in zip(b["key"], b["pad"].tolist()) if not pad]
     assert sorted(keys) == sorted(by_key)
+
+
+def test_expected_fingerprint_is_checked_for_loaded_manifests_too(dataset):
+    from storage.errors import FingerprintMismatch
+
+    manifest, _ = dataset
+    TokenStream(manifest, 4, expected_fingerprint="f" * 64)
+    with pytest.raises(FingerprintMismatch, match="not 0000"):
+        TokenStream(manifest, 4, expected_fingerprint="0" * 64)
