@@ -1,0 +1,459 @@
+"""Token-space data augmentation for training on stored VQ token grids (after SeiT / SeiT++).
+
+Batches come from ``storage.stream.TokenStream``: ``tokens`` int64 (B, h, w) ids in [0, K),
+``label`` int64 (B,), plus other keys. A tokenizer gives ``codebook`` float32 (K, D).
+
+What acts where:
+
+- **ids** (int64 (B, h, w)): Token-EDA (``replace_synonyms``, ``swap_patches``), ``hflip``
+  (exact), ``cutmix`` (pasting ids is exact too).
+- **embeddings** (float32 (B, D, h, w), ``embed`` = codebook lookup): resampling
+  (``crop_resize``, ``affine``, in ``pretrain.augment_geometry``), ``color_adapt`` / ``adain``,
+  ``embedding_noise``, ``mixup``, ``cutmix``. ``requantize`` maps back to ids (nearest code).
+
+Why embeddings for geometry: SeiT interpolates the one-hot map (K channels) and then projects it
+through the codebook. Projection is linear per position and bilinear/bicubic interpolation is
+linear per channel, so the two commute: interpolating the embedding map (D channels) gives the
+identical result at D/K of the cost (K=512 vs D=192 or 32 here).
+
+``TokenAugment`` composes them in this order: EDA on ids -> hflip on ids -> embed -> random
+resized crop -> ColorAdapt -> noise -> mix (CutMix or Mixup) -> (ids mode) requantize. The flip is
+done on ids because it is exact and cheap there, and flip-then-crop has the same distribution as
+crop-then-flip (the box distribution is mirror-symmetric). In ids mode CutMix runs on the
+re-quantised ids, which equals CutMix on embeddings followed by re-quantisation (pasting and
+nearest-code lookup are both per position).
+
+Every random function takes an explicit ``torch.Generator``: the same seed gives the same output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.augment_geometry import (
+    affine,
+    box_theta,
+    crop_ids,
+    crop_resize,
+    hflip,
+    random_hflip,
+    random_resized_crop_params,
+)
+
+__all__ = [
+    "embed", "requantize", "synonym_table", "replace_synonyms", "swap_patches",
+    "random_resized_crop_params", "box_theta", "crop_ids", "crop_resize", "affine", "hflip", "random_hflip",
+    "cutmix", "mixup", "one_hot_targets", "embedding_noise", "adain", "color_adapt",
+    "TokenAugConfig", "TokenAugment",
+]
+
+# Elements of the (chunk, K) score matrix requantize builds at once: 4M floats = 16 MiB.
+_REQUANT_ELEMS = 1 << 22
+
+
+# -- codebook lookup ------------------------------------------------------------------------------
+
+def embed(ids: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Codebook lookup: ids int64 (B, h, w) in [0, K), codebook float (K, D) -> float (B, D, h, w).
+
+    The result is a channels-last view (memory (B, h, w, D)): the lookup writes that layout, and
+    ``crop_resize`` and ``requantize`` read it without a copy.
+    """
+    return F.embedding(ids, codebook).permute(0, 3, 1, 2)
+
+
+def requantize(emb: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
+               chunk_elems: int = _REQUANT_ELEMS) -> torch.Tensor:
+    """Nearest code per position: emb float (B, D, h, w), codebook (K, D) -> ids int64 (B, h, w).
+
+    ``metric`` "l2" (Euclidean) or "cosine". Positions are processed in chunks so the (N, K) score
+    matrix never exceeds ``chunk_elems`` floats.
+    """
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    b, d, h, w = emb.shape
+    x = emb.permute(0, 2, 3, 1).reshape(-1, d)
+    cb = codebook.to(emb.dtype)
+    if metric == "cosine":
+        cb = F.normalize(cb, dim=1)
+        bias = None
+    else:
+        # argmin |x - c|^2 = argmax (x.c - |c|^2 / 2): |x|^2 is constant per row.
+        bias = -0.5 * (cb * cb).sum(1)
+    step = max(1, chunk_elems // cb.shape[0])
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    for start in range(0, x.shape[0], step):
+        xs = x[start:start + step]
+        # cosine needs no row normalisation either: it does not change the argmax over codes.
+        scores = xs @ cb.T if bias is None else torch.addmm(bias, xs, cb.T)
+        out[start:start + step] = scores.argmax(1)
+    return out.view(b, h, w)
+
+
+# -- Token-EDA (ids) ------------------------------------------------------------------------------
+
+def synonym_table(codebook: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` most cosine-similar *other* codes of each code: codebook (K, D) -> int64 (K, k)."""
+    cb = F.normalize(codebook.float(), dim=1)
+    sim = cb @ cb.T
+    sim.fill_diagonal_(float("-inf"))  # a code is not its own synonym
+    return sim.topk(k, dim=1).indices
+
+
+def replace_synonyms(ids: torch.Tensor, table: torch.Tensor, p: float,
+                     gen: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each token with probability ``p`` by a uniformly chosen entry of its row of ``table``.
+
+    ids int64 (B, h, w); table int64 (K, k) from ``synonym_table``. Returns int64 (B, h, w).
+    Both random draws are made whatever ``p`` is, so the generator advances the same way.
+    """
+    replace = torch.rand(ids.shape, generator=gen) < p
+    pick = torch.randint(0, table.shape[1], ids.shape, generator=gen)
+    return torch.where(replace, table[ids, pick], ids)
+
+
+def _sample_positions(weights: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``weights`` (B, N) >= 0, proportional to the weights."""
+    return torch.multinomial(weights, 1, generator=gen)[:, 0]
+
+
+def swap_patches(x: torch.Tensor, scale: tuple[float, float] = (0.0, 0.25), gen: torch.Generator | None = None,
+                 p: float = 1.0) -> torch.Tensor:
+    """SeiT's SwapCode, batched: swap two non-overlapping square patches within each sample.
+
+    Side s = floor(U(scale) * min(h, w)) per sample (capped so two patches always fit side by
+    side); both corners are uniform over the placements that keep the patches disjoint (SeiT's
+    distance test can let them overlap, which would duplicate and lose tokens). Applied to each
+    sample with probability ``p``. A permutation of positions, so each sample keeps its multiset
+    of ids. Works on ids (B, h, w) or embeddings (B, D, h, w); returns the same shape and dtype.
+    """
+    bsz, (h, w) = x.shape[0], x.shape[-2:]
+    side = (_uniform((bsz,), scale, gen) * min(h, w)).floor().long()
+    side = side.clamp(0, min(min(h, w), max(h, w) // 2))
+    side = torch.where(torch.rand(bsz, generator=gen) < p, side, torch.zeros_like(side))
+    yy = torch.arange(h).view(1, h, 1)
+    xx = torch.arange(w).view(1, 1, w)
+    s = side.view(-1, 1, 1)
+    fits = (yy <= h - s) & (xx <= w - s)  # (B, h, w): top-left corners keeping the patch inside
+    # A corner for patch A must leave room for B somewhere: s cells free above, below, left or right.
+    room_a = fits & ((yy >= s) | (yy + 2 * s <= h) | (xx >= s) | (xx + 2 * s <= w))
+    a = _sample_positions(room_a.flatten(1).float(), gen)
+    ay, ax = (a // w).view(-1, 1, 1), (a % w).view(-1, 1, 1)
+    room_b = fits & (((yy - ay).abs() >= s) | ((xx - ax).abs() >= s))
+    # s == 0 has every corner valid: the "swap" is then empty and a no-op.
+    bpos = _sample_positions(room_b.flatten(1).float(), gen)
+    by, bx = (bpos // w).view(-1, 1, 1), (bpos % w).view(-1, 1, 1)
+    in_a = (yy >= ay) & (yy < ay + s) & (xx >= ax) & (xx < ax + s)
+    in_b = (yy >= by) & (yy < by + s) & (xx >= bx) & (xx < bx + s)
+    dy, dx = by - ay, bx - ax
+    src_y = torch.where(in_a, yy + dy, torch.where(in_b, yy - dy, yy))
+    src_x = torch.where(in_a, xx + dx, torch.where(in_b, xx - dx, xx))
+    src = (src_y * w + src_x).flatten(1)  # (B, h*w)
+    flat = x.flatten(-2)
+    if x.dim() == 4:
+        src = src[:, None, :].expand(-1, x.shape[1], -1)
+    return flat.gather(-1, src).view_as(x)
+
+
+def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], gen: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=gen) * (bounds[1] - bounds[0]) + bounds[0]
+
+
+# -- label mixing ---------------------------------------------------------------------------------
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """int64 (B,) labels -> float32 (B, C) (label-smoothed) targets; float (B, C) passes through."""
+    if labels.dim() == 2:
+        return labels.float()
+    off = smoothing / num_classes
+    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + off
+
+
+def _beta(alpha: float, n: int, gen: torch.Generator | None) -> torch.Tensor:
+    # torch's Beta sampler takes no generator; seed a numpy one from ours so a seed still fixes it.
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, n)).float()
+
+
+def cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float = 1.0,
+           gen: torch.Generator | None = None, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-CutMix: paste a box from a permuted batch into each sample, mix the labels by area.
+
+    Per sample lambda ~ Beta(alpha, alpha); the box has sides sqrt(1 - lambda) * (h, w) rounded to
+    cells and a uniform centre, clipped to the grid; lambda is then recomputed from the cells
+    actually pasted, so the pasted sample's weight is exactly pasted area / total area.
+
+    Args:
+        x: ids int64 (B, h, w) or embeddings float (B, D, h, w).
+        labels: int64 (B,) or soft float (B, C).
+    Returns:
+        (mixed, same shape/dtype as ``x``; targets float32 (B, C), rows sum to 1).
+    """
+    bsz, (h, w) = x.shape[0], x.shape[-2:]
+    lam = _beta(alpha, bsz, gen)
+    perm = torch.randperm(bsz, generator=gen)
+    cut = torch.sqrt(1.0 - lam)
+    ch, cw = (cut * h).long(), (cut * w).long()
+    cy = torch.randint(0, h, (bsz,), generator=gen)
+    cx = torch.randint(0, w, (bsz,), generator=gen)
+    y0, y1 = (cy - ch // 2).clamp(0, h), (cy + ch // 2).clamp(0, h)
+    x0, x1 = (cx - cw // 2).clamp(0, w), (cx + cw // 2).clamp(0, w)
+    yy = torch.arange(h).view(1, h, 1)
+    xx = torch.arange(w).view(1, 1, w)
+    box = ((yy >= y0.view(-1, 1, 1)) & (yy < y1.view(-1, 1, 1))
+           & (xx >= x0.view(-1, 1, 1)) & (xx < x1.view(-1, 1, 1)))  # (B, h, w)
+    pasted = box.flatten(1).float().mean(1)  # exact area fraction
+    mask = box if x.dim() == 3 else box[:, None]
+    mixed = torch.where(mask, x[perm], x)
+    targets = one_hot_targets(labels, num_classes, smoothing)
+    targets = (1.0 - pasted)[:, None] * targets + pasted[:, None] * targets[perm]
+    return mixed, targets
+
+
+def mixup(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float = 0.8,
+          gen: torch.Generator | None = None, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup on embeddings: lambda ~ Beta(alpha, alpha) per sample, partner from a permutation.
+
+    emb float (B, D, h, w); labels int64 (B,) or float (B, C). Returns (float (B, D, h, w),
+    targets float32 (B, C) with rows summing to 1).
+    """
+    bsz = emb.shape[0]
+    lam = _beta(alpha, bsz, gen)
+    perm = torch.randperm(bsz, generator=gen)
+    lam_e = lam.to(emb.dtype).view(-1, 1, 1, 1)
+    mixed = lam_e * emb + (1.0 - lam_e) * emb[perm]
+    targets = one_hot_targets(labels, num_classes, smoothing)
+    targets = lam[:, None] * targets + (1.0 - lam)[:, None] * targets[perm]
+    return mixed, targets
+
+
+# -- embedding-space photometric ops --------------------------------------------------------------
+
+def embedding_noise(emb: torch.Tensor, p: float, scale: float = 1.0, std: float = 1.0,
+                    gen: torch.Generator | None = None) -> torch.Tensor:
+    """SeiT's Noise: with probability ``p`` per sample add N(0, scale) per channel + N(0, std) per position.
+
+    emb float (B, D, h, w) -> float (B, D, h, w) (a new tensor; the input is not modified).
+    """
+    b, d = emb.shape[:2]
+    on = (torch.rand(b, generator=gen) < p).to(emb.dtype).view(-1, 1, 1, 1)
+    noise = torch.randn((b, d, 1, 1), generator=gen) * scale + torch.randn(emb.shape, generator=gen) * std
+    return emb + on * noise.to(emb.dtype)
+
+
+def adain(emb: torch.Tensor, style_emb: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """AdaIN per channel over spatial dims: give ``emb`` (B, D, h, w) the mean/std of ``style_emb`` (B, D, h2, w2).
+
+    out = (emb - mean(emb)) / std(emb) * std(style) + mean(style), stds biased (population),
+    ``eps`` added to the variances. Returns float (B, D, h, w).
+    """
+    mu, sd = _channel_stats(emb, eps)
+    s_mu, s_sd = _channel_stats(style_emb, eps)
+    scale = s_sd / sd
+    return torch.addcmul(s_mu - mu * scale, emb, scale)  # one pass over the big tensor
+
+
+def _channel_stats(emb: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mu = torch.var_mean(emb, (2, 3), keepdim=True, correction=0)
+    return mu, (var + eps).sqrt()
+
+
+def color_adapt(emb: torch.Tensor, p: float, gen: torch.Generator | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """ColorAdapt (SeiT++): with probability ``p`` per sample, AdaIN with another batch sample's statistics.
+
+    The style partner comes from a random permutation of the batch. emb float (B, D, h, w) -> same.
+    Statistics are computed once and permuted (AdaIN only needs the partner's mean/std), and
+    unselected samples get scale 1 / shift 0, so the map is a single fused multiply-add.
+    """
+    bsz = emb.shape[0]
+    on = (torch.rand(bsz, generator=gen) < p).view(-1, 1, 1, 1)
+    perm = torch.randperm(bsz, generator=gen)
+    mu, sd = _channel_stats(emb, eps)
+    scale = torch.where(on, sd[perm] / sd, torch.ones_like(sd))
+    shift = torch.where(on, mu[perm] - mu * scale, torch.zeros_like(mu))
+    return torch.addcmul(shift, emb, scale)
+
+
+# -- the composed transform -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenAugConfig:
+    """Settings of ``TokenAugment``; every op is off at its zero value.
+
+    output: "ids" (``tokens`` re-quantised ids) or "embeddings" (adds ``embeddings`` float32).
+    out_hw: output grid (h', w'); None keeps the input grid.
+    replace_p, synonym_k: per-token synonym replacement probability, synonyms per code.
+    swap_p, swap_scale: per-sample SwapCode probability and patch side range (fraction of min(h, w)).
+    rrc, rrc_scale, rrc_ratio, interpolation: random resized crop; "bicubic"/"bilinear" resample the
+        embedding map (training side), "nearest" gathers ids (cheap: the data path's choice).
+    hflip_p: per-sample horizontal flip probability.
+    color_adapt_p: per-sample ColorAdapt probability.
+    noise_p, noise_scale, noise_std: SeiT Noise.
+    cutmix_alpha, mixup_alpha: Beta parameters (0 = off); with both on, one of them per batch
+        (Mixup with probability ``mix_switch_p``). mix_p: probability a batch is mixed at all.
+    num_classes, label_smoothing: for the soft ``target`` (needed when mixing is on).
+    metric: requantisation metric, "l2" or "cosine".
+    seed: base seed of the transform's own generator (see ``TokenAugment``).
+    """
+
+    output: str = "ids"
+    out_hw: tuple[int, int] | None = None
+    replace_p: float = 0.0
+    synonym_k: int = 8
+    swap_p: float = 0.0
+    swap_scale: tuple[float, float] = (0.0, 0.25)
+    rrc: bool = True
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"
+    hflip_p: float = 0.5
+    color_adapt_p: float = 0.0
+    noise_p: float = 0.0
+    noise_scale: float = 1.0
+    noise_std: float = 1.0
+    cutmix_alpha: float = 0.0
+    mixup_alpha: float = 0.0
+    mix_p: float = 1.0
+    mix_switch_p: float = 0.5
+    num_classes: int = 0
+    label_smoothing: float = 0.0
+    metric: str = "l2"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.output not in ("ids", "embeddings"):
+            raise ValueError(f"output must be 'ids' or 'embeddings', got {self.output!r}")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"interpolation must be 'bicubic', 'bilinear' or 'nearest', got {self.interpolation!r}")
+        if self.interpolation == "nearest" and self.output == "embeddings":
+            raise ValueError("interpolation='nearest' is the ids-only crop; use bicubic or bilinear for embeddings")
+        if self.metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
+        if self.mixing and self.num_classes < 1:
+            raise ValueError("num_classes must be set when cutmix_alpha or mixup_alpha > 0")
+        if self.mixup_alpha > 0 and self.output == "ids":
+            raise ValueError("mixup blends embeddings and has no id form; use output='embeddings'")
+
+    @property
+    def mixing(self) -> bool:
+        return self.cutmix_alpha > 0 or self.mixup_alpha > 0
+
+    @property
+    def needs_embeddings(self) -> bool:
+        """Whether any op needs the embedding map (otherwise ids mode never leaves ids)."""
+        resample = (self.rrc or self.out_hw is not None) and self.interpolation != "nearest"
+        return (self.output == "embeddings" or resample
+                or self.color_adapt_p > 0 or self.noise_p > 0 or self.mixup_alpha > 0)
+
+    def replace(self, **changes) -> TokenAugConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class TokenAugment:
+    """Batch dict -> batch dict token augmentation, for ``TokenStream(batch_transform=...)`` or the trainer.
+
+    Reads ``tokens`` int64 (B, h, w) and ``label`` int64 (B,). Writes:
+
+    - ``tokens``: int64 (B, h', w') augmented ids in ids mode; in embeddings mode left as given.
+    - ``embeddings``: float32 (B, D, h', w') in embeddings mode.
+    - ``target``: float32 (B, C) soft labels when mixing is on (``label`` is kept as is).
+
+    Other keys (``labelmap``, ``view_tokens``, ``crop_box``, ...) pass through unchanged and
+    describe the un-augmented sample. Order: see the module docstring.
+
+    Randomness: pass ``generator=`` to ``__call__`` for full control. Otherwise the transform
+    uses its own generator, created lazily in the process that first uses it and seeded from
+    ``config.seed`` and, inside a DataLoader worker, the worker's seed (which torch derives per
+    epoch from the main process's RNG), so workers and epochs differ yet a seeded run repeats.
+    """
+
+    def __init__(self, config: TokenAugConfig, codebook: torch.Tensor):
+        self.config = config
+        self.codebook = codebook.float().contiguous()
+        needs_table = config.replace_p > 0
+        self.table = synonym_table(self.codebook, config.synonym_k) if needs_table else None
+        self._gen: torch.Generator | None = None
+        self._gen_key: tuple[int, int] | None = None
+
+    def _generator(self) -> torch.Generator:
+        info = torch.utils.data.get_worker_info()
+        key = (self.config.seed, info.seed if info is not None else -1)
+        if self._gen is None or self._gen_key != key:
+            seed = (self.config.seed * 0x9E3779B1 + (key[1] + 1)) % (2**63 - 1)
+            self._gen = torch.Generator().manual_seed(seed)
+            self._gen_key = key
+        return self._gen
+
+    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        cfg = self.config
+        gen = generator if generator is not None else self._generator()
+        ids = batch["tokens"]
+        labels = batch["label"]
+        out = dict(batch)
+        mix = self._choose_mix(gen)
+        # 1. Token-EDA and flip on ids (exact, and cheapest there).
+        if cfg.replace_p > 0:
+            ids = replace_synonyms(ids, self.table, cfg.replace_p, gen)
+        if cfg.swap_p > 0:
+            ids = swap_patches(ids, cfg.swap_scale, gen, p=cfg.swap_p)
+        if cfg.hflip_p > 0:
+            ids = random_hflip(ids, cfg.hflip_p, gen)
+        if cfg.interpolation == "nearest" and (cfg.rrc or cfg.out_hw is not None):
+            hw = tuple(ids.shape[-2:])
+            boxes = (random_resized_crop_params(ids.shape[0], cfg.rrc_scale, cfg.rrc_ratio, gen, hw) if cfg.rrc
+                     else torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(ids.shape[0], 4))
+            ids = crop_ids(ids, boxes, cfg.out_hw)
+        target = None
+        # 2. Embedding-space ops; mixup happens there, cutmix on whatever form is output.
+        if cfg.needs_embeddings:
+            emb = self._embedding_ops(ids, gen)
+            if mix == "mixup":
+                emb, target = mixup(emb, labels, cfg.num_classes, cfg.mixup_alpha, gen, cfg.label_smoothing)
+            if cfg.output == "embeddings":
+                if mix == "cutmix":
+                    emb, target = cutmix(emb, labels, cfg.num_classes, cfg.cutmix_alpha, gen, cfg.label_smoothing)
+                out["embeddings"] = emb
+            else:
+                ids = requantize(emb, self.codebook, cfg.metric)
+        if cfg.output == "ids":
+            if mix == "cutmix":
+                ids, target = cutmix(ids, labels, cfg.num_classes, cfg.cutmix_alpha, gen, cfg.label_smoothing)
+            out["tokens"] = ids
+        if cfg.mixing:
+            out["target"] = target if target is not None else one_hot_targets(
+                labels, cfg.num_classes, cfg.label_smoothing)
+        return out
+
+    def _choose_mix(self, gen: torch.Generator) -> str | None:
+        """None, "cutmix" or "mixup" for this batch (drawn first so the other ops' draws do not depend on it)."""
+        cfg = self.config
+        if not cfg.mixing:
+            return None
+        u = torch.rand(2, generator=gen)
+        if u[0] >= cfg.mix_p:
+            return None
+        if cfg.cutmix_alpha > 0 and cfg.mixup_alpha > 0:
+            return "mixup" if u[1] < cfg.mix_switch_p else "cutmix"
+        return "mixup" if cfg.mixup_alpha > 0 else "cutmix"
+
+    def _embedding_ops(self, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """embed -> random resized crop (or plain resize) -> ColorAdapt -> noise; float32 (B, D, h', w')."""
+        cfg = self.config
+        hw = tuple(ids.shape[-2:])
+        out_hw = cfg.out_hw if cfg.out_hw is not None else hw
+        emb = embed(ids, self.codebook)
+        if cfg.rrc:
+            boxes = random_resized_crop_params(ids.shape[0], cfg.rrc_scale, cfg.rrc_ratio, gen, hw)
+            emb = crop_resize(emb, boxes, out_hw, cfg.interpolation)
+        elif out_hw != hw:
+            emb = F.interpolate(emb, size=out_hw, mode=cfg.interpolation, align_corners=False)
+        if cfg.color_adapt_p > 0:
+            emb = color_adapt(emb, cfg.color_adapt_p, gen)
+        if cfg.noise_p > 0:
+            emb = embedding_noise(emb, cfg.noise_p, cfg.noise_scale, cfg.noise_std, gen)
+        return emb
