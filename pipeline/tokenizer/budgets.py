@@ -37,7 +37,8 @@ from storage.codec import DEFAULT_CODEC, fit_codec, order0_entropy_bits
 __all__ = ["budget_row", "budget_table", "format_table", "restricted_codes"]
 
 
-def restricted_codes(tok: Tokenizer, images: np.ndarray, full_ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+def restricted_codes(tok: Tokenizer, images: np.ndarray, full_ids: np.ndarray,
+                     keep: int) -> tuple[np.ndarray, np.ndarray]:
     """Encode + decode ``images`` uint8 (N, R, R, 3) with the codebook cut to the ``keep`` most used codes.
 
     full_ids: int64 (N, h, w) ids of ``tok`` on the same images (usage counts). Returns

@@ -18,8 +18,8 @@ batch; loss = MSE(x_rec, x) + beta * MSE(z, sg(z_q)) with beta = 0.25. No percep
 pretrained VGG (LPIPS) offline, and a GAN needs far more than 25 CPU minutes; MSE is what PSNR measures.
 AdamW with linear warm-up + cosine decay. Data: all images decoded once to a uint8 tensor, random
 crops + horizontal flips. With ``--steps`` the run is deterministic for a seed (same ops, same order, one
-seeded ``torch.Generator``); with only ``--minutes`` the cosine length is estimated from the speed of the
-first steps and training stops cleanly when the budget is spent.
+seeded ``torch.Generator``); with only ``--minutes`` the cosine follows the fraction of the time budget spent
+(robust to the machine's speed changing), and training stops cleanly when the budget is spent.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ from pipeline.tokenizer.vqgan import VQGANConfig, VQGANTokenizer, nearest_codes
 from pipeline.tokenizer.vqgan_modules import VQModel
 
 __all__ = ["EMACodebook", "TrainConfig", "evaluate", "load_folder", "lr_at", "model_config", "train"]
-
-_CALIBRATE = 10  # with only a time budget, the total step count is estimated after this many steps
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -103,12 +100,17 @@ def sample_batch(data: torch.Tensor, batch: int, crop: int, gen: torch.Generator
     return out.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Learning rate of update ``step`` (0-based): linear warm-up, then cosine from lr to lr * min_lr_ratio."""
+def lr_at(step: int, total: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate of update ``step`` (0-based): linear warm-up, then cosine from lr to lr * min_lr_ratio.
+
+    The cosine runs over steps warm-up..``total``, or, when ``progress`` (fraction of a time budget spent,
+    0..1) is given, over that fraction: a time-budgeted run then ends its cosine on time even if the
+    machine's speed changes.
+    """
     warm = max(1, min(cfg.warmup, total // 10))
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, total - warm))
+    t = min(1.0, (step - warm) / max(1, total - warm) if progress is None else progress)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -229,28 +231,25 @@ def train(data: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> tuple[
     gen = torch.Generator().manual_seed(cfg.seed)
     total = cfg.steps if cfg.steps is not None else 10**9
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
+    timed = cfg.steps is None  # cosine over the time budget instead of a step count
     history: list[dict[str, float]] = []
     t0 = time.monotonic()
     bar = tqdm(total=cfg.steps, disable=not progress, dynamic_ncols=True, mininterval=2.0)
-    step, t_cal = 0, t0
+    step, t_warm = 0, 0.0
     while step < total and time.monotonic() - t0 < budget:
+        if timed and step == cfg.warmup:
+            t_warm = time.monotonic() - t0
+        frac = max(0.0, time.monotonic() - t0 - t_warm) / max(1e-9, budget - t_warm) if timed else None
+        lr = lr_at(step, total, cfg, frac)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
+            group["lr"] = lr
         x = sample_batch(data, cfg.batch, cfg.crop, gen)
         stats = train_step(model, cb, opt, x, step, cfg, gen)
         history.append(stats)
         step += 1
-        if cfg.steps is None and step == _CALIBRATE:  # first guess of the cosine length from the measured speed
-            t_cal = time.monotonic()
-            total = max(step + 1, int(budget / ((t_cal - t0) / step) * 0.98))
-            bar.total = total
-        elif cfg.steps is None and step == max(cfg.warmup, 2 * _CALIBRATE):  # refit on steady-state speed, still
-            rate = (time.monotonic() - t_cal) / (step - _CALIBRATE)  # in warm-up so the cosine is unaffected
-            total = max(step + 1, step + int((budget - (time.monotonic() - t0)) / rate * 0.98))
-            bar.total = total
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", ppl=f"{stats['ppl']:.0f}",
-                        lr=f"{lr_at(step - 1, total, cfg):.1e}", refresh=False)
+                        lr=f"{lr:.1e}", refresh=False)
     bar.close()
     model.eval().requires_grad_(False)
     return tok, {"steps": step, "seconds": time.monotonic() - t0, "history": history}
