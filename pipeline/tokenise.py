@@ -276,7 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024, help="reject larger images (bombs)")
     ap.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
-    ap.add_argument("--actors", type=int, help="tokenizer actors (default: one per GPU, else CPUs // 2)")
+    ap.add_argument("--actors", type=int, help="tokenizer actors (default: one per GPU, else one per CPU)")
     ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else start a local instance)")
     ap.add_argument("--max-inflight", type=int, default=4, help="shards in flight at once (bounds memory)")
     a = ap.parse_args(argv)

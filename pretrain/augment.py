@@ -110,16 +110,25 @@ def replace_synonyms(ids: torch.Tensor, table: torch.Tensor, p: float,
     """Replace each token with probability ``p`` by a uniformly chosen entry of its row of ``table``.
 
     ids int64 (B, h, w); table int64 (K, k) from ``synonym_table``. Returns int64 (B, h, w).
-    Both random draws are made whatever ``p`` is, so the generator advances the same way.
+    Synonyms are looked up only at the replaced positions (a few percent): the data path's cost.
     """
-    replace = torch.rand(ids.shape, generator=gen) < p
-    pick = torch.randint(0, table.shape[1], ids.shape, generator=gen)
-    return torch.where(replace, table[ids, pick], ids)
+    where = (torch.rand(ids.shape, generator=gen) < p).view(-1).nonzero().squeeze(1)
+    pick = torch.randint(0, table.shape[1], where.shape, generator=gen)
+    out = ids.clone()
+    flat = out.view(-1)
+    flat[where] = table[flat[where], pick]
+    return out
 
 
 def _sample_positions(weights: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """One index per row of ``weights`` (B, N) >= 0, proportional to the weights."""
-    return torch.multinomial(weights, 1, generator=gen)[:, 0]
+    """One index per row of ``weights`` (B, N) >= 0, proportional to the weights.
+
+    Inverse-CDF sampling (cumsum + searchsorted): several times faster than torch.multinomial
+    on CPU for (256, 1024) rows, which made the data path's patch swap its slowest op.
+    """
+    cdf = weights.cumsum(1)
+    u = torch.rand(weights.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
 
 
 def swap_patches(x: torch.Tensor, scale: tuple[float, float] = (0.0, 0.25), gen: torch.Generator | None = None,
@@ -132,10 +141,15 @@ def swap_patches(x: torch.Tensor, scale: tuple[float, float] = (0.0, 0.25), gen:
     sample with probability ``p``. A permutation of positions, so each sample keeps its multiset
     of ids. Works on ids (B, h, w) or embeddings (B, D, h, w); returns the same shape and dtype.
     """
+    chosen = (torch.rand(x.shape[0], generator=gen) < p).nonzero().squeeze(1)
+    if len(chosen) < x.shape[0]:  # swap only the chosen samples (cheaper than computing no-op swaps)
+        out = x.clone()
+        if len(chosen):
+            out[chosen] = swap_patches(x[chosen], scale, gen, p=1.0)
+        return out
     bsz, (h, w) = x.shape[0], x.shape[-2:]
     side = (_uniform((bsz,), scale, gen) * min(h, w)).floor().long()
     side = side.clamp(0, min(min(h, w), max(h, w) // 2))
-    side = torch.where(torch.rand(bsz, generator=gen) < p, side, torch.zeros_like(side))
     yy = torch.arange(h).view(1, h, 1)
     xx = torch.arange(w).view(1, 1, w)
     s = side.view(-1, 1, 1)

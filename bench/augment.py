@@ -1,0 +1,139 @@
+"""Augmentation benchmark: the whole token data path against the JPEG pipeline, and TokenAdapt agreement.
+
+    python bench/augment.py --data ../shared/data/imagenette/val --json out/augment.json \
+        [--tokenizer CKPT] [--tokenadapt CKPT | --tokenadapt-minutes M]
+
+In one run, on the images under --data (tokenised with --tokenizer, or a k-means tokenizer fitted
+on them):
+- the full data path on one core: stream shards (read, verify, decode, shuffle, collate) + the
+  data-path augmentation (Token-EDA synonym replacement and patch swap, nearest-neighbour random
+  resized crop on ids, flip, Token-CutMix with soft labels), batches of 256;
+- the JPEG pipeline over the same images (PIL decode, RandomResizedCrop 224, flip, to tensor);
+- the training-side embedding ops (bicubic RRC in embedding space, ColorAdapt, noise, Mixup) per
+  batch of 256 on one CPU core, for the record (they belong on the accelerator, batched);
+- TokenAdapt vs the naive baseline (interpolate embeddings, nearest code): token agreement with
+  the tokens of the really warped images, over random warps with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+
+from bench.common import jpeg_rate, rate, tokenise_folder, write_json  # noqa: E402
+from pretrain.augment import TokenAugConfig, TokenAugment  # noqa: E402
+from storage.codec import DEFAULT_CODEC, fit_codec  # noqa: E402
+from storage.manifest import DatasetMeta, write_split  # noqa: E402
+from storage.shard import Sample  # noqa: E402
+from storage.stream import StreamLoader, TokenStream  # noqa: E402
+
+BATCH = 256
+
+
+def data_path_config(num_classes: int) -> TokenAugConfig:
+    """What runs in the DataLoader workers: ops that stay on ids (cheap, exact)."""
+    return TokenAugConfig(output="ids", replace_p=0.05, synonym_k=8, swap_p=0.25, rrc=True, rrc_scale=(0.35, 1.0),
+                          interpolation="nearest", hflip_p=0.5, cutmix_alpha=1.0, mix_p=0.5, num_classes=num_classes)
+
+
+def training_side_config(num_classes: int) -> TokenAugConfig:
+    """What runs batched in the training step: resampling and statistics in embedding space."""
+    return TokenAugConfig(output="embeddings", rrc=True, rrc_scale=(0.35, 1.0), interpolation="bicubic",
+                          hflip_p=0.5, color_adapt_p=0.5, noise_p=0.25, noise_scale=0.1, noise_std=0.1,
+                          mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=num_classes)
+
+
+def stream_rate(split_dir: str, transform, seconds: float) -> float:
+    loader = StreamLoader(TokenStream(split_dir, BATCH, partitions=1, batch_transform=transform))
+    return rate(lambda: sum(len(b["key"]) for b in loader), seconds)
+
+
+def per_batch_ms(transform, tokens: np.ndarray, labels: np.ndarray, repeats: int = 3) -> float:
+    batch = {"tokens": torch.from_numpy(tokens[:BATCH].astype(np.int64)), "label": torch.from_numpy(labels[:BATCH])}
+    transform(batch)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        transform(batch)
+    return (time.perf_counter() - t0) * 1000 / repeats
+
+
+def tokenadapt_agreement(args, folder) -> dict:
+    """TokenAdapt vs naive agreement on --data: a given checkpoint, or one trained here for a few minutes."""
+    from pipeline.adapters import load_tokenadapt
+    from pipeline.adapters.train_tokenadapt import evaluate, load_split
+    from pipeline.adapters.train_tokenadapt import main as train_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.tokenadapt
+        if ckpt is None:
+            tok_path = os.path.join(tmp, "tokenizer.pt")
+            folder.tokenizer.save(tok_path)
+            ckpt = os.path.join(tmp, "tokenadapt.pt")
+            train_main(["--images", args.data, "--tokenizer", tok_path, "--out", ckpt,
+                        "--minutes", str(args.tokenadapt_minutes)])
+        model = load_tokenadapt(ckpt, folder.tokenizer)
+        images, ids = load_split(args.data, folder.tokenizer)
+        return evaluate(model, folder.tokenizer, images, ids, seed=0, breakdown=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder of images (one subfolder per class)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--tokenizer", help="tokenizer checkpoint (default: fit k-means K=512 on --data)")
+    ap.add_argument("--tokenadapt", help="a trained TokenAdapt checkpoint for this tokenizer")
+    ap.add_argument("--tokenadapt-minutes", type=float, default=5.0, help="train one this long when none is given")
+    ap.add_argument("--no-tokenadapt", action="store_true", help="skip the TokenAdapt agreement")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per throughput figure")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)  # per-core figures
+    folder = tokenise_folder(args.data, args.tokenizer)
+    tokens, labels, tok = folder.tokens, folder.labels, folder.tokenizer
+    n_classes = len(folder.class_names)
+    codebook = tok.codebook.float()
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = [Sample(key=f"{p.parent.name}/{p.stem}", tokens=t, label=int(y))
+                   for p, t, y in zip(folder.paths, tokens, labels)]
+        meta = DatasetMeta(split="train", codec=fit_codec(DEFAULT_CODEC, None, tok.vocab_size, grid=tok.grid).spec,
+                           tokenizer_fingerprint=tok.fingerprint, grid=tuple(tok.grid), vocab_size=tok.vocab_size,
+                           resolution=tok.resolution, class_names=tuple(folder.class_names))
+        split = os.path.join(tmp, "train")
+        write_split(split, samples, meta, shard_size=1024, block_size=BATCH)
+        plain = stream_rate(split, None, args.seconds)
+        augmented = stream_rate(split, TokenAugment(data_path_config(n_classes), codebook), args.seconds)
+    jpeg = jpeg_rate(folder.paths[: min(len(folder.paths), 400)], min_seconds=args.seconds)
+    result = {
+        "images": len(tokens),
+        "grid": list(tok.grid),
+        "vocab_size": tok.vocab_size,
+        "embed_dim": int(codebook.shape[1]),
+        "stream_samples_per_s": plain,
+        "pipeline_samples_per_s": augmented,
+        "jpeg_samples_per_s": jpeg,
+        "pipeline_vs_jpeg_per_core": augmented / jpeg,
+        "data_path_aug_ms_per_256": per_batch_ms(TokenAugment(data_path_config(n_classes), codebook), tokens, labels),
+        "training_side_aug_ms_per_256_cpu": per_batch_ms(TokenAugment(training_side_config(n_classes), codebook),
+                                                         tokens, labels),
+    }
+    if not args.no_tokenadapt:
+        result.update({k: v for k, v in tokenadapt_agreement(args, folder).items() if "agreement" in k})
+    result["targets_met"] = {"pipeline_vs_jpeg_per_core >= 20": result["pipeline_vs_jpeg_per_core"] >= 20}
+    if "tokenadapt_agreement" in result:
+        result["targets_met"]["tokenadapt beats naive"] = result["tokenadapt_agreement"] > result["naive_agreement"]
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
