@@ -8,7 +8,7 @@ tokenise -> write, timed stage by stage), (b) the Ray job with 1 CPU and (c) wit
 run is pinned with ``taskset`` to the cores it may use (the loop and Ray-1 to core 0, Ray-2 to
 cores 0-1), so "1 CPU" means one core for everything, Ray's own processes included. Ray's
 figure is its steady-state throughput (``tokenise_s``: after ``ray.init`` and the actors are up).
-Each figure is the best of ``--runs`` (default 2). Every run's shards must be byte-identical to
+Each figure is the best of ``--runs`` (default 3). Every run's shards must be byte-identical to
 the loop's.
 """
 
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--shard-size", type=int, default=256)
-    ap.add_argument("--chunk-size", type=int, default=64, help="images per decode task (small: short pipeline tail)")
-    ap.add_argument("--runs", type=int, default=2, help="repeat each measurement, keep the best")
+    ap.add_argument("--chunk-size", type=int, default=128, help="images per decode task (the job's default)")
+    ap.add_argument("--runs", type=int, default=3, help="repeat each measurement, keep the best")
     ap.add_argument("--limit", type=int, help="use only the first N images (a subset folder of links)")
     ap.add_argument("--loop", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
