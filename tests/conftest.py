@@ -39,6 +39,23 @@ def make_samples(n: int, grid: tuple[int, int] = (8, 8), vocab: int = 64, seed: 
     return out
 
 
+def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3): a random smooth colour gradient plus a few soft coloured blobs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        c0, cx, cy = rng.uniform(0, 1, (3, 3))
+        img = c0 * 0.5 + 0.5 * (cx * xx[..., None] + cy * yy[..., None]) / 2
+        for _ in range(rng.integers(1, 4)):
+            mx, my = rng.uniform(0.1, 0.9, 2)
+            r = rng.uniform(0.05, 0.25)
+            w = np.exp(-((xx - mx) ** 2 + (yy - my) ** 2) / (2 * r * r))[..., None]
+            img = img * (1 - w) + rng.uniform(0, 1, 3) * w
+        out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
 def make_meta(samples: list[Sample], codec_name: str = "rans", vocab: int = 64, split: str = "train",
               **kwargs) -> DatasetMeta:
     sample_ids = np.concatenate([s.tokens.ravel() for s in samples[:200]])

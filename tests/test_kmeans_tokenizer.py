@@ -21,6 +21,7 @@ from pipeline.tokenizer import (
     load_tokenizer,
     psnr,
 )
+from tests import conftest
 
 RES, PATCH, K = 64, 8, 32
 # Measured 22.3-23.2 dB on held-out synthetic images (K=32, p=8, 64 px, fit seeds 0-3); ~1.5 dB margin.
@@ -28,20 +29,8 @@ SYNTH_PSNR_FLOOR = 21.0
 
 
 def synthetic_images(n: int, size: int = RES, seed: int = 0) -> np.ndarray:
-    """uint8 (n, size, size, 3): a random smooth colour gradient plus a few soft coloured blobs."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    for i in range(n):
-        c0, cx, cy = rng.uniform(0, 1, (3, 3))
-        img = c0 * 0.5 + 0.5 * (cx * xx[..., None] + cy * yy[..., None]) / 2
-        for _ in range(rng.integers(1, 4)):
-            mx, my = rng.uniform(0.1, 0.9, 2)
-            r = rng.uniform(0.05, 0.25)
-            w = np.exp(-((xx - mx) ** 2 + (yy - my) ** 2) / (2 * r * r))[..., None]
-            img = img * (1 - w) + rng.uniform(0, 1, 3) * w
-        out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return out
+    """uint8 (n, size, size, 3): ``tests.conftest.synthetic_images`` at this file's resolution."""
+    return conftest.synthetic_images(n, size, seed)
 
 
 @pytest.fixture(scope="module")
