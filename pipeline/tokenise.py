@@ -124,6 +124,11 @@ def get_tokenizer(cfg: JobConfig, items: Sequence[SourceItem]) -> tuple[Tokenize
         raise ValueError(f"the tokenizer takes {tokenizer.resolution} px images but --resolution is {cfg.resolution}")
     if not sio.exists(saved):
         sio.write_bytes_atomic(saved, data)
+    elif cfg.tokenizer:
+        kept = load_tokenizer(sio.read_bytes(saved)).fingerprint
+        if kept != tokenizer.fingerprint:
+            raise ValueError(f"{saved} holds another tokenizer ({kept[:12]}...) than --tokenizer "
+                             f"({tokenizer.fingerprint[:12]}...): one dataset root, one tokenizer; use another --out")
     return tokenizer, data, how
 
 

@@ -124,3 +124,25 @@ def test_killed_job_rerun_gives_the_uninterrupted_shard_set(tmp_path, capsys):
     for name in names:
         assert (straight / "train" / name).read_bytes() == (killed / "train" / name).read_bytes(), name
     assert read_manifest(str(killed / "train")).shards == read_manifest(str(straight / "train")).shards
+
+
+def test_a_dataset_root_keeps_one_tokenizer(tmp_path):
+    from pipeline.tokenise import get_tokenizer, list_source
+    from pipeline.tokenizer import KMeansTokenizer
+    from tests.conftest import synthetic_images
+
+    src = tmp_path / "src"
+    for i, img in enumerate(synthetic_images(6, 64, seed=1)):
+        (src / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(src / "c" / f"{i}.png")
+    cfg = parse_args(_job(tmp_path / "out", src))
+    items = list_source(cfg).items
+    first, _, how = get_tokenizer(cfg, items)
+    assert "k-means" in how and (tmp_path / "out" / "tokenizer.pt").exists()
+    again, _, how = get_tokenizer(cfg, items)
+    assert "reused" in how and again.fingerprint == first.fingerprint
+    other = KMeansTokenizer.fit(synthetic_images(6, 64, seed=9), vocab_size=16, patch=8, iters=3, seed=5)
+    other.save(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="holds another tokenizer"):
+        get_tokenizer(parse_args(_job(tmp_path / "out", src, "folder", "--tokenizer", str(tmp_path / "other.pt"))),
+                      items)
