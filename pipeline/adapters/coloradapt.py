@@ -1,0 +1,454 @@
+"""ColorAdapt (SeiT++), learned variant: colour augmentation of VQ token grids, measured against AdaIN.
+
+SeiT++'s ColorAdapt is parameter-free: AdaIN of a token grid's codebook embeddings with another
+grid's per-channel statistics, then nearest code. This module learns the map instead:
+
+    ids int64 (B, h, w) --embed (frozen codebook, standardised)--> (B, D, h, w)
+    params float (B, 4) --MLP (+ pooled features)--> FiLM scales/shifts
+    --1x1 conv to C, N FiLM-conditioned residual blocks, 1x1 to D (+ the input embedding)-->
+    codebook-tied head: logits (B, K, h, w) = -scale * ||z - c_k||^2 + b_k
+
+trained with cross-entropy against T(jitter(x)), the tokens of the colour-jittered image.
+
+Colour jitter (``color_jitter``) acts on float RGB in [0, 1], always in the order brightness,
+contrast, saturation, hue (torchvision draws a random order; a fixed order keeps the map a function
+of the 4 parameters), clamping to [0, 1] after every step:
+
+- brightness b: x * b
+- contrast c: c * x + (1 - c) * mean over the image of the grey level (ITU-R 601 luma 0.299/0.587/0.114)
+- saturation s: s * x + (1 - s) * the pixel's grey level
+- hue shift h: RGB -> HSV, H = (H + h) mod 1, HSV -> RGB (the torchvision ``adjust_hue`` formula,
+  implemented with torch ops; HSV rather than a YIQ rotation so the op matches torchvision's).
+
+``params`` is float (N, 4) = (b, c, s, h); (1, 1, 1, 0) is the identity (up to float rounding).
+``sample_jitter`` draws b, c, s uniform in [1 - 0.4, 1 + 0.4] and h uniform in [-0.1, 0.1].
+
+CLI (training + evaluation against AdaIN with oracle statistics and the copy baseline)::
+
+    python -m pipeline.adapters.coloradapt --images DIR --tokenizer CKPT --out CKPT \
+        [--val DIR] [--minutes M] [--steps N] [--batch 32] [--limit N] [--val-limit N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.tokenizer.base import Tokenizer, load_tokenizer
+
+__all__ = [
+    "ColorAdaptConfig",
+    "LearnedColorAdapt",
+    "NEUTRAL_JITTER",
+    "adain_oracle",
+    "color_jitter",
+    "evaluate",
+    "load_coloradapt",
+    "main",
+    "sample_jitter",
+    "save_coloradapt",
+]
+
+KIND = "coloradapt"
+NEUTRAL_JITTER = (1.0, 1.0, 1.0, 0.0)
+EVAL_SEED_OFFSET = 10_007  # eval jitter comes from seed + this, never from the training stream
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ---- colour jitter in pixels ---------------------------------------------------------------------------
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) -> (N, 1, H, W) luma."""
+    return (_LUMA[0] * x[:, 0] + _LUMA[1] * x[:, 1] + _LUMA[2] * x[:, 2]).unsqueeze(1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) RGB in [0, 1] -> HSV in [0, 1] (torchvision's formula)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / torch.where(eqc, torch.ones_like(maxc), maxc)
+    cr_div = torch.where(eqc, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) HSV in [0, 1] -> RGB in [0, 1]."""
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(1, -1, 1, 1)  # (N, 6, H, W)
+    a1 = torch.stack((v, q, p, p, t, v), 1)
+    a2 = torch.stack((t, v, v, q, p, p), 1)
+    a3 = torch.stack((p, p, t, v, v, q), 1)
+    return torch.stack([(mask * a).sum(1) for a in (a1, a2, a3)], 1)
+
+
+def color_jitter_float(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) RGB in [0, 1], params (N, 4) = (brightness, contrast, saturation, hue) -> same."""
+    p = params.to(x.dtype).view(-1, 4, 1, 1)
+    b, c, s, h = p[:, 0:1], p[:, 1:2], p[:, 2:3], p[:, 3:4]
+    x = (x * b).clamp(0.0, 1.0)
+    mean = _grey(x).mean((2, 3), keepdim=True)
+    x = (c * x + (1 - c) * mean).clamp(0.0, 1.0)
+    x = (s * x + (1 - s) * _grey(x)).clamp(0.0, 1.0)
+    if bool((params[:, 3] != 0).any()):  # hue: skip the HSV round trip when no sample shifts hue
+        hsv = _rgb_to_hsv(x)
+        hue = torch.remainder(hsv[:, 0:1] + h, 1.0)
+        x = _hsv_to_rgb(torch.cat((hue, hsv[:, 1:]), 1))
+    return x
+
+
+def color_jitter(images: np.ndarray, params: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The pixel-space colour jitter: uint8 (N, H, W, 3), params float (N, 4) -> uint8 (N, H, W, 3).
+
+    See the module docstring for the ops and their order.
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    if params.shape != (len(images), 4):
+        raise ValueError(f"params {tuple(params.shape)} != ({len(images)}, 4)")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    y = color_jitter_float(x, params) * 255.0
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def sample_jitter(n: int, gen: torch.Generator | None = None, brightness: float = 0.4, contrast: float = 0.4,
+                  saturation: float = 0.4, hue: float = 0.1) -> torch.Tensor:
+    """float32 (n, 4): b, c, s uniform in [1 - r, 1 + r] for their range r; hue shift uniform in [-hue, hue]."""
+    u = torch.rand(n, 4, generator=gen) * 2 - 1
+    ranges = torch.tensor([brightness, contrast, saturation, hue])
+    return torch.tensor(NEUTRAL_JITTER) + u * ranges
+
+
+# ---- the model ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColorAdaptConfig:
+    """Architecture + jitter ranges (JSON-safe; stored in checkpoints).
+
+    vocab_size K, embed_dim D, grid (h, w): the tokenizer's. width C: feature channels; blocks: residual
+    FiLM blocks (depthwise 3x3 + pointwise MLP); cond_dim: width of the parameter MLP. brightness,
+    contrast, saturation, hue: jitter ranges (``sample_jitter``), also used to normalise params to
+    [-1, 1] before the MLP. tokenizer_fingerprint: the tokenizer it was built for.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    grid: tuple[int, int]
+    width: int = 128
+    blocks: int = 3
+    cond_dim: int = 128
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    tokenizer_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if self.vocab_size < 1 or self.embed_dim < 1 or len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"invalid ColorAdaptConfig shapes: {self}")
+        if self.width < 1 or self.blocks < 0 or self.cond_dim < 1:
+            raise ValueError(f"invalid ColorAdaptConfig widths: {self}")
+        if min(self.brightness, self.contrast, self.saturation) < 0 or not 0 <= self.hue <= 0.5:
+            raise ValueError(f"invalid jitter ranges: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ColorAdaptConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ColorAdaptConfig keys {sorted(unknown)}")
+        return cls(**d)
+
+    def ranges(self) -> tuple[float, float, float, float]:
+        return (self.brightness, self.contrast, self.saturation, self.hue)
+
+
+def _median_nn_sq_dist(codebook: torch.Tensor) -> torch.Tensor:
+    """Median over codes of the squared L2 distance to the nearest other code (1.0 for K = 1)."""
+    if codebook.shape[0] < 2:
+        return torch.ones(())
+    d = torch.cdist(codebook, codebook).pow(2)
+    d.fill_diagonal_(float("inf"))
+    return d.min(1).values.median().clamp(min=1e-6)
+
+
+class _FiLMBlock(nn.Module):
+    """x + W2 gelu(W1 (FiLM(norm(dwconv3x3(x))))): gamma/beta per sample from the condition vector."""
+
+    def __init__(self, c: int, cond: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.GroupNorm(1, c, affine=False)
+        self.film = nn.Linear(cond, 2 * c)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.pw1 = nn.Conv2d(c, 2 * c, 1)
+        self.pw2 = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(cond)[:, :, None, None].chunk(2, 1)
+        y = self.norm(self.dw(x)) * (1 + gamma) + beta
+        return x + self.pw2(F.gelu(self.pw1(y)))
+
+
+class LearnedColorAdapt(nn.Module):
+    """Predicts T(jitter(x)) from T(x) and the jitter params (module docstring)."""
+
+    def __init__(self, cfg: ColorAdaptConfig, codebook: torch.Tensor) -> None:
+        """cfg: ColorAdaptConfig; codebook: float (K, D), frozen (stored as a buffer)."""
+        super().__init__()
+        codebook = torch.as_tensor(codebook).detach().to(torch.float32).clone()
+        if tuple(codebook.shape) != (cfg.vocab_size, cfg.embed_dim):
+            raise ValueError(f"codebook {tuple(codebook.shape)} != ({cfg.vocab_size}, {cfg.embed_dim})")
+        self.cfg = cfg
+        c, d = cfg.width, cfg.embed_dim
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("emb_mean", codebook.mean(0))
+        self.register_buffer("emb_std", codebook.std(0).clamp(min=1e-3) if cfg.vocab_size > 1 else torch.ones(d))
+        self.register_buffer("p_center", torch.tensor(NEUTRAL_JITTER))
+        self.register_buffer("p_scale", torch.tensor(cfg.ranges()).clamp(min=1e-6))
+        self.stem = nn.Conv2d(d, c, 1)
+        # Condition: the normalised params and the image-mean stem features (contrast needs the global mean).
+        self.cond = nn.Sequential(nn.Linear(4 + c, cfg.cond_dim), nn.GELU(), nn.Linear(cfg.cond_dim, cfg.cond_dim),
+                                  nn.GELU())
+        self.blocks = nn.ModuleList(_FiLMBlock(c, cfg.cond_dim) for _ in range(cfg.blocks))
+        self.out_norm = nn.GroupNorm(1, c)
+        self.out = nn.Conv2d(c, d, 1)
+        nn.init.zeros_(self.out.weight)  # starts as "copy": z = the input embedding
+        nn.init.zeros_(self.out.bias)
+        # Initial sharpness: a logit gap of 1 between a code and its median nearest neighbour, so the
+        # copy start is neither flat nor over-confident (codebook units vary: k-means codes are pixels).
+        self.log_scale = nn.Parameter(-torch.log(_median_nn_sq_dist(codebook)))
+        self.code_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> LearnedColorAdapt:
+        k, d = tokenizer.codebook.shape
+        cfg = ColorAdaptConfig(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
+                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
+        return cls(cfg, tokenizer.codebook)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
+        if tuple(ids.shape[1:]) != self.cfg.grid:
+            raise ValueError(f"ids grid {tuple(ids.shape[1:])} != config grid {self.cfg.grid}")
+        emb = F.embedding(ids.long(), self.codebook)
+        return ((emb - self.emb_mean) / self.emb_std).permute(0, 3, 1, 2)
+
+    def forward(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """ids int64 (B, h, w), params float (B, 4) -> logits float32 (B, K, h, w) of T(jitter(x))."""
+        emb = self.embed(ids)
+        x = self.stem(emb)
+        p = (params.to(x) - self.p_center) / self.p_scale
+        cond = self.cond(torch.cat((p, x.mean((2, 3))), 1))
+        for block in self.blocks:
+            x = block(x, cond)
+        z = emb + self.out(self.out_norm(x))  # standardised units
+        z = z * self.emb_std[:, None, None] + self.emb_mean[:, None, None]  # codebook units
+        cb = self.codebook
+        dist = (z * z).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", z, cb) + (cb * cb).sum(1)[:, None, None]
+        return -self.log_scale.exp() * dist + self.code_bias[:, None, None]
+
+    @torch.no_grad()
+    def adapt(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Jittered ids: int64 (B, h, w), params (B, 4) -> int64 (B, h, w) (argmax of ``forward``)."""
+        return self(ids, params).argmax(1)
+
+
+def adain_oracle(ids: torch.Tensor, target_ids: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The parameter-free op at its best: AdaIN of embed(T(x)) with the statistics of embed(T(jitter(x)))."""
+    from pretrain.augment import adain, embed, requantize
+
+    cb = codebook.to(torch.float32)
+    return requantize(adain(embed(ids.long(), cb), embed(target_ids.long(), cb)), cb)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def save_coloradapt(model: LearnedColorAdapt, path: str | Path) -> None:
+    """Write ``{"kind": "coloradapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"kind": KIND, "config": model.cfg.to_dict(), "state_dict": state}, tmp)
+    tmp.replace(path)
+
+
+def load_coloradapt(path: str | Path, tokenizer: Tokenizer | str) -> LearnedColorAdapt:
+    """Load a checkpoint (``weights_only=True``) for ``tokenizer`` (a Tokenizer or its fingerprint).
+
+    Raises ValueError for a checkpoint of another kind or one trained for a different tokenizer.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND or "config" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a coloradapt checkpoint")
+    cfg = ColorAdaptConfig.from_dict(ckpt["config"])
+    want = tokenizer if isinstance(tokenizer, str) else tokenizer.fingerprint
+    if cfg.tokenizer_fingerprint != want:
+        raise ValueError(
+            f"{path}: trained for tokenizer {cfg.tokenizer_fingerprint[:12] or '<none>'}..., refusing tokenizer "
+            f"{want[:12]}..."
+        )
+    model = LearnedColorAdapt(cfg, ckpt["state_dict"]["codebook"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+# ---- training / evaluation --------------------------------------------------------------------------------
+def make_batch(images: np.ndarray, ids: np.ndarray, idx: np.ndarray, params: torch.Tensor,
+               tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T(x) int64 (B, h, w), T(jitter(x)) int64 (B, h, w)) for images[idx] and jitter params (B, 4)."""
+    target = tokenizer.encode(color_jitter(images[idx], params))
+    return torch.from_numpy(ids[idx]), torch.from_numpy(target)
+
+
+def train(model: LearnedColorAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, *, steps: int,
+          minutes: float, batch: int, lr: float, seed: int, warmup: float = 0.05, log_every: int = 10,
+          ) -> dict[str, Any]:
+    """Train in place until ``steps`` or ``minutes`` (schedule on max of the two progresses). Returns stats."""
+    from pipeline.adapters.train_tokenadapt import lr_at
+
+    if steps <= 0 and minutes <= 0:
+        raise ValueError("set --steps and/or --minutes")
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.99))
+    model.train()
+    start, step, losses, accs = time.monotonic(), 0, [], []
+    while True:
+        elapsed = time.monotonic() - start
+        progress = max(step / steps if steps > 0 else 0.0, elapsed / (60 * minutes) if minutes > 0 else 0.0)
+        if progress >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(progress, lr, warmup)
+        idx = rng.integers(0, len(images), size=batch)
+        params = sample_jitter(batch, gen, *model.cfg.ranges())
+        src, tgt = make_batch(images, ids, idx, params, tokenizer)
+        logits = model(src, params)
+        loss = F.cross_entropy(logits, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        accs.append(float((logits.argmax(1) == tgt).float().mean()))
+        if step % log_every == 0:
+            print(f"step {step} t={time.monotonic() - start:.0f}s loss={np.mean(losses[-log_every:]):.3f} "
+                  f"acc={np.mean(accs[-log_every:]):.3f} lr={opt.param_groups[0]['lr']:.1e}", flush=True)
+    k = max(1, min(50, len(losses)))
+    return {
+        "steps": step,
+        "train_seconds": round(time.monotonic() - start, 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-k:])) if losses else None,
+        "final_train_agreement": float(np.mean(accs[-k:])) if accs else None,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: LearnedColorAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, seed: int,
+             batch: int = 50) -> dict[str, Any]:
+    """Token agreement with T(jitter(x)) over fixed-seed jitter: learned, AdaIN (oracle stats), copy.
+
+    Also the learned model's agreement with T(x) at neutral params (``learned_identity_agreement``).
+    """
+    model.eval()
+    seed = seed + EVAL_SEED_OFFSET
+    gen = torch.Generator().manual_seed(seed)
+    hits, ident_hits, total = {"learned": 0, "adain_oracle": 0, "copy": 0}, 0, 0
+    for s in range(0, len(images), batch):
+        idx = np.arange(s, min(s + batch, len(images)))
+        params = sample_jitter(len(idx), gen, *model.cfg.ranges())
+        src, tgt = make_batch(images, ids, idx, params, tokenizer)
+        hits["learned"] += int((model.adapt(src, params) == tgt).sum())
+        hits["adain_oracle"] += int((adain_oracle(src, tgt, model.codebook) == tgt).sum())
+        hits["copy"] += int((src == tgt).sum())
+        neutral = torch.tensor(NEUTRAL_JITTER).expand(len(idx), 4)
+        ident_hits += int((model.adapt(src, neutral) == src).sum())
+        total += tgt.numel()
+    return {
+        "learned_agreement": hits["learned"] / total,
+        "adain_oracle_agreement": hits["adain_oracle"] / total,
+        "copy_agreement": hits["copy"] / total,
+        "learned_identity_agreement": ident_hits / total,
+        "n_eval_images": len(images),
+        "eval_seed": seed,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the learned ColorAdapt and compare it with AdaIN.")
+    p.add_argument("--images", required=True, help="folder of training images (recursive)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (load_tokenizer)")
+    p.add_argument("--out", required=True, help="ColorAdapt checkpoint to write")
+    p.add_argument("--val", help="folder of validation images for the agreement evaluation")
+    p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: --steps only)")
+    p.add_argument("--steps", type=int, default=0, help="max training steps (0: --minutes only)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=128, help="feature channels C")
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--val-limit", type=int, default=0, help="use only the first N validation images (0: all)")
+    p.add_argument("--json", help="write training stats + evaluation here")
+    args = p.parse_args(argv)
+    if args.steps <= 0 and args.minutes <= 0:
+        p.error("set --steps and/or --minutes")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from pipeline.adapters.train_tokenadapt import load_split
+
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    t0 = time.monotonic()
+    images, ids = load_split(args.images, tokenizer, args.limit)
+    print(f"loaded + tokenised {len(images)} training images in {time.monotonic() - t0:.1f}s", flush=True)
+    model = LearnedColorAdapt.for_tokenizer(tokenizer, width=args.width, blocks=args.blocks)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"ColorAdapt {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
+    stats = train(model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
+                  lr=args.lr, seed=args.seed)
+    save_coloradapt(model, args.out)
+    result: dict[str, Any] = {"config": model.cfg.to_dict(), "n_train_images": len(images), "batch": args.batch,
+                              "lr": args.lr, "seed": args.seed, "params": n_params, **stats}
+    del images
+    if args.val:
+        t0 = time.monotonic()
+        val_images, val_ids = load_split(args.val, tokenizer, args.val_limit)
+        result.update(evaluate(model, tokenizer, val_images, val_ids, args.seed))
+        result["eval_seconds"] = round(time.monotonic() - t0, 1)
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
