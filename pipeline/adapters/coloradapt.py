@@ -44,6 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.adapters.common import (
+    embed_standardised,
+    load_adapter,
+    register_codebook,
+    save_adapter,
+    tied_logits,
+)
 from pipeline.tokenizer.base import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -219,14 +226,10 @@ class LearnedColorAdapt(nn.Module):
     def __init__(self, cfg: ColorAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: ColorAdaptConfig; codebook: float (K, D), frozen (stored as a buffer)."""
         super().__init__()
-        codebook = torch.as_tensor(codebook).detach().to(torch.float32).clone()
-        if tuple(codebook.shape) != (cfg.vocab_size, cfg.embed_dim):
-            raise ValueError(f"codebook {tuple(codebook.shape)} != ({cfg.vocab_size}, {cfg.embed_dim})")
         self.cfg = cfg
         c, d = cfg.width, cfg.embed_dim
-        self.register_buffer("codebook", codebook)
-        self.register_buffer("emb_mean", codebook.mean(0))
-        self.register_buffer("emb_std", codebook.std(0).clamp(min=1e-3) if cfg.vocab_size > 1 else torch.ones(d))
+        register_codebook(self, codebook, cfg.vocab_size, cfg.embed_dim)
+        codebook = self.codebook
         self.register_buffer("p_center", torch.tensor(NEUTRAL_JITTER))
         self.register_buffer("p_scale", torch.tensor(cfg.ranges()).clamp(min=1e-6))
         self.stem = nn.Conv2d(d, c, 1)
@@ -252,10 +255,7 @@ class LearnedColorAdapt(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        if tuple(ids.shape[1:]) != self.cfg.grid:
-            raise ValueError(f"ids grid {tuple(ids.shape[1:])} != config grid {self.cfg.grid}")
-        emb = F.embedding(ids.long(), self.codebook)
-        return ((emb - self.emb_mean) / self.emb_std).permute(0, 3, 1, 2)
+        return embed_standardised(self, ids, self.cfg.grid)
 
     def forward(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """ids int64 (B, h, w), params float (B, 4) -> logits float32 (B, K, h, w) of T(jitter(x))."""
@@ -265,11 +265,7 @@ class LearnedColorAdapt(nn.Module):
         cond = self.cond(torch.cat((p, x.mean((2, 3))), 1))
         for block in self.blocks:
             x = block(x, cond)
-        z = emb + self.out(self.out_norm(x))  # standardised units
-        z = z * self.emb_std[:, None, None] + self.emb_mean[:, None, None]  # codebook units
-        cb = self.codebook
-        dist = (z * z).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", z, cb) + (cb * cb).sum(1)[:, None, None]
-        return -self.log_scale.exp() * dist + self.code_bias[:, None, None]
+        return tied_logits(self, emb + self.out(self.out_norm(x)))  # the residual starts as "copy"
 
     @torch.no_grad()
     def adapt(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -288,31 +284,13 @@ def adain_oracle(ids: torch.Tensor, target_ids: torch.Tensor, codebook: torch.Te
 # ---- checkpoints ------------------------------------------------------------------------------------------
 def save_coloradapt(model: LearnedColorAdapt, path: str | Path) -> None:
     """Write ``{"kind": "coloradapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"kind": KIND, "config": model.cfg.to_dict(), "state_dict": state}, tmp)
-    tmp.replace(path)
+    save_adapter(model, path, KIND)
 
 
 def load_coloradapt(path: str | Path, tokenizer: Tokenizer | str) -> LearnedColorAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer`` (a Tokenizer or its fingerprint).
-
-    Raises ValueError for a checkpoint of another kind or one trained for a different tokenizer.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a coloradapt checkpoint")
-    cfg = ColorAdaptConfig.from_dict(ckpt["config"])
-    want = tokenizer if isinstance(tokenizer, str) else tokenizer.fingerprint
-    if cfg.tokenizer_fingerprint != want:
-        raise ValueError(
-            f"{path}: trained for tokenizer {cfg.tokenizer_fingerprint[:12] or '<none>'}..., refusing tokenizer "
-            f"{want[:12]}..."
-        )
-    model = LearnedColorAdapt(cfg, ckpt["state_dict"]["codebook"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model
+    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
+    trained for a different tokenizer raises ValueError."""
+    return load_adapter(path, KIND, tokenizer, ColorAdaptConfig, LearnedColorAdapt)
 
 
 # ---- training / evaluation --------------------------------------------------------------------------------

@@ -37,6 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.adapters.common import (
+    embed_standardised,
+    load_adapter,
+    register_codebook,
+    save_adapter,
+    tied_logits,
+)
 from pipeline.tokenizer.base import Tokenizer
 
 __all__ = [
@@ -202,15 +209,9 @@ class TokenAdapt(nn.Module):
     def __init__(self, cfg: TokenAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: TokenAdaptConfig; codebook: float (K, D) tokenizer codebook, frozen (stored as a buffer)."""
         super().__init__()
-        codebook = torch.as_tensor(codebook).detach().to(torch.float32).clone()
-        if tuple(codebook.shape) != (cfg.vocab_size, cfg.embed_dim):
-            raise ValueError(f"codebook {tuple(codebook.shape)} != ({cfg.vocab_size}, {cfg.embed_dim})")
         self.cfg = cfg
         c, (h, w) = cfg.width, cfg.grid
-        self.register_buffer("codebook", codebook)
-        # Standardise embeddings with codebook statistics (e.g. k-means codes are raw [0, 1] pixels).
-        self.register_buffer("emb_mean", codebook.mean(0))
-        self.register_buffer("emb_std", codebook.std(0).clamp(min=1e-3) if cfg.vocab_size > 1 else torch.ones(1))
+        register_codebook(self, codebook, cfg.vocab_size, cfg.embed_dim)
         self.proj_in = nn.Linear(cfg.embed_dim, c)
         self.pos = nn.Parameter(torch.randn(1, h * w, c) * 0.02)
         self.block = nn.TransformerEncoderLayer(
@@ -242,10 +243,7 @@ class TokenAdapt(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        if tuple(ids.shape[1:]) != self.cfg.grid:
-            raise ValueError(f"ids grid {tuple(ids.shape[1:])} != config grid {self.cfg.grid}")
-        emb = F.embedding(ids.long(), self.codebook)
-        return ((emb - self.emb_mean) / self.emb_std).permute(0, 3, 1, 2)
+        return embed_standardised(self, ids, self.cfg.grid)
 
     def f(self, emb: torch.Tensor) -> torch.Tensor:
         """float32 (B, D, h, w) -> (B, C, 2h, 2w) features."""
@@ -259,11 +257,7 @@ class TokenAdapt(nn.Module):
         out = self.head(feat)
         if not self.cfg.tied_head:
             return out
-        # Back to codebook units, then -scale * squared distance to every code (+ a per-code bias).
-        z = out * self.emb_std[:, None, None] + self.emb_mean[:, None, None]  # (B, D, h, w)
-        cb = self.codebook
-        dist = (z * z).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", z, cb) + (cb * cb).sum(1)[:, None, None]
-        return -self.log_scale.exp() * dist + self.code_bias[:, None, None]
+        return tied_logits(self, out)
 
     def forward(self, ids: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """ids int64 (B, h, w), theta float (B, 2, 3) -> logits float32 (B, K, h, w) of T(A(x))."""
@@ -279,29 +273,10 @@ class TokenAdapt(nn.Module):
 # ---- checkpoints ------------------------------------------------------------------------------------
 def save_tokenadapt(model: TokenAdapt, path: str | Path) -> None:
     """Write ``{"kind": "tokenadapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"kind": KIND, "config": model.cfg.to_dict(), "state_dict": state}, tmp)
-    tmp.replace(path)
+    save_adapter(model, path, KIND)
 
 
 def load_tokenadapt(path: str | Path, tokenizer: Tokenizer | str) -> TokenAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer`` (a Tokenizer or its fingerprint).
-
-    Raises ValueError when the checkpoint was trained for a different tokenizer: its ids and codebook
-    would mean something else.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a tokenadapt checkpoint")
-    cfg = TokenAdaptConfig.from_dict(ckpt["config"])
-    want = tokenizer if isinstance(tokenizer, str) else tokenizer.fingerprint
-    if cfg.tokenizer_fingerprint != want:
-        raise ValueError(
-            f"{path}: trained for tokenizer {cfg.tokenizer_fingerprint[:12] or '<none>'}..., refusing tokenizer "
-            f"{want[:12]}..."
-        )
-    model = TokenAdapt(cfg, ckpt["state_dict"]["codebook"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model
+    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
+    trained for a different tokenizer raises ValueError."""
+    return load_adapter(path, KIND, tokenizer, TokenAdaptConfig, TokenAdapt)
