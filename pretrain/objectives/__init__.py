@@ -1,0 +1,90 @@
+"""Pre-training objectives behind one interface, so the trainer never changes when one is added.
+
+An objective is an ``nn.Module`` that owns a ViT backbone (``self.encoder``) plus whatever it needs
+on top (decoders, heads, teachers) and maps a batch to a loss::
+
+    loss, metrics = objective(batch)      # loss: 0-dim float tensor; metrics: {name: 0-dim tensor}
+
+``batch`` is a ``storage.stream.TokenStream`` batch after token augmentation (``tokens`` int64
+(B, h, w), ``label`` int64 (B,), ...), on the training device. Randomness (masks, dropout) comes
+from torch's global generator, which the trainer reseeds from (seed, rank, step) before every
+step, so a resumed run repeats the straight run exactly.
+
+``after_step(step)`` runs after each optimizer step (EMA teachers use it). ``build_objective``
+chooses the class from ``OBJECTIVES`` by name; each entry is (config dataclass, module class) and
+the YAML's ``objective:`` section fills the dataclass (unknown keys are an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.vit import VisionTransformer, ViTConfig
+
+__all__ = ["DataSpec", "Objective", "OBJECTIVES", "build_objective", "make_config"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What an objective may know about the data: the token grid (h, w), codebook size K, classes."""
+
+    grid: tuple[int, int]
+    vocab_size: int
+    num_classes: int = 0
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(batch) -> (loss, metrics)``; ``encoder`` is the backbone that is exported."""
+
+    encoder: VisionTransformer
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step with the number of steps done (for EMA updates)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (as in ``named_parameters``) that get no weight decay besides norms and biases."""
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def _registry() -> dict[str, tuple[type, type[Objective]]]:
+    from pretrain.objectives.mtm import MTM, MTMConfig
+
+    return {"mtm": (MTMConfig, MTM)}
+
+
+OBJECTIVES = ("mtm",)
+
+
+def make_config(cls: type, options: dict, where: str):
+    """Fill dataclass ``cls`` from a dict; unknown keys raise ValueError naming ``where`` and the valid keys."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    converted = {}
+    for k, v in options.items():
+        d = defaults[k]
+        numeric = isinstance(d, int | float) and not isinstance(d, bool)
+        if numeric and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ValueError(f"{where}: {k} must be a number, got {v!r}")
+        if isinstance(d, bool) and not isinstance(v, bool):
+            raise ValueError(f"{where}: {k} must be true or false, got {v!r}")
+        converted[k] = float(v) if isinstance(d, float) else tuple(v) if isinstance(v, list) else v
+    return cls(**converted)
+
+
+def build_objective(name: str, options: dict, vit: ViTConfig, data: DataSpec) -> Objective:
+    """The objective ``name`` ("mtm", ...) with its config from ``options`` on a backbone ``vit``."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(registry)}")
+    config_cls, module_cls = registry[name]
+    return module_cls(make_config(config_cls, options, f"objective {name}"), vit, data)

@@ -1,0 +1,229 @@
+"""The pre-training entry point: stream token shards into a DeepSpeed engine that trains an objective.
+
+    deepspeed --module pretrain.train --config configs/mtm_vit_tiny.yaml --data DATA [section.key=value ...]
+    DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 --module pretrain.train --config ...   # 2 CPU ranks
+    deepspeed --hostfile hostfile --module pretrain.train --config configs/mtm_vit_b.yaml ...  # multi-node
+    python -m pretrain.train --config ...            # one process, no launcher
+
+One step: each rank takes its next batch from ``storage.stream`` (rank-aware by construction, so
+no sampler), token augmentation runs on it (``pretrain.augment``), the objective returns
+``loss, metrics`` and DeepSpeed does backward, gradient all-reduce (or ZeRO), clipping and the
+optimizer step (``pretrain.optim``).
+
+Determinism and resume: before every micro-step torch's generator is reseeded from
+(seed, rank, step, micro-step), and the augmentation gets its own generator from the same key, so
+masks, dropout and augmentation depend on the step, not on history. A checkpoint
+(``<out>/checkpoints/stepNNNNNNN``) holds DeepSpeed's model, optimizer and scheduler state plus
+each rank's stream position (``stream_rank<R>.json``); ``--resume`` continues with the same
+samples, the same randomness and hence the same losses as a run that never stopped.
+
+Outputs in ``run.out``: ``log.jsonl`` (one record per ``log_every`` steps: loss, lr, samples/s,
+data-wait fraction, the objective's metrics), ``tb/`` (TensorBoard), ``checkpoints/``,
+``backbone.pt`` (the encoder alone, ``pretrain.export`` format), ``config.yaml`` (as resolved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pretrain import runtime
+from pretrain.config import TrainConfig, load_config
+from pretrain.objectives import DataSpec, build_objective
+from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
+from pretrain.vit import vit_config
+from storage.manifest import manifest_url, read_manifest
+from storage.stream import StreamLoader, TokenStream
+
+__all__ = ["train", "main", "parse_args", "step_seeds"]
+
+
+def step_seeds(seed: int, rank: int, step: int, micro: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds (torch's global generator, augmentation) for one micro-step."""
+    a, b = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint64)
+    return int(a) >> 1, int(b) >> 1
+
+
+def resolve_manifest(url: str) -> str:
+    """A manifest URL from either the manifest itself or its split directory."""
+    return url if url.endswith(".parquet") else manifest_url(url.rstrip("/"))
+
+
+def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader, DataSpec, object]:
+    """The rank's StreamLoader, what the objective may know about the data, and the token augmentation."""
+    manifest = read_manifest(resolve_manifest(cfg.data.train))
+    meta = manifest.meta
+    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
+    stream = TokenStream(manifest, cfg.data.batch_size, seed=cfg.run.seed, partitions=cfg.data.partitions,
+                         shuffle_window=cfg.data.shuffle_window, rank=rank, world_size=world,
+                         prefetch_shards=cfg.data.prefetch_shards)
+    loader = StreamLoader(stream, num_workers=cfg.data.num_workers)
+    augment = runtime.build_augment(cfg, manifest, spec)
+    return loader, spec, augment
+
+
+class Batches:
+    """Endless batches from a StreamLoader across epochs, timing how long the trainer waits for them."""
+
+    def __init__(self, loader: StreamLoader):
+        self.loader = loader
+        self._it = None
+        self.wait_s = 0.0
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        while True:
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+                break
+            except StopIteration:
+                self._it = None
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Run (or continue) pre-training under ``cfg``; returns the rank's summary (last metrics, timings)."""
+    import deepspeed
+
+    rank, world = runtime.init_distributed()
+    runtime.set_threads()
+    out = Path(cfg.run.out)
+    loader, spec, augment = build_stream(cfg, rank, world)
+    model_options = dict(cfg.model)
+    preset = model_options.pop("preset", "tiny")
+    vit = vit_config(preset, grid=spec.grid[0], vocab_size=spec.vocab_size, **model_options)
+    objective_options = dict(cfg.objective)
+    name = objective_options.pop("name", "mtm")
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    objective = build_objective(name, objective_options, vit, spec)
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world
+    lr = base_lr(cfg.optim, global_batch)
+    optimizer = make_optimizer(objective, cfg.optim, lr)
+    scheduler = make_scheduler(optimizer, cfg.optim, lr, cfg.run.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg.engine, cfg.optim, cfg.data.batch_size, world))
+    runtime.use_safe_checkpoint_loading(engine)
+    step = 0
+    if resume is not None:
+        step = runtime.load_checkpoint(engine, loader, resume or str(out / "checkpoints"), rank)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = runtime.RunLog(out, rank, cfg.run.steps, step, enabled=cfg.run.progress,
+                         header=f"{name} | ViT-{preset} {vit.num_patches} patches | {objective.encoder.num_params():,} "
+                                f"encoder params | {world} rank(s) x {cfg.data.batch_size} x accum "
+                                f"{cfg.optim.grad_accum} | lr {lr:.2e} | ZeRO {cfg.engine.zero_stage} "
+                                f"{cfg.engine.precision}")
+    batches = Batches(loader)
+    last_stop = cfg.run.steps if cfg.run.stop_at is None else min(cfg.run.steps, cfg.run.stop_at)
+    window = runtime.Window()
+    summary: dict = {"rank": rank, "start_step": step}
+    saved_at = step if resume is not None else -1
+    trace = open(out / f"samples_rank{rank}.jsonl", "a") if cfg.run.trace_samples else None  # noqa: SIM115
+    while step < last_stop:
+        metrics = None
+        for micro in range(cfg.optim.grad_accum):
+            batch = batches.next()
+            if trace is not None:
+                trace.write(json.dumps({"step": step + 1, "micro": micro, "index": batch["index"].tolist()}) + "\n")
+            torch_seed, aug_seed = step_seeds(cfg.run.seed, rank, step, micro)
+            if augment is not None:
+                batch = augment(batch, generator=torch.Generator().manual_seed(aug_seed))
+            torch.manual_seed(torch_seed)
+            loss, m = engine(_to_device(batch, engine.device))
+            engine.backward(loss)
+            engine.step()
+            m = {"loss": loss.detach(), **{k: v.detach() for k, v in m.items()}}
+            metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
+            window.samples += len(batch["tokens"])
+        step += 1
+        window.steps += 1
+        engine.module.after_step(step)
+        window.wait_s = batches.wait_s
+        if step % cfg.run.log_every == 0 or step == last_stop:
+            values = runtime.mean_over_ranks({k: v / cfg.optim.grad_accum for k, v in metrics.items()})
+            record = {"step": step, "epoch": loader.epoch, "lr": scheduler_lr(engine), **values,
+                      **window.rates(world), "elapsed_s": log.elapsed()}
+            log.write(record)
+            summary.update(record)
+        log.advance(step)
+        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last_stop:
+            runtime.save_checkpoint(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
+                                    {"vit_config": asdict(vit), "objective": name, "config": cfg.to_dict()})
+            saved_at = step
+    if rank == 0 and saved_at >= 0:
+        from pretrain.export import save_backbone
+
+        save_backbone(out / "backbone.pt", engine.module.encoder, {"objective": name, "step": step})
+    log.close()
+    if trace is not None:
+        trace.close()
+    summary["end_step"] = step
+    return summary
+
+
+def scheduler_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="deepspeed --module pretrain.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 --module pretrain.train "
+               "--config configs/mtm_vit_tiny.yaml --data out/imagenette_tok/train --out out/mtm run.steps=200",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--data", help="training manifest URL or split directory (= data.train)")
+    p.add_argument("--out", help="run directory (= run.out)")
+    p.add_argument("--steps", type=int, help="optimizer steps (= run.steps)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from the latest checkpoint in <out>/checkpoints, or from CKPT "
+                        "(a checkpoints directory or one stepNNNNNNN directory)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, values in YAML syntax (e.g. optim.lr=3e-4 engine.zero_stage=2)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.train"), (args.out, "run.out"), (args.steps, "run.steps")):
+        if flag is not None:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    cfg = load_config(args.config, overrides)
+    launched = "RANK" in os.environ
+    summary = train(cfg, args.resume)
+    runtime.shutdown()
+    if summary.get("rank") == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "rank"}), flush=True)
+    if launched:
+        # torch + gloo can abort while freeing at interpreter exit (DESIGN.md); all state is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.collect()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
