@@ -57,7 +57,8 @@ import torch
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
 __all__ = [
-    "save_backbone", "load_backbone", "read_deepspeed", "load_checkpoint", "timm_key_names", "to_timm_state_dict",
+    "save_backbone", "load_backbone", "safe_load", "read_deepspeed", "load_checkpoint", "timm_key_names",
+    "to_timm_state_dict",
     "timm_model_name", "timm_create_kwargs", "export", "main",
 ]
 
@@ -70,8 +71,9 @@ _SAFE_GLOBALS = frozenset({
     "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
     "argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath",
-    # DeepSpeed's fp16 optimizer state (stage 0) holds its loss scaler object: plain numbers and a dtype
+    # DeepSpeed's optimizer states hold its loss scaler, the ZeRO stage enum and fragment records (plain data)
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
 })
 _NUMPY_DTYPE_CLASS = re.compile(r"numpy\.dtypes\.\w+DType")
 
@@ -107,10 +109,10 @@ def load_backbone(path: str | os.PathLike) -> VisionTransformer:
     return _build(ckpt["model"], ckpt["vit_config"], str(path))
 
 
-def _torch_load(path: Path) -> object:
-    """``torch.load(weights_only=True)`` on CPU; a file that is not a torch checkpoint -> ValueError."""
+def _torch_load(path: Path, map_location=None) -> object:
+    """``torch.load(weights_only=True)`` (default: on CPU); a file that is not a torch checkpoint -> ValueError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
 
@@ -161,10 +163,13 @@ def _resolve_global(name: str) -> object:
     return getattr(importlib.import_module(module), attr)
 
 
-def _load_ds_file(path: Path) -> dict:
-    """``torch.load(weights_only=True)``, retried with exactly the allowlisted globals the file names."""
+def safe_load(path: str | os.PathLike, map_location=None) -> object:
+    """``torch.load(weights_only=True)``, retried with exactly the allowlisted globals the file names.
+
+    The trainer reads DeepSpeed checkpoints through this too (``pretrain.runtime``)."""
+    path = Path(path)
     try:
-        return _torch_load(path)
+        return _torch_load(path, map_location)
     except pickle.UnpicklingError as err:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -180,7 +185,7 @@ def _load_ds_file(path: Path) -> dict:
 
             allowed += [c for n, c in vars(np.dtypes).items() if _NUMPY_DTYPE_CLASS.fullmatch(f"numpy.dtypes.{n}")]
         with torch.serialization.safe_globals(allowed):
-            return _torch_load(path)
+            return _torch_load(path, map_location)
 
 
 def _ds_model_file(ckpt_dir: Path, tag: str | None) -> Path:
@@ -228,7 +233,7 @@ def read_deepspeed(path: str | os.PathLike, tag: str | None = None,
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     file = path if path.is_file() else _ds_model_file(path, tag)
-    return _from_ds_dict(_load_ds_file(file), file, prefix)
+    return _from_ds_dict(safe_load(file), file, prefix)
 
 
 def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
@@ -242,7 +247,7 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     file = path if path.is_file() else _ds_model_file(path, tag)
-    ckpt = _load_ds_file(file)
+    ckpt = safe_load(file)
     info: dict = {"source": str(path), "global_steps": None}
     if path.is_file() and isinstance(ckpt, dict) and "model" in ckpt and "vit_config" in ckpt:
         info["kind"], state, raw_cfg = "backbone", ckpt["model"], ckpt["vit_config"]

@@ -17,7 +17,6 @@ never be allowed to do.
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 import shutil
@@ -120,28 +119,11 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
 
 # -- checkpoints ----------------------------------------------------------------------------------
 
-def _deepspeed_safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed writes into its checkpoints (ZeRO optimizer states), as
-    found by listing the pickle GLOBALs of stage 0-2 fp32/bf16 checkpoints: plain records and an enum."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _safe_load(path: str, map_location=None):
-    """torch.load with weights_only=True and an explicit allow-list: tensors, containers, plain values
-    and DeepSpeed's loss-scaler records; anything else in a checkpoint is refused."""
-    with open(path, "rb") as f:
-        data = f.read()
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-
-
 def use_safe_checkpoint_loading(engine) -> None:
     """Make ``engine.load_checkpoint`` read files with weights_only=True instead of unpickling."""
-    engine.checkpoint_engine.load = _safe_load
+    from pretrain.export import safe_load
+
+    engine.checkpoint_engine.load = safe_load
 
 
 def _tag(step: int) -> str:
