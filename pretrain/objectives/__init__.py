@@ -68,16 +68,24 @@ def make_config(cls: type, options: dict, where: str):
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     converted = {}
     for k, v in options.items():
-        d = defaults[k]
-        numeric = isinstance(d, int | float) and not isinstance(d, bool)
-        if numeric and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise ValueError(f"{where}: {k} must be a number, got {v!r}")
-        if isinstance(d, bool) and not isinstance(v, bool):
-            raise ValueError(f"{where}: {k} must be true or false, got {v!r}")
-        converted[k] = float(v) if isinstance(d, float) else tuple(v) if isinstance(v, list) else v
+        typ = types[k]
+        if v is None and "None" in typ:
+            converted[k] = v
+        elif typ == "bool":
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: {k} must be true or false, got {v!r}")
+            converted[k] = v
+        elif typ.split(" |")[0] in ("int", "float"):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"{where}: {k} must be a number, got {v!r}")
+            if typ.startswith("int") and v != int(v):
+                raise ValueError(f"{where}: {k} must be a whole number, got {v!r}")
+            converted[k] = float(v) if typ.startswith("float") else int(v)
+        else:
+            converted[k] = tuple(v) if isinstance(v, list) else v
     return cls(**converted)
 
 

@@ -1,0 +1,94 @@
+"""Trainer configuration, optimizer groups, schedule and seeding: the parts that need no process group."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import apply_overrides, load_config, parse_yaml
+from pretrain.objectives import DataSpec, build_objective
+from pretrain.optim import base_lr, deepspeed_config, lr_at, param_groups
+from pretrain.train import parse_args, step_seeds
+from pretrain.vit import ViTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name, ["data.train=/x/train"])
+    assert cfg.objective["name"] == "mtm" and cfg.run.steps > 0
+    assert isinstance(cfg.optim.blr, float)  # "1.5e-4" is a float here, not YAML 1.1's string
+
+
+def test_overrides_are_yaml_and_nested():
+    raw = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "optim.betas=[0.9, 0.99]", "augment=null",
+                                                  "model.depth=6"])
+    assert raw == {"optim": {"lr": 3e-4, "betas": [0.9, 0.99]}, "augment": None, "model": {"depth": 6}}
+    assert parse_yaml("x: 1e3")["x"] == 1000.0
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = ROOT / "configs" / "mtm_vit_tiny.yaml"
+    with pytest.raises(ValueError, match=r"learning_rate.*valid keys"):
+        load_config(path, ["data.train=x", "optim.learning_rate=1"])
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optimiser'\]"):
+        load_config(path, ["data.train=x", "optimiser.lr=1"])
+    with pytest.raises(ValueError, match="lr must be a number"):
+        load_config(path, ["data.train=x", "optim.lr=fast"])
+    with pytest.raises(ValueError, match="zero_stage"):
+        load_config(path, ["data.train=x", "engine.zero_stage=4"])
+    with pytest.raises(ValueError, match="data.train"):
+        load_config(None, [])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_schedule_warmup_then_cosine():
+    lr, total, warm = 1e-3, 100, 10
+    assert lr_at(0, total, lr, warm, 0.0) == pytest.approx(1e-4)
+    assert lr_at(9, total, lr, warm, 0.0) == pytest.approx(1e-3)
+    assert lr_at(10, total, lr, warm, 1e-5) == pytest.approx(1e-3)
+    mid = 10 + 45
+    assert lr_at(mid, total, lr, warm, 0.0) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, total, lr, warm, 1e-5) == pytest.approx(1e-5)
+    cfg = load_config(ROOT / "configs" / "mtm_vit_tiny.yaml", ["data.train=x"]).optim
+    assert base_lr(cfg, 512) == pytest.approx(1.5e-4 * 2)
+
+
+def test_no_weight_decay_on_norms_biases_and_positions():
+    vit = ViTConfig(embed_dim=32, depth=1, num_heads=2, grid=8, vocab_size=16, token_dim=8, pos_embed="learned")
+    model = build_objective("mtm", {"decoder_dim": 32, "decoder_heads": 2, "decoder_depth": 1}, vit,
+                            DataSpec(grid=(8, 8), vocab_size=16))
+    decay, no_decay = param_groups(model, 0.05, model.no_weight_decay())
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed", "head_bias",
+            "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.token_embed.word_embeddings.weight",
+            "encoder.patch_embed.proj.weight"} <= decay_names
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_deepspeed_config_and_cli():
+    cfg = load_config(ROOT / "configs" / "mtm_vit_tiny.yaml", ["data.train=x", "engine.zero_stage=2",
+                                                                 "engine.precision=bf16", "optim.grad_accum=4"])
+    ds = deepspeed_config(cfg.engine, cfg.optim, 16, 2)
+    assert ds["train_batch_size"] == 16 * 4 * 2 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 3.0
+    args = parse_args(["--config", "c.yaml", "--resume", "--local_rank=1", "optim.lr=1e-3"])
+    assert args.resume == "" and args.overrides == ["optim.lr=1e-3"]
+    assert parse_args(["--config", "c.yaml"]).resume is None
+
+
+def test_step_seeds_depend_on_every_part_of_the_key():
+    base = step_seeds(0, 0, 5, 0)
+    assert step_seeds(0, 0, 5, 0) == base
+    others = {step_seeds(1, 0, 5, 0), step_seeds(0, 1, 5, 0), step_seeds(0, 0, 6, 0), step_seeds(0, 0, 5, 1)}
+    assert base not in others and len(others) == 4
+    assert all(0 <= s < 2**63 for s in base)
