@@ -49,7 +49,7 @@ __all__ = [
     "embed", "requantize", "synonym_table", "replace_synonyms", "swap_patches",
     "random_resized_crop_params", "box_theta", "crop_ids", "crop_resize", "affine", "hflip", "random_hflip",
     "cutmix", "mixup", "one_hot_targets", "embedding_noise", "adain", "color_adapt",
-    "TokenAugConfig", "TokenAugment",
+    "TokenAugConfig", "TokenAugment", "BatchSeededAugment",
 ]
 
 # Elements of the (chunk, K) score matrix requantize builds at once: 4M floats = 16 MiB.
@@ -471,3 +471,22 @@ class TokenAugment:
         if cfg.noise_p > 0:
             emb = embedding_noise(emb, cfg.noise_p, cfg.noise_scale, cfg.noise_std, gen)
         return emb
+
+
+class BatchSeededAugment:
+    """A TokenAugment whose randomness is a function of the batch's identity, for DataLoader workers.
+
+    The generator is seeded from (seed, ``epoch``, first and last ``index``, batch size) of a
+    ``TokenStream`` batch, so a batch is augmented the same way whichever worker, world size or
+    resumed run produces it: a resumed training run sees exactly the inputs of one that never stopped.
+    """
+
+    def __init__(self, augment: TokenAugment, seed: int):
+        self.augment = augment
+        self.seed = seed
+
+    def __call__(self, batch: dict) -> dict:
+        index = batch["index"]
+        key = [self.seed, int(batch["epoch"]), int(index[0]), int(index[-1]), len(index)]
+        state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)
+        return self.augment(batch, generator=torch.Generator().manual_seed(int(state[0]) >> 1))

@@ -6,13 +6,15 @@
     python -m pretrain.train --config ...            # one process, no launcher
 
 One step: each rank takes its next batch from ``storage.stream`` (rank-aware by construction, so
-no sampler), token augmentation runs on it (``pretrain.augment``), the objective returns
+no sampler; token augmentation, ``pretrain.augment``, already ran in its DataLoader workers), the
+objective returns
 ``loss, metrics`` and DeepSpeed does backward, gradient all-reduce (or ZeRO), clipping and the
 optimizer step (``pretrain.optim``).
 
 Determinism and resume: before every micro-step torch's generator is reseeded from
-(seed, rank, step, micro-step), and the augmentation gets its own generator from the same key, so
-masks, dropout and augmentation depend on the step, not on history. A checkpoint
+(seed, rank, step, micro-step), and the augmentation's generator is keyed by the batch itself
+(``BatchSeededAugment``: seed, epoch, sample positions), so masks, dropout and augmentation
+depend on the step and the data, not on history or on which worker made the batch. A checkpoint
 (``<out>/checkpoints/stepNNNNNNN``) holds DeepSpeed's model, optimizer and scheduler state plus
 each rank's stream position (``stream_rank<R>.json``); ``--resume`` continues with the same
 samples, the same randomness and hence the same losses as a run that never stopped.
@@ -38,6 +40,7 @@ import torch
 import yaml
 
 from pretrain import runtime
+from pretrain.augment import BatchSeededAugment
 from pretrain.config import TrainConfig, load_config
 from pretrain.objectives import DataSpec, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
@@ -45,13 +48,13 @@ from pretrain.vit import vit_config
 from storage.manifest import manifest_url, read_manifest
 from storage.stream import StreamLoader, TokenStream
 
-__all__ = ["train", "main", "parse_args", "step_seeds"]
+__all__ = ["train", "main", "parse_args", "step_seed"]
 
 
-def step_seeds(seed: int, rank: int, step: int, micro: int) -> tuple[int, int]:
-    """Two independent 63-bit seeds (torch's global generator, augmentation) for one micro-step."""
-    a, b = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint64)
-    return int(a) >> 1, int(b) >> 1
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The 63-bit seed of torch's generator (masks, dropout) for one micro-step of one rank."""
+    (a,) = np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)
+    return int(a) >> 1
 
 
 def resolve_manifest(url: str) -> str:
@@ -59,17 +62,17 @@ def resolve_manifest(url: str) -> str:
     return url if url.endswith(".parquet") else manifest_url(url.rstrip("/"))
 
 
-def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader, DataSpec, object]:
-    """The rank's StreamLoader, what the objective may know about the data, and the token augmentation."""
+def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader, DataSpec]:
+    """The rank's StreamLoader (token augmentation in its workers) and what the objective may know about the data."""
     manifest = read_manifest(resolve_manifest(cfg.data.train))
     meta = manifest.meta
     spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
+    augment = runtime.build_augment(cfg, manifest, spec)
     stream = TokenStream(manifest, cfg.data.batch_size, seed=cfg.run.seed, partitions=cfg.data.partitions,
                          shuffle_window=cfg.data.shuffle_window, rank=rank, world_size=world,
-                         prefetch_shards=cfg.data.prefetch_shards)
-    loader = StreamLoader(stream, num_workers=cfg.data.num_workers)
-    augment = runtime.build_augment(cfg, manifest, spec)
-    return loader, spec, augment
+                         prefetch_shards=cfg.data.prefetch_shards,
+                         batch_transform=None if augment is None else BatchSeededAugment(augment, cfg.run.seed))
+    return StreamLoader(stream, num_workers=cfg.data.num_workers), spec
 
 
 class Batches:
@@ -105,7 +108,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     rank, world = runtime.init_distributed()
     runtime.set_threads()
     out = Path(cfg.run.out)
-    loader, spec, augment = build_stream(cfg, rank, world)
+    loader, spec = build_stream(cfg, rank, world)
     model_options = dict(cfg.model)
     preset = model_options.pop("preset", "tiny")
     vit = vit_config(preset, grid=spec.grid[0], vocab_size=spec.vocab_size, **model_options)
@@ -144,10 +147,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             batch = batches.next()
             if trace is not None:
                 trace.write(json.dumps({"step": step + 1, "micro": micro, "index": batch["index"].tolist()}) + "\n")
-            torch_seed, aug_seed = step_seeds(cfg.run.seed, rank, step, micro)
-            if augment is not None:
-                batch = augment(batch, generator=torch.Generator().manual_seed(aug_seed))
-            torch.manual_seed(torch_seed)
+            torch.manual_seed(step_seed(cfg.run.seed, rank, step, micro))
             loss, m = engine(_to_device(batch, engine.device))
             engine.backward(loss)
             engine.step()

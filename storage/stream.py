@@ -18,6 +18,7 @@ Guarantees (``storage.order`` has the arithmetic):
 
 Batches are dicts: ``tokens`` int64 (B, h, w); ``label`` int64 (B,); ``index`` int64 (B,);
 ``pad`` bool (B,); ``image_size`` int64 (B, 2); ``crop_box`` int64 (B, 4); ``key`` list[str];
+``epoch`` int (the epoch the batch belongs to; with ``index`` it names the batch uniquely);
 ``labelmap`` uint8 (B, H, W) when the split has label maps of one size (else a list);
 ``view_tokens`` int64 (B, V, h', w'), ``view_box`` int64 (B, V, 4), ``view_flip`` bool (B, V)
 when samples carry V extra views.
@@ -256,6 +257,7 @@ class TokenStream(IterableDataset):
             "image_size": torch.from_numpy(cols["image_size"]),
             "crop_box": torch.from_numpy(cols["crop_box"]),
             "key": cols["key"],
+            "epoch": self.epoch,
         }
         maps = cols["labelmap"]
         if any(m is not None for m in maps):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain.augment import (
+    BatchSeededAugment,
     TokenAugConfig,
     TokenAugment,
     adain,
@@ -285,3 +286,32 @@ def test_nearest_crop_on_ids_is_exact_and_cheap_path():
     out = TokenAugment(cfg, torch.randn(50, 4))({"tokens": ids, "label": torch.zeros(2, dtype=torch.long)},
                                                 torch.Generator().manual_seed(0))
     assert out["tokens"].shape == (2, 8, 8) and set(out["tokens"].unique().tolist()) <= set(ids.unique().tolist())
+
+
+def test_batch_seeded_augment_is_the_same_whichever_worker_makes_the_batch(tmp_path):
+    """Seeded by the batch (seed, epoch, positions): 0 or 2 workers, any epoch order, same augmented ids."""
+    from storage.stream import StreamLoader, TokenStream
+    from tests.conftest import make_samples, write_dataset
+
+    manifest = write_dataset(str(tmp_path / "ds"), make_samples(96, grid=(8, 8), vocab=64), shard_size=16)
+    augment = TokenAugment(TokenAugConfig(rrc=True, interpolation="nearest", hflip_p=0.5, swap_p=0.5),
+                           torch.zeros(64, 1))
+
+    def run(workers: int) -> dict[tuple[int, int], torch.Tensor]:
+        stream = TokenStream(manifest, 8, seed=3, rank=0, world_size=1, partitions=4,
+                             batch_transform=BatchSeededAugment(augment, seed=7))
+        loader = StreamLoader(stream, num_workers=workers)
+        out = {}
+        for _ in range(2):  # two epochs
+            for b in loader:
+                out[(b["epoch"], int(b["index"][0]))] = b["tokens"]
+        return out
+
+    serial, parallel = run(0), run(2)
+    assert serial.keys() == parallel.keys() and len(serial) == 24
+    for k in serial:
+        assert torch.equal(serial[k], parallel[k]), k
+    # Augmentation did happen, and differs between batches.
+    raw = TokenStream(manifest, 8, seed=3, rank=0, world_size=1, partitions=4)
+    first = next(iter(raw))
+    assert not torch.equal(serial[(0, int(first["index"][0]))], first["tokens"])
