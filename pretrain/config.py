@@ -8,7 +8,7 @@ A config file has these sections (every key optional except ``data.train``)::
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
     optim:     {lr, blr, weight_decay, betas, eps, warmup_steps, min_lr, grad_clip, grad_accum}
-    engine:    {zero_stage, precision}                 # the DeepSpeed side
+    engine:    {zero_stage, precision}                 # the DeepSpeed side (ZeRO 0-2)
 
 Overrides are ``section.key=value`` strings whose value is parsed as YAML (``optim.lr=3e-4``,
 ``augment=null``, ``optim.betas=[0.9,0.95]``). Unknown sections or keys are errors that list the
@@ -80,14 +80,20 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """DeepSpeed: ZeRO stage 0-3 and precision "fp32" or "bf16"."""
+    """DeepSpeed: ZeRO stage 0, 1 or 2 and precision "fp32" or "bf16".
+
+    ZeRO-3 is refused: the objectives read encoder parameters (positions, cls token, the token table)
+    outside the encoder's own forward, which ZeRO-3's gather hooks do not see."""
 
     zero_stage: int = 0
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3:
+            raise ValueError("engine.zero_stage 3 is not supported yet (the objectives read encoder parameters "
+                             "outside its forward, which ZeRO-3 does not gather); use 0, 1 or 2")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"engine.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 

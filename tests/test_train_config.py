@@ -42,6 +42,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(path, ["data.train=x", "optim.lr=fast"])
     with pytest.raises(ValueError, match="zero_stage"):
         load_config(path, ["data.train=x", "engine.zero_stage=4"])
+    with pytest.raises(ValueError, match="zero_stage 3 is not supported"):
+        load_config(path, ["data.train=x", "engine.zero_stage=3"])
     with pytest.raises(ValueError, match="data.train"):
         load_config(None, [])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
