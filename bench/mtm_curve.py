@@ -25,9 +25,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
 from bench.common import write_json  # noqa: E402
-from pretrain.export import safe_load  # noqa: E402
-from pretrain.objectives import DataSpec, build_objective  # noqa: E402
-from pretrain.vit import ViTConfig  # noqa: E402
+from pretrain.objectives import load_objective  # noqa: E402
 from storage.manifest import manifest_url  # noqa: E402
 from storage.stream import TokenStream  # noqa: E402
 
@@ -41,20 +39,6 @@ def unigram_entropy(split_dir: str) -> float:
         counts += np.bincount(ids, minlength=len(counts))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-def load_objective(run: Path):
-    """The objective of the run's latest DeepSpeed checkpoint, weights loaded, in eval mode."""
-    ckpt_dir = run / "checkpoints"
-    tag = (ckpt_dir / "latest").read_text().strip()
-    state = safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt")
-    cfg = state["config"]
-    vit = ViTConfig(**state["vit_config"])
-    options = {k: v for k, v in cfg["objective"].items() if k != "name"}
-    objective = build_objective(state["objective"], options, vit, DataSpec(grid=(vit.grid, vit.grid),
-                                                                           vocab_size=vit.vocab_size))
-    objective.load_state_dict({k: v.float() for k, v in state["module"].items()})
-    return objective.eval(), int(state["step"])
 
 
 @torch.no_grad()
@@ -107,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     data = args.data.rstrip("/")
-    objective, step = load_objective(run)
+    objective, client = load_objective(str(run / "checkpoints"))
+    step = int(client["step"])
     result = {"unigram_entropy_train": unigram_entropy(f"{data}/train"),
               "unigram_entropy_val": unigram_entropy(f"{data}/val"),
               "train_masked_ce_first": float(np.mean([r["masked_ce"] for r in records[:5]])),

@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         log.advance(step)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last_stop:
             runtime.save_checkpoint(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
-                                    {"vit_config": asdict(vit), "objective": name, "config": cfg.to_dict()})
+                                    {"vit_config": asdict(vit), "objective": name, "config": cfg.to_dict(),
+                                     "num_classes": spec.num_classes})
             saved_at = step
     if rank == 0 and saved_at >= 0:
         from pretrain.export import save_backbone

@@ -118,3 +118,15 @@ def test_same_seed_same_loss_and_config_errors():
         build_objective("mtm", SMALL, VIT, DataSpec(grid=(16, 16), vocab_size=40))
     with pytest.raises(ValueError, match="unknown objective"):
         build_objective("bert", {}, VIT, DATA)
+
+
+def test_predict_with_nothing_masked_differs_from_all_masked_and_keeps_shape():
+    model = _model().eval()
+    ids = torch.randint(0, 40, (2, 8, 8))
+    none = model.predict(ids, torch.zeros(2, 16, dtype=torch.bool))
+    full = model.predict(ids, torch.ones(2, 16, dtype=torch.bool))
+    assert none.shape == full.shape == (2, 8, 8, 40)
+    # With every patch masked the ids cannot matter.
+    other = torch.randint(0, 40, (2, 8, 8))
+    torch.testing.assert_close(model.predict(other, torch.ones(2, 16, dtype=torch.bool)), full)
+    assert not torch.allclose(none, full)

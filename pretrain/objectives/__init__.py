@@ -25,7 +25,7 @@ from torch import nn
 
 from pretrain.vit import VisionTransformer, ViTConfig
 
-__all__ = ["DataSpec", "Objective", "OBJECTIVES", "build_objective", "make_config"]
+__all__ = ["DataSpec", "Objective", "OBJECTIVES", "build_objective", "make_config", "load_objective"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,32 @@ def build_objective(name: str, options: dict, vit: ViTConfig, data: DataSpec) ->
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(registry)}")
     config_cls, module_cls = registry[name]
     return module_cls(make_config(config_cls, options, f"objective {name}"), vit, data)
+
+
+def load_objective(ckpt: str, tag: str | None = None) -> tuple[Objective, dict]:
+    """An objective rebuilt from a trainer checkpoint (CPU, float32, eval mode) and its client state.
+
+    ``ckpt``: a run's ``checkpoints`` directory (tag from ``latest`` unless given) or one
+    ``stepNNNNNNN`` directory. Read with ``torch.load(weights_only=True)`` (``pretrain.export.safe_load``).
+    The client state has ``step``, ``objective``, ``vit_config`` and ``config`` (the resolved YAML).
+    """
+    from pathlib import Path
+
+    from pretrain.export import safe_load
+
+    path = Path(ckpt)
+    if tag is None and (path / "latest").is_file():
+        tag = (path / "latest").read_text().strip()
+    tag_dir = path / tag if tag is not None else path
+    file = tag_dir / "mp_rank_00_model_states.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"no trainer checkpoint at {tag_dir} (expected {file.name})")
+    state = safe_load(file)
+    vit = ViTConfig(**state["vit_config"])
+    options = {k: v for k, v in state["config"]["objective"].items() if k != "name"}
+    data = DataSpec(grid=(vit.grid, vit.grid), vocab_size=vit.vocab_size,
+                    num_classes=int(state.get("num_classes", 0)))
+    objective = build_objective(state["objective"], options, vit, data)
+    objective.load_state_dict({k: v.float() for k, v in state["module"].items()})
+    client = {k: v for k, v in state.items() if k in ("step", "objective", "vit_config", "config", "num_classes")}
+    return objective.eval(), client

@@ -234,6 +234,22 @@ class MTM(Objective):
             }
         return loss, metrics
 
+    @torch.no_grad()
+    def predict(self, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Token logits float (B, h, w, K) given ids int64 (B, h, w) and masked bool (B, N) over patches.
+
+        Inference form (MAGE's generation path): masked patches enter the encoder as the mask vector,
+        none is dropped; use under ``eval()``. The ids under masked patches are ignored.
+        """
+        enc = self.encoder
+        x = enc.patchify(enc.token_embed(ids))
+        b, n, _ = x.shape
+        x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x) + enc.pos_embed[:, 1:]
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
+        latent = enc.norm(enc.blocks(torch.cat([cls, x], dim=1)))
+        keep_index = torch.arange(n, device=ids.device).expand(b, n)
+        return self.forward_decoder(latent, masked, keep_index)
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["tokens"]
         latent, masked, keep_index = self.forward_encoder(ids)
