@@ -50,6 +50,8 @@ def evaluate(objective, split_dir: str, passes: int = 3) -> dict:
         torch.manual_seed(1000 + p)
         for b in stream:
             keep = ~b["pad"]
+            if not keep.any():
+                continue
             _, m = objective({"tokens": b["tokens"][keep]})
             k = int(keep.sum())
             ce += float(m["masked_ce"]) * k
@@ -66,7 +68,11 @@ def plot(records: list[dict], result: dict, png: Path) -> None:
 
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
-    ax.plot(steps, [r["masked_ce"] for r in records], lw=1.2, label="train masked-token CE (2 ranks)")
+    ce = np.array([r["masked_ce"] for r in records])
+    k = min(10, len(ce))
+    smooth = np.convolve(ce, np.ones(k) / k, mode="valid")
+    ax.plot(steps, ce, lw=0.6, alpha=0.35, color="C0", label="train masked-token CE per logged step")
+    ax.plot(steps[k - 1:], smooth, lw=1.6, color="C0", label=f"same, mean of {k} records")
     ax.axhline(result["unigram_entropy_train"], color="grey", ls="--", lw=1,
                label=f"unigram entropy {result['unigram_entropy_train']:.2f} nats")
     ax.scatter([result["steps"]], [result["val_masked_ce"]], color="C3", zorder=3,

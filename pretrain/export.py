@@ -219,7 +219,9 @@ def _from_ds_dict(ckpt: object, file: Path, prefix: str) -> tuple[dict[str, torc
     if "vit_config" not in ckpt:
         raise ValueError(f"{file}: no 'vit_config' in the client state; save with "
                          "engine.save_checkpoint(dir, client_state={'vit_config': dataclasses.asdict(cfg)})")
-    return _strip_prefix(ckpt["module"], prefix), ckpt["vit_config"]
+    # The trainer also stores the encoder's own config (ADDP's encoder is pixel-stem while
+    # "vit_config" describes the data's token grid); prefer it when present.
+    return _strip_prefix(ckpt["module"], prefix), ckpt.get("encoder_config") or ckpt["vit_config"]
 
 
 def read_deepspeed(path: str | os.PathLike, tag: str | None = None,

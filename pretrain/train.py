@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     objective_options = dict(cfg.objective)
     name = objective_options.pop("name", "mtm")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    objective = build_objective(name, objective_options, vit, spec)
+    objective = build_objective(name, objective_options, vit, spec, total_steps=cfg.run.steps)
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world
     lr = base_lr(cfg.optim, global_batch)
     optimizer = make_optimizer(objective, cfg.optim, lr)
@@ -130,11 +130,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = runtime.RunLog(out, rank, cfg.run.steps, step, enabled=cfg.run.progress,
-                         header=f"{name} | ViT-{preset} {vit.num_patches} patches | {objective.encoder.num_params():,} "
-                                f"encoder params | {world} rank(s) x {cfg.data.batch_size} x accum "
-                                f"{cfg.optim.grad_accum} | lr {lr:.2e} | ZeRO {cfg.engine.zero_stage} "
-                                f"{cfg.engine.precision}")
+    enc = objective.encoder
+    header = (f"{name} | ViT-{preset} {enc.cfg.num_patches} patches | {enc.num_params():,} encoder params | "
+              f"{world} rank(s) x {cfg.data.batch_size} x accum {cfg.optim.grad_accum} | lr {lr:.2e} | "
+              f"ZeRO {cfg.engine.zero_stage} {cfg.engine.precision}")
+    log = runtime.RunLog(out, rank, cfg.run.steps, step, enabled=cfg.run.progress, header=header)
     batches = Batches(loader)
     last_stop = cfg.run.steps if cfg.run.stop_at is None else min(cfg.run.steps, cfg.run.stop_at)
     window = runtime.Window()
@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         log.advance(step)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last_stop:
             runtime.save_checkpoint(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
-                                    {"vit_config": asdict(vit), "objective": name, "config": cfg.to_dict(),
+                                    {"vit_config": asdict(vit), "encoder_config": asdict(objective.encoder.cfg),
+                                     "objective": name, "config": cfg.to_dict(),
                                      "num_classes": spec.num_classes})
             saved_at = step
     if rank == 0 and saved_at >= 0:

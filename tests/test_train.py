@@ -42,12 +42,13 @@ def _shm_buffers(port: int) -> list[Path]:
     return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
-def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2) -> list[dict]:
+def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,
+           config: str = "mtm_vit_tiny.yaml", small: bool = True) -> list[dict]:
     """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome."""
     port = free_port()
     cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(port), "--module", "pretrain.train",
-           "--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data", str(data), "--out", str(out),
-           *SMALL, *overrides]
+           "--config", str(ROOT / "configs" / config), "--data", str(data), "--out", str(out),
+           *(SMALL if small else ()), *overrides]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}

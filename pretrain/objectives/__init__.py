@@ -54,12 +54,14 @@ class Objective(nn.Module):
 
 
 def _registry() -> dict[str, tuple[type, type[Objective]]]:
+    from pretrain.objectives.addp import ADDP, ADDPConfig
+    from pretrain.objectives.m3i import M3I, M3IConfig
     from pretrain.objectives.mtm import MTM, MTMConfig
 
-    return {"mtm": (MTMConfig, MTM)}
+    return {"mtm": (MTMConfig, MTM), "m3i": (M3IConfig, M3I), "addp": (ADDPConfig, ADDP)}
 
 
-OBJECTIVES = ("mtm",)
+OBJECTIVES = ("mtm", "m3i", "addp")
 
 
 def make_config(cls: type, options: dict, where: str):
@@ -89,12 +91,19 @@ def make_config(cls: type, options: dict, where: str):
     return cls(**converted)
 
 
-def build_objective(name: str, options: dict, vit: ViTConfig, data: DataSpec) -> Objective:
-    """The objective ``name`` ("mtm", ...) with its config from ``options`` on a backbone ``vit``."""
+def build_objective(name: str, options: dict, vit: ViTConfig, data: DataSpec,
+                    total_steps: int | None = None) -> Objective:
+    """The objective ``name`` ("mtm", ...) with its config from ``options`` on a backbone ``vit``.
+
+    ``total_steps`` (the run's length) fills the config's ``total_steps`` field, if it has one and
+    ``options`` does not set it (M3I's EMA schedule spans the run)."""
     registry = _registry()
     if name not in registry:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(registry)}")
     config_cls, module_cls = registry[name]
+    options = dict(options)
+    if total_steps is not None and "total_steps" in {f.name for f in dataclasses.fields(config_cls)}:
+        options.setdefault("total_steps", total_steps)
     return module_cls(make_config(config_cls, options, f"objective {name}"), vit, data)
 
 
