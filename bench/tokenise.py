@@ -35,7 +35,7 @@ def loop_run(argv: list[str]) -> dict:
     import torch
 
     from pipeline.prepare import prepare_chunk
-    from pipeline.tokenise import encode_chunk, list_source, parse_args, plan, write_shard
+    from pipeline.tokenise import encode_chunk, list_source, parse_args, plan, shard_digest, write_shard
     from pipeline.tokenizer import load_tokenizer
     from storage.codec import fit_codec
 
@@ -57,7 +57,7 @@ def loop_run(argv: list[str]) -> dict:
             times["tokenise"] += time.perf_counter() - t1
             parts.append((chunk, tokens, views))
         t0 = time.perf_counter()
-        write_shard(cfg, codec, tokenizer.fingerprint, index, parts)
+        write_shard(cfg, codec, tokenizer.fingerprint, index, parts, shard_digest(shard))
         times["write"] += time.perf_counter() - t0
     total = time.perf_counter() - t_start
     return {"images": len(items), "wall_s": total, "images_per_s": len(items) / total, **{f"{k}_s": v for k, v in

@@ -28,6 +28,7 @@ progress record and sha256 match) and ends with exactly the shard set of an unin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -159,12 +160,17 @@ def progress_url(cfg: JobConfig, index: int) -> str:
     return sio.join(cfg.split_dir, f"_progress/{shard_name(index)}.json")
 
 
+def shard_digest(items: Sequence[SourceItem]) -> str:
+    """sha256 of a shard's item keys, in order: what its progress record must match to be reused."""
+    return hashlib.sha256("\n".join(it.key for it in items).encode()).hexdigest()
+
+
 def write_shard(cfg: JobConfig, codec: TokenCodec, fingerprint: str, index: int,
-                parts: Sequence[tuple[PreparedChunk, np.ndarray, np.ndarray]]) -> dict:
-    """Write shard ``index`` from its chunks, then its progress record; returns the record."""
+                parts: Sequence[tuple[PreparedChunk, np.ndarray, np.ndarray]], digest: str = "") -> dict:
+    """Write shard ``index`` from its chunks, then its progress record (with the items' ``digest``)."""
     samples = [s for chunk, tok, views in parts for s in chunk_samples(chunk, tok, views)]
     rejects = [asdict(r) for chunk, _, _ in parts for r in chunk.rejects]
-    record = {"index": index, "fingerprint": fingerprint, "info": None, "rejects": rejects}
+    record = {"index": index, "fingerprint": fingerprint, "items": digest, "info": None, "rejects": rejects}
     if samples:
         info = ShardWriter(cfg.split_dir, codec, cfg.block_size).write(index, samples)
         record["info"] = asdict(info)
@@ -172,13 +178,14 @@ def write_shard(cfg: JobConfig, codec: TokenCodec, fingerprint: str, index: int,
     return record
 
 
-def finished_record(cfg: JobConfig, index: int, fingerprint: str) -> dict | None:
-    """The progress record of shard ``index`` if that shard is complete and made by this tokenizer."""
+def finished_record(cfg: JobConfig, index: int, fingerprint: str, digest: str = "") -> dict | None:
+    """The progress record of shard ``index`` if that shard is complete, made by this tokenizer and
+    from the same items (``digest``; a changed listing, seed or shard size re-writes it)."""
     url = progress_url(cfg, index)
     if not sio.exists(url):
         return None
     record = json.loads(sio.read_bytes(url))
-    if record.get("fingerprint") != fingerprint:
+    if record.get("fingerprint") != fingerprint or record.get("items", "") != digest:
         return None
     if record["info"] is None:
         return record
@@ -238,7 +245,16 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
 
 
 def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> list[list[SourceItem]]:
-    return [list(items[i : i + cfg.shard_size]) for i in range(0, len(items), cfg.shard_size)]
+    """Shards of ``shard_size`` items, from the listing permuted with rng(``seed``).
+
+    Listings come sorted (ImageNet: class by class), and a reader can only shuffle within a window
+    of consecutive samples; unpermuted, every shard (and so every batch) would hold one or two
+    classes. The permutation is a pure function of the listing and the seed, so shard i always
+    holds the same images and a killed job resumes onto the same shard set.
+    """
+    order = np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items))
+    items = [items[i] for i in order]
+    return [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
 
 
 def run(cfg: JobConfig) -> dict:

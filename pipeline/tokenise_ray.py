@@ -78,11 +78,11 @@ class TokenizerActor:
 
 
 @ray.remote(num_cpus=1, max_retries=3, retry_exceptions=TRANSIENT)
-def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, *parts) -> dict:
+def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, digest: str, *parts) -> dict:
     """parts: the actors' (chunk, tokens, view tokens) triples of shard ``index``, in order."""
     from pipeline.tokenise import write_shard
 
-    return write_shard(cfg, make_codec(spec), fingerprint, index, list(parts))
+    return write_shard(cfg, make_codec(spec), fingerprint, index, list(parts), digest)
 
 
 def _init_ray(cfg) -> bool:
@@ -100,11 +100,11 @@ def _init_ray(cfg) -> bool:
 def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, codec: TokenCodec,
                fingerprint: str) -> list[dict]:
     """Write every shard not already finished; returns the progress records of all shards."""
-    from pipeline.tokenise import finished_record
+    from pipeline.tokenise import finished_record, shard_digest
 
     records: dict[int, dict] = {}
     for i in range(len(shards)):
-        record = finished_record(cfg, i, fingerprint)
+        record = finished_record(cfg, i, fingerprint, shard_digest(shards[i]))
         if record is not None:
             records[i] = record
     todo = [i for i in range(len(shards)) if i not in records]
@@ -149,7 +149,7 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
                     parts.append(actor.encode.remote(prepare_task.remote(items[j : j + cfg.chunk_size], prep_cfg)))
                 else:
                     parts.append(actor.prepare_encode.remote(items[j : j + cfg.chunk_size], prep_cfg))
-            ref = write_task.remote(cfg, codec.spec, fingerprint, i, *parts)
+            ref = write_task.remote(cfg, codec.spec, fingerprint, i, shard_digest(items), *parts)
             inflight[ref] = (i, len(items))
         while inflight:
             done, _ = ray.wait(list(inflight), num_returns=1)
