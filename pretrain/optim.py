@@ -16,7 +16,8 @@ from torch import nn
 
 from pretrain.config import EngineConfig, OptimConfig
 
-__all__ = ["param_groups", "lr_at", "make_optimizer", "make_scheduler", "deepspeed_config", "base_lr"]
+__all__ = ["param_groups", "layer_id", "layer_decay_groups", "lr_at", "make_optimizer", "make_scheduler",
+           "deepspeed_config", "base_lr"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
@@ -31,6 +32,37 @@ def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozens
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def layer_id(name: str, depth: int, prefix: str = "") -> int:
+    """BEiT/MAE layer index of a ViT parameter: stem, positions and cls token 0; ``blocks.i`` i + 1;
+    everything after the blocks (final norms, head, task decoders) depth + 1."""
+    name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "token_embed", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float, depth: int,
+                       skip: set[str] = frozenset(), prefix: str = "") -> list[dict]:
+    """AdamW groups with layer-wise lr decay (BEiT, MAE fine-tuning): a parameter of layer l gets
+    ``lr * layer_decay ** (depth + 1 - l)``; weight decay as ``param_groups``. ``prefix`` is stripped
+    from names first (e.g. "encoder." when the ViT sits inside a task model)."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith("bias") or name in skip
+        lid = layer_id(name, depth, prefix) if (not prefix or name.startswith(prefix)) else depth + 1
+        key = (lid, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - lid)
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * scale,
+                           "lr_scale": scale, "name": f"layer{lid}_{'no_decay' if no_decay else 'decay'}"}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def base_lr(cfg: OptimConfig, global_batch: int) -> float:

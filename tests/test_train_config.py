@@ -94,3 +94,23 @@ def test_step_seed_depends_on_every_part_of_the_key():
     others = {step_seed(1, 0, 5, 0), step_seed(0, 1, 5, 0), step_seed(0, 0, 6, 0), step_seed(0, 0, 5, 1)}
     assert base not in others and len(others) == 4
     assert 0 <= base < 2**63
+
+
+def test_layer_decay_scales_lr_by_depth():
+    from pretrain.optim import layer_decay_groups, layer_id
+    from pretrain.vit import VisionTransformer
+
+    assert [layer_id(n, 12) for n in ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                                      "blocks.11.mlp.fc2.bias", "norm.weight", "head.weight")] == [0, 0, 1, 12, 13, 13]
+    vit = VisionTransformer(ViTConfig(embed_dim=32, depth=2, num_heads=2, grid=8, vocab_size=16, token_dim=8,
+                                      num_classes=5))
+    groups = layer_decay_groups(vit, 1e-3, 0.05, 0.5, depth=2, skip=vit.no_weight_decay())
+    by_name = {id(p): g for g in groups for p in g["params"]}
+    named = dict(vit.named_parameters())
+    assert by_name[id(named["head.weight"])]["lr"] == pytest.approx(1e-3)
+    assert by_name[id(named["blocks.1.attn.qkv.weight"])]["lr"] == pytest.approx(0.5e-3)
+    assert by_name[id(named["blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(0.25e-3)
+    assert by_name[id(named["patch_embed.proj.weight"])]["lr"] == pytest.approx(0.125e-3)
+    assert by_name[id(named["cls_token"])]["weight_decay"] == 0.0
+    assert by_name[id(named["cls_token"])]["lr"] == pytest.approx(0.125e-3)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
