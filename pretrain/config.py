@@ -7,7 +7,7 @@ A config file has these sections (every key optional except ``data.train``)::
     model:     {preset, ...any ViTConfig field}        # grid and vocab_size come from the data
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
-    optim:     {lr, blr, weight_decay, betas, eps, warmup_steps, min_lr, grad_clip, grad_accum}
+    optim:     {lr, blr, weight_decay, betas, eps, warmup_steps, min_lr, grad_clip, grad_accum, layer_decay}
     engine:    {zero_stage, precision}                 # the DeepSpeed side (ZeRO 0-2)
 
 Overrides are ``section.key=value`` strings whose value is parsed as YAML (``optim.lr=3e-4``,
@@ -65,7 +65,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW; ``lr`` None means ``blr * global_batch / 256`` (MAE's rule). Linear warm-up over
-    ``warmup_steps`` then cosine to ``min_lr``. ``grad_clip``: max global grad norm (0 = off)."""
+    ``warmup_steps`` then cosine to ``min_lr``. ``grad_clip``: max global grad norm (0 = off).
+    ``layer_decay`` < 1: layer-wise lr decay over the encoder's blocks (fine-tuning; 1 = off)."""
 
     lr: float | None = None
     blr: float = 1.5e-4
@@ -76,6 +77,7 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: float = 3.0
     grad_accum: int = 1
+    layer_decay: float = 1.0
 
 
 @dataclass(frozen=True)

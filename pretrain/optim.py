@@ -80,8 +80,13 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_lr: float) -> float
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``, or ``layer_decay_groups`` (prefix "encoder.") when layer_decay < 1."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups(model, cfg.weight_decay, skip)
+    if cfg.layer_decay < 1.0:
+        depth = model.encoder.cfg.depth
+        groups = layer_decay_groups(model, lr, cfg.weight_decay, cfg.layer_decay, depth, skip, prefix="encoder.")
+    else:
+        groups = param_groups(model, cfg.weight_decay, skip)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 

@@ -98,9 +98,10 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
     """TokenAugment from the ``augment`` section (None: off). Loads the tokenizer's codebook only if an op needs it."""
     if cfg.augment is None:
         return None
-    aug = make_config(TokenAugConfig, dict(cfg.augment), "section 'augment'")
-    if aug.mixing and aug.num_classes < 1:
-        aug = aug.replace(num_classes=spec.num_classes)
+    options = dict(cfg.augment)
+    if options.get("cutmix_alpha", 0) > 0 or options.get("mixup_alpha", 0) > 0:
+        options.setdefault("num_classes", spec.num_classes)  # soft targets over the manifest's classes
+    aug = make_config(TokenAugConfig, options, "section 'augment'")
     if aug.needs_embeddings or aug.replace_p > 0:
         from pipeline.tokenizer import load_tokenizer
 

@@ -48,7 +48,7 @@ from pretrain.vit import vit_config
 from storage.manifest import manifest_url, read_manifest
 from storage.stream import StreamLoader, TokenStream
 
-__all__ = ["train", "main", "parse_args", "step_seed"]
+__all__ = ["train", "main", "run", "parse_args", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -207,7 +207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with parsed command-line arguments (``parse_args``); exits the process when launched."""
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.train"), (args.out, "run.out"), (args.steps, "run.steps")):
         if flag is not None:

@@ -43,10 +43,11 @@ def _shm_buffers(port: int) -> list[Path]:
 
 
 def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,
-           config: str = "mtm_vit_tiny.yaml", small: bool = True) -> list[dict]:
+           config: str = "mtm_vit_tiny.yaml", small: bool = True, module: str = "pretrain.train",
+           args: tuple[str, ...] = ()) -> list[dict]:
     """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome."""
     port = free_port()
-    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(port), "--module", "pretrain.train",
+    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(port), "--module", module, *args,
            "--config", str(ROOT / "configs" / config), "--data", str(data), "--out", str(out),
            *(SMALL if small else ()), *overrides]
     if resume:

@@ -55,13 +55,15 @@ class Objective(nn.Module):
 
 def _registry() -> dict[str, tuple[type, type[Objective]]]:
     from pretrain.objectives.addp import ADDP, ADDPConfig
+    from pretrain.objectives.classify import Classify, ClassifyConfig
     from pretrain.objectives.m3i import M3I, M3IConfig
     from pretrain.objectives.mtm import MTM, MTMConfig
 
-    return {"mtm": (MTMConfig, MTM), "m3i": (M3IConfig, M3I), "addp": (ADDPConfig, ADDP)}
+    return {"mtm": (MTMConfig, MTM), "m3i": (M3IConfig, M3I), "addp": (ADDPConfig, ADDP),
+            "classify": (ClassifyConfig, Classify)}
 
 
-OBJECTIVES = ("mtm", "m3i", "addp")
+OBJECTIVES = ("mtm", "m3i", "addp", "classify")
 
 
 def make_config(cls: type, options: dict, where: str):
@@ -127,7 +129,8 @@ def load_objective(ckpt: str, tag: str | None = None) -> tuple[Objective, dict]:
         raise FileNotFoundError(f"no trainer checkpoint at {tag_dir} (expected {file.name})")
     state = safe_load(file)
     vit = ViTConfig(**state["vit_config"])
-    options = {k: v for k, v in state["config"]["objective"].items() if k != "name"}
+    # "init" (fine-tuning's starting backbone) is not needed: the weights come from the checkpoint.
+    options = {k: v for k, v in state["config"]["objective"].items() if k not in ("name", "init")}
     data = DataSpec(grid=(vit.grid, vit.grid), vocab_size=vit.vocab_size,
                     num_classes=int(state.get("num_classes", 0)))
     objective = build_objective(state["objective"], options, vit, data)

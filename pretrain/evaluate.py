@@ -1,0 +1,78 @@
+"""Evaluate a trainer checkpoint on a manifest; metrics to JSON.
+
+    python -m pretrain.evaluate --ckpt out/ft/checkpoints --data out/imagenette_km2/val --json out/eval.json
+
+Classification checkpoints: top-1 / top-5 over every labelled sample of the split (padding and
+label < 0 left out). Other objectives (MTM, M3I, ADDP): the mean of the objective's own metrics over
+the split, with masks drawn from fixed seeds (``--passes`` draws). Runs in one process (CPU, or
+``--device cuda``); the split is read in storage order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.metrics import topk_accuracy
+from pretrain.objectives import load_objective
+from pretrain.objectives.classify import Classify
+from pretrain.train import resolve_manifest
+from storage.stream import TokenStream
+
+__all__ = ["evaluate", "main"]
+
+
+@torch.no_grad()
+def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, device: str = "cpu") -> dict:
+    """Metrics of the checkpoint's objective on the split at ``data`` (manifest URL or split directory)."""
+    objective, client = load_objective(ckpt)
+    objective = objective.to(device).eval()
+    stream = TokenStream(resolve_manifest(data), batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+    result: dict = {"ckpt": str(ckpt), "data": data, "step": int(client["step"]), "objective": client["objective"]}
+    sums: dict[str, float] = {}
+    n = 0
+    for p in range(1 if isinstance(objective, Classify) else passes):
+        torch.manual_seed(1000 + p)
+        for b in stream:
+            keep = ~b["pad"] & (b["label"] >= 0 if isinstance(objective, Classify) else True)
+            if not keep.any():
+                continue
+            batch = {k: (v[keep].to(device) if torch.is_tensor(v) and v.ndim and len(v) == len(keep) else v)
+                     for k, v in b.items() if k != "key"}
+            k = int(keep.sum())
+            if isinstance(objective, Classify):
+                acc = topk_accuracy(objective.encoder(batch["tokens"]).float(), batch["label"], ks=(1, 5))
+            else:
+                _, acc = objective(batch)
+            for name, v in acc.items():
+                sums[name] = sums.get(name, 0.0) + float(v) * k
+            n += k
+    result.update({name: v / max(n, 1) for name, v in sums.items()})
+    result["samples"] = n // (1 if isinstance(objective, Classify) else passes)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="a run's checkpoints directory (or one stepNNNNNNN directory)")
+    p.add_argument("--data", required=True, help="manifest URL or split directory to evaluate on")
+    p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--passes", type=int, default=3, help="mask draws for masked objectives")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    result = evaluate(args.ckpt, args.data, args.batch_size, args.passes, args.device)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Fine-tuning entry point: a pre-trained backbone (or none) plus a task head, under the same trainer.
+
+    deepspeed --module pretrain.finetune --task classify --config configs/finetune_cls_tiny.yaml \\
+        --init out/mtm/checkpoints --data out/imagenette_km2/train --out out/ft [section.key=value ...]
+    DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 --module pretrain.finetune --task classify ...
+
+``--init`` takes a ``backbone.pt`` or a trainer checkpoints directory of any pre-training objective
+(MTM, M3I, ADDP); omit it to train from scratch. ``--linear-probe`` freezes the backbone. Everything
+else (schedule, layer-wise lr decay ``optim.layer_decay``, Token-CutMix in ``augment``, ZeRO,
+precision, checkpoints, ``--resume``) is ``pretrain.train``'s; evaluate with ``python -m pretrain.evaluate``.
+Tasks: ``classify`` (``pretrain.objectives.classify``). Semantic segmentation is not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pretrain import train
+
+__all__ = ["main"]
+
+TASKS = {"classify": "classify"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepspeed --module pretrain.finetune", description=__doc__.split("\n\n")[0],
+                                add_help=False)
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream task")
+    p.add_argument("--init", default="", help="pre-trained backbone.pt or checkpoints directory ('' = scratch)")
+    p.add_argument("--linear-probe", action="store_true", help="train only the head")
+    p.add_argument("-h", "--help", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    if args.help:
+        p.print_help()
+        print("\nThe remaining arguments are pretrain.train's:\n")
+        train.parse_args(["--help"])
+    extra = [f"objective.name={TASKS[args.task]}", f"objective.init={json.dumps(args.init)}"]
+    if args.linear_probe:
+        extra.append("objective.linear_probe=true")
+    targs = train.parse_args(rest)
+    targs.overrides = list(targs.overrides) + extra
+    return train.run(targs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Image classification on token grids: the fine-tuning (and linear-probe) objective.
+
+A token-stem ViT (``self.encoder``) with a linear head over ``data.num_classes`` classes, trained
+with cross-entropy (label smoothing; soft ``target`` rows when Token-CutMix/Mixup produced them).
+``init`` loads a pre-trained backbone: a ``backbone.pt`` file (``pretrain.export.save_backbone``) or
+a trainer checkpoints directory of any objective (MTM, M3I, ADDP with a token stem); the head and
+any size-mismatched tensors start fresh, and what was not loaded is printed. ``linear_probe``
+freezes everything but the head.
+
+Settings and origins (MAE / DeiT fine-tuning recipes; ours where noted):
+
+================== ========  =================================================================
+label_smoothing 0.1 DeiT, MAE
+global_pool avg     MAE      mean of patch tokens then ``fc_norm`` (SeiT fine-tunes with avg too)
+head_init_std 2e-5  MAE      ``trunc_normal_(head.weight, std=2e-5)``
+layer decay         MAE      ``optim.layer_decay`` (0.75 for ViT-B in MAE; 1.0 = off)
+linear probe        ours     frozen encoder, plain linear head (MAE adds a BatchNorm)
+================== ========  =================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.objectives import DataSpec, Objective
+from pretrain.vit import VisionTransformer, ViTConfig
+
+__all__ = ["ClassifyConfig", "Classify", "load_pretrained"]
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    init: str = ""  # backbone.pt or a trainer checkpoints dir; "" = from scratch
+    label_smoothing: float = 0.1
+    global_pool: str = "avg"
+    head_init_std: float = 2e-5
+    linear_probe: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {self.global_pool!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def _pretrained_state(init: str) -> dict[str, torch.Tensor]:
+    """Encoder weights from a backbone file or a trainer checkpoints directory (weights_only loading)."""
+    from pretrain.export import load_backbone, read_deepspeed
+
+    path = Path(init)
+    if path.is_file():
+        return load_backbone(path).state_dict()
+    if path.is_dir():
+        return read_deepspeed(path)[0]
+    raise FileNotFoundError(f"objective.init: {init} is neither a backbone file nor a checkpoints directory")
+
+
+def load_pretrained(encoder: VisionTransformer, init: str) -> dict[str, list[str]]:
+    """Copy matching tensors of a pre-trained backbone into ``encoder``; returns loaded/skipped names."""
+    state = _pretrained_state(init)
+    own = encoder.state_dict()
+    loaded, skipped = [], []
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) == tuple(v.shape) and not k.startswith("head."):
+            own[k] = v.to(own[k].dtype)
+            loaded.append(k)
+        else:
+            skipped.append(k)
+    encoder.load_state_dict(own)
+    fresh = sorted(set(own) - set(loaded))
+    return {"loaded": loaded, "skipped": skipped, "fresh": fresh}
+
+
+class Classify(Objective):
+    """``forward(batch) -> (loss, {"acc", "loss_ce"})``; ``batch["tokens"]`` int64 (B, h, w), ``label`` (B,)
+    (labels < 0 are left out), optional ``target`` float (B, C) soft labels (CutMix / Mixup)."""
+
+    def __init__(self, cfg: ClassifyConfig, vit: ViTConfig, data: DataSpec):
+        super().__init__()
+        if data.num_classes < 1:
+            raise ValueError("classification needs class names in the manifest (data.num_classes is 0)")
+        self.cfg = cfg
+        self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=data.num_classes,
+                                                             global_pool=cfg.global_pool))
+        if cfg.init:
+            report = load_pretrained(self.encoder, cfg.init)
+            print(f"init from {cfg.init}: {len(report['loaded'])} tensors loaded, fresh: "
+                  f"{report['fresh'] or 'none'}, skipped: {report['skipped'] or 'none'}", flush=True)
+        nn.init.trunc_normal_(self.encoder.head.weight, std=cfg.head_init_std)
+        nn.init.zeros_(self.encoder.head.bias)
+        if cfg.linear_probe:
+            for name, p in self.encoder.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch["label"]
+        logits = self.encoder(batch["tokens"]).float()
+        keep = labels >= 0
+        if "target" in batch:
+            target = batch["target"].float()[keep]
+            loss = -(target * F.log_softmax(logits[keep], -1)).sum(-1).mean()
+        else:
+            loss = F.cross_entropy(logits[keep], labels[keep], label_smoothing=self.cfg.label_smoothing)
+        with torch.no_grad():
+            acc = (logits[keep].argmax(-1) == labels[keep]).float().mean()
+        return loss, {"acc": acc}
