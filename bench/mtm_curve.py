@@ -6,7 +6,7 @@
 Reads ``<run>/log.jsonl`` (training masked CE, mean over ranks per logged step), measures the
 unigram entropy of the training tokens (the best cross-entropy without context: predict the
 token frequencies), and evaluates the run's last checkpoint on ``<data>/val`` (masks drawn as in
-training, fixed seeds, dropout off). Keys: ``unigram_entropy_train``, ``unigram_entropy_val``,
+training, fixed seeds, dropout off; ``pretrain.evaluate``). Keys: ``unigram_entropy_train``, ``unigram_entropy_val``,
 ``train_masked_ce_last`` (mean of the last 5 records), ``val_masked_ce``, ``val_masked_acc``,
 ``val_vs_unigram`` (ratio), ``steps``.
 """
@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
 from bench.common import write_json  # noqa: E402
-from pretrain.objectives import load_objective  # noqa: E402
+from pretrain.evaluate import evaluate  # noqa: E402
 from storage.manifest import manifest_url  # noqa: E402
 from storage.stream import TokenStream  # noqa: E402
 
@@ -39,25 +38,6 @@ def unigram_entropy(split_dir: str) -> float:
         counts += np.bincount(ids, minlength=len(counts))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-@torch.no_grad()
-def evaluate(objective, split_dir: str, passes: int = 3) -> dict:
-    """Masked CE / accuracy over a split, averaged over ``passes`` mask draws (seeded)."""
-    stream = TokenStream(manifest_url(split_dir), batch_size=100, shuffle=False, rank=0, world_size=1)
-    ce, acc, n = 0.0, 0.0, 0
-    for p in range(passes):
-        torch.manual_seed(1000 + p)
-        for b in stream:
-            keep = ~b["pad"]
-            if not keep.any():
-                continue
-            _, m = objective({"tokens": b["tokens"][keep]})
-            k = int(keep.sum())
-            ce += float(m["masked_ce"]) * k
-            acc += float(m["masked_acc"]) * k
-            n += k
-    return {"val_masked_ce": ce / n, "val_masked_acc": acc / n}
 
 
 def plot(records: list[dict], result: dict, png: Path) -> None:
@@ -97,13 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     data = args.data.rstrip("/")
-    objective, client = load_objective(str(run / "checkpoints"))
-    step = int(client["step"])
+    val = evaluate(str(run / "checkpoints"), f"{data}/val", batch_size=100, passes=3)
     result = {"unigram_entropy_train": unigram_entropy(f"{data}/train"),
               "unigram_entropy_val": unigram_entropy(f"{data}/val"),
               "train_masked_ce_first": float(np.mean([r["masked_ce"] for r in records[:5]])),
               "train_masked_ce_last": float(np.mean([r["masked_ce"] for r in records[-5:]])),
-              "steps": step, **evaluate(objective, f"{data}/val")}
+              "steps": val["step"], "val_masked_ce": val["masked_ce"], "val_masked_acc": val["masked_acc"]}
     result["val_vs_unigram"] = result["val_masked_ce"] / result["unigram_entropy_val"]
     if args.png:
         plot(records, result, Path(args.png))

@@ -34,10 +34,9 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 from bench.common import write_json  # noqa: E402
 from pretrain import runtime  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.objectives import DataSpec, build_objective  # noqa: E402
+from pretrain.objectives import DataSpec  # noqa: E402
 from pretrain.optim import make_optimizer  # noqa: E402
-from pretrain.train import resolve_manifest, train  # noqa: E402
-from pretrain.vit import vit_config  # noqa: E402
+from pretrain.train import build_model, resolve_manifest, train  # noqa: E402
 from storage.codec import DEFAULT_CODEC, fit_codec  # noqa: E402
 from storage.manifest import DatasetMeta, manifest_url, read_manifest, write_split  # noqa: E402
 from storage.shard import Sample  # noqa: E402
@@ -66,14 +65,9 @@ def in_memory_rate(cfg, manifest_url_: str, steps: int) -> float:
     """Samples/s of the objective + AdamW on pre-decoded batches (the same model the trainer builds)."""
     manifest = read_manifest(manifest_url_)
     meta = manifest.meta
-    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size)
-    options = dict(cfg.model)
-    preset = options.pop("preset", "tiny")
-    vit = vit_config(preset, grid=meta.grid[0], vocab_size=meta.vocab_size, **options)
-    obj_options = dict(cfg.objective)
-    name = obj_options.pop("name")
+    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
     torch.manual_seed(0)
-    model = build_objective(name, obj_options, vit, spec)
+    model, _ = build_model(cfg, spec)
     opt = make_optimizer(model, cfg.optim, 1e-4)
     stream = TokenStream(manifest, cfg.data.batch_size, rank=0, world_size=1)
     batches = []

@@ -42,13 +42,13 @@ import yaml
 from pretrain import runtime
 from pretrain.augment import BatchSeededAugment
 from pretrain.config import TrainConfig, load_config
-from pretrain.objectives import DataSpec, build_objective
+from pretrain.objectives import DataSpec, Objective, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
-from pretrain.vit import vit_config
+from pretrain.vit import ViTConfig, vit_config
 from storage.manifest import manifest_url, read_manifest
 from storage.stream import StreamLoader, TokenStream
 
-__all__ = ["train", "main", "run", "parse_args", "step_seed"]
+__all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -73,6 +73,16 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
                          prefetch_shards=cfg.data.prefetch_shards,
                          batch_transform=None if augment is None else BatchSeededAugment(augment, cfg.run.seed))
     return StreamLoader(stream, num_workers=cfg.data.num_workers), spec
+
+
+def build_model(cfg: TrainConfig, spec: DataSpec) -> tuple[Objective, ViTConfig]:
+    """The objective of ``cfg.objective`` on the ViT of ``cfg.model`` (grid and K from the data), and that ViTConfig."""
+    model_options = dict(cfg.model)
+    vit = vit_config(model_options.pop("preset", "tiny"), grid=spec.grid[0], vocab_size=spec.vocab_size,
+                     **model_options)
+    objective_options = dict(cfg.objective)
+    name = objective_options.pop("name", "mtm")
+    return build_objective(name, objective_options, vit, spec, total_steps=cfg.run.steps), vit
 
 
 class Batches:
@@ -109,13 +119,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     runtime.set_threads()
     out = Path(cfg.run.out)
     loader, spec = build_stream(cfg, rank, world)
-    model_options = dict(cfg.model)
-    preset = model_options.pop("preset", "tiny")
-    vit = vit_config(preset, grid=spec.grid[0], vocab_size=spec.vocab_size, **model_options)
-    objective_options = dict(cfg.objective)
-    name = objective_options.pop("name", "mtm")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    objective = build_objective(name, objective_options, vit, spec, total_steps=cfg.run.steps)
+    objective, vit = build_model(cfg, spec)
+    name, preset = cfg.objective.get("name", "mtm"), cfg.model.get("preset", "tiny")
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world
     lr = base_lr(cfg.optim, global_batch)
     optimizer = make_optimizer(objective, cfg.optim, lr)
@@ -139,7 +145,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     last_stop = cfg.run.steps if cfg.run.stop_at is None else min(cfg.run.steps, cfg.run.stop_at)
     window = runtime.Window()
     summary: dict = {"rank": rank, "start_step": step}
-    saved_at = step if resume is not None else -1
     trace = open(out / f"samples_rank{rank}.jsonl", "a") if cfg.run.trace_samples else None  # noqa: SIM115
     while step < last_stop:
         metrics = None
@@ -170,8 +175,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                                     {"vit_config": asdict(vit), "encoder_config": asdict(objective.encoder.cfg),
                                      "objective": name, "config": cfg.to_dict(),
                                      "num_classes": spec.num_classes})
-            saved_at = step
-    if rank == 0 and saved_at >= 0:
+    if rank == 0 and step > 0:
         from pretrain.export import save_backbone
 
         save_backbone(out / "backbone.pt", engine.module.encoder, {"objective": name, "step": step})
