@@ -3,7 +3,8 @@
 A config file has these sections (every key optional except ``data.train``)::
 
     run:       {out, seed, steps, log_every, save_every, keep_checkpoints, progress, stop_at, trace_samples}
-    data:      {train, tokenizer, batch_size, num_workers, shuffle_window, partitions, prefetch_shards}
+    data:      {train, tokenizer, batch_size, num_workers, shuffle_window, partitions, prefetch_shards,
+                input, resolution}
     model:     {preset, ...any ViTConfig field}        # grid and vocab_size come from the data
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
@@ -51,7 +52,9 @@ class RunConfig:
 class DataConfig:
     """train: manifest URL or split directory (path, file://, s3://). batch_size: samples per rank per
     micro-step. tokenizer: checkpoint giving the codebook for embedding-space augmentation
-    (default: ``tokenizer.pt`` in the dataset root, where the tokenisation job writes it)."""
+    (default: ``tokenizer.pt`` in the dataset root, where the tokenisation job writes it).
+    input: "tokens" (shards, ``storage.stream``) or "pixels" (``train`` is an ImageNet-layout split
+    folder of images, decoded by ``pretrain.pixels`` at ``resolution`` px; a pixel-stem baseline)."""
 
     train: str = ""
     tokenizer: str | None = None
@@ -60,6 +63,14 @@ class DataConfig:
     shuffle_window: int = 8192
     partitions: int = 64
     prefetch_shards: int = 2
+    input: str = "tokens"
+    resolution: int = 224
+
+    def __post_init__(self) -> None:
+        if self.input not in ("tokens", "pixels"):
+            raise ValueError(f"data.input must be 'tokens' or 'pixels', got {self.input!r}")
+        if self.resolution < 1:
+            raise ValueError(f"data.resolution must be >= 1, got {self.resolution}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,10 @@ def build_config(raw: dict, where: str = "config") -> TrainConfig:
         raise ValueError(f"{where}: data.train (a manifest URL or split directory) is required")
     if cfg.run.steps < 1:
         raise ValueError(f"{where}: run.steps must be >= 1, got {cfg.run.steps}")
+    if cfg.objective.get("name") == "segment":  # token-only geometry would move tokens but not label maps
+        from pretrain.objectives.segment import check_augment
+
+        check_augment(cfg.augment)
     return cfg
 
 

@@ -3,9 +3,12 @@
     python -m pretrain.evaluate --ckpt out/ft/checkpoints --data out/imagenette_km2/val --json out/eval.json
 
 Classification checkpoints: top-1 / top-5 over every labelled sample of the split (padding and
-label < 0 left out). Other objectives (MTM, M3I, ADDP): the mean of the objective's own metrics over
-the split, with masks drawn from fixed seeds (``--passes`` draws). Runs in one process (CPU, or
-``--device cuda``); the split is read in storage order.
+label < 0 left out); a pixel-input run (``data.input: pixels``) is evaluated on an image folder.
+Other objectives (MTM, M3I, ADDP): the mean of the objective's own metrics over the split, with
+masks drawn from fixed seeds (``--passes`` draws). Runs in one process (CPU, or
+``--device cuda``); the split is read in storage order. Segmentation checkpoints: mIoU, pixel
+accuracy and per-class IoU over the split's label maps (``--mode whole|slide``, ``--window``, ``--stride``;
+``pretrain.objectives.segment.evaluate_segmentation``).
 """
 
 from __future__ import annotations
@@ -20,19 +23,36 @@ import torch
 from pretrain.metrics import topk_accuracy
 from pretrain.objectives import load_objective
 from pretrain.objectives.classify import Classify
+from pretrain.objectives.segment import Segment, evaluate_segmentation
 from pretrain.train import resolve_manifest
 from storage.stream import TokenStream
 
 __all__ = ["evaluate", "main"]
 
 
+def eval_stream(client: dict, data: str, batch_size: int):
+    """The split at ``data`` in storage order: token shards, or an image folder (centre crops at the
+    run's ``data.resolution``) when the checkpoint was trained with ``data.input: pixels``."""
+    run_data = (client.get("config") or {}).get("data") or {}
+    if run_data.get("input") == "pixels":
+        from pretrain.pixels import PixelFolderStream
+
+        return PixelFolderStream(data, int(run_data["resolution"]), batch_size, train=False)
+    return TokenStream(resolve_manifest(data), batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+
+
 @torch.no_grad()
-def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, device: str = "cpu") -> dict:
-    """Metrics of the checkpoint's objective on the split at ``data`` (manifest URL or split directory)."""
+def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, device: str = "cpu",
+             mode: str = "whole", window: int | None = None, stride: int | None = None) -> dict:
+    """Metrics of the checkpoint's objective on the split at ``data`` (manifest URL or split directory).
+
+    ``mode``, ``window``, ``stride``: segmentation inference (``Segment.predict``), ignored otherwise."""
     objective, client = load_objective(ckpt)
     objective = objective.to(device).eval()
-    stream = TokenStream(resolve_manifest(data), batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+    stream = eval_stream(client, data, batch_size)
     result: dict = {"ckpt": str(ckpt), "data": data, "step": int(client["step"]), "objective": client["objective"]}
+    if isinstance(objective, Segment):
+        return {**result, **evaluate_segmentation(objective, stream, device, mode, window, stride)}
     sums: dict[str, float] = {}
     n = 0
     for p in range(1 if isinstance(objective, Classify) else passes):
@@ -45,7 +65,7 @@ def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, devic
                      for k, v in b.items() if k != "key"}
             k = int(keep.sum())
             if isinstance(objective, Classify):
-                acc = topk_accuracy(objective.encoder(batch["tokens"]).float(), batch["label"], ks=(1, 5))
+                acc = topk_accuracy(objective.logits(batch), batch["label"], ks=(1, 5))
             else:
                 _, acc = objective(batch)
             for name, v in acc.items():
@@ -64,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--passes", type=int, default=3, help="mask draws for masked objectives")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mode", choices=("whole", "slide"), default="whole", help="segmentation inference")
+    p.add_argument("--window", type=int, help="slide: window side in tokens (default: the training grid)")
+    p.add_argument("--stride", type=int, help="slide: stride in tokens (default: window * 2 // 3)")
     args = p.parse_args(argv)
-    result = evaluate(args.ckpt, args.data, args.batch_size, args.passes, args.device)
+    result = evaluate(args.ckpt, args.data, args.batch_size, args.passes, args.device, args.mode, args.window,
+                      args.stride)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

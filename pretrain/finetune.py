@@ -4,11 +4,16 @@
         --init out/mtm/checkpoints --data out/imagenette_km2/train --out out/ft [section.key=value ...]
     DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 --module pretrain.finetune --task classify ...
 
+    deepspeed --module pretrain.finetune --task segment --config configs/finetune_seg_tiny.yaml \\
+        --init out/mtm/checkpoints --data out/ade20k_tok/training --out out/seg
+
 ``--init`` takes a ``backbone.pt`` or a trainer checkpoints directory of any pre-training objective
-(MTM, M3I, ADDP); omit it to train from scratch. ``--linear-probe`` freezes the backbone. Everything
-else (schedule, layer-wise lr decay ``optim.layer_decay``, Token-CutMix in ``augment``, ZeRO,
-precision, checkpoints, ``--resume``) is ``pretrain.train``'s; evaluate with ``python -m pretrain.evaluate``.
-Tasks: ``classify`` (``pretrain.objectives.classify``). Semantic segmentation is not here yet.
+(MTM, M3I, ADDP); omit it to train from scratch. ``--linear-probe`` freezes the backbone (classify
+only). Everything else (schedule, layer-wise lr decay ``optim.layer_decay``, Token-CutMix in
+``augment``, ZeRO, precision, checkpoints, ``--resume``) is ``pretrain.train``'s; evaluate with
+``python -m pretrain.evaluate``. Tasks: ``classify`` (``pretrain.objectives.classify``) and
+``segment`` (ADE20K label maps, ``pretrain.objectives.segment``; its ``augment`` section may not
+hold geometric ops, which would move tokens but not label maps: the objective crops and flips both).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pretrain import train
 
 __all__ = ["main"]
 
-TASKS = {"classify": "classify"}
+TASKS = {"classify": "classify", "segment": "segment"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         train.parse_args(["--help"])
     extra = [f"objective.name={TASKS[args.task]}", f"objective.init={json.dumps(args.init)}"]
     if args.linear_probe:
+        if args.task != "classify":
+            p.error("--linear-probe is for --task classify")
         extra.append("objective.linear_probe=true")
     targs = train.parse_args(rest)
     targs.overrides = list(targs.overrides) + extra

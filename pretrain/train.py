@@ -63,7 +63,18 @@ def resolve_manifest(url: str) -> str:
 
 
 def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader, DataSpec]:
-    """The rank's StreamLoader (token augmentation in its workers) and what the objective may know about the data."""
+    """The rank's StreamLoader (token augmentation in its workers) and what the objective may know about the data.
+
+    ``data.input: pixels`` reads an image folder instead (``pretrain.pixels``); its DataSpec has
+    ``grid`` = (R, R) pixels and ``vocab_size`` 1 (no codebook), for a pixel-stem model."""
+    if cfg.data.input == "pixels":
+        from pretrain.pixels import PixelAugment, PixelFolderStream
+
+        pixels = PixelFolderStream(cfg.data.train, cfg.data.resolution, cfg.data.batch_size, train=True,
+                                   augment=PixelAugment.from_options(cfg.augment), seed=cfg.run.seed,
+                                   rank=rank, world_size=world)
+        spec = DataSpec(grid=(cfg.data.resolution,) * 2, vocab_size=1, num_classes=len(pixels.class_names))
+        return StreamLoader(pixels, num_workers=cfg.data.num_workers), spec
     manifest = read_manifest(resolve_manifest(cfg.data.train))
     meta = manifest.meta
     spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
@@ -78,6 +89,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
 def build_model(cfg: TrainConfig, spec: DataSpec) -> tuple[Objective, ViTConfig]:
     """The objective of ``cfg.objective`` on the ViT of ``cfg.model`` (grid and K from the data), and that ViTConfig."""
     model_options = dict(cfg.model)
+    if cfg.data.input == "pixels" and model_options.get("stem") != "pixel":
+        raise ValueError("data.input is 'pixels': set model.stem=pixel (and model.patch_size, e.g. 16)")
     vit = vit_config(model_options.pop("preset", "tiny"), grid=spec.grid[0], vocab_size=spec.vocab_size,
                      **model_options)
     objective_options = dict(cfg.objective)
@@ -158,7 +171,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             engine.step()
             m = {"loss": loss.detach(), **{k: v.detach() for k, v in m.items()}}
             metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
-            window.samples += len(batch["tokens"])
+            window.samples += len(batch["index"])
         step += 1
         window.steps += 1
         engine.module.after_step(step)
@@ -207,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, values in YAML syntax (e.g. optim.lr=3e-4 engine.zero_stage=2)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,6 +133,13 @@ class TokenStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def loader_settings(self) -> dict:
+        """What a saved stream position is only valid for (checked by ``StreamLoader.load_state_dict``)."""
+        return {"seed": self.order.seed, "partitions": self.order.partitions, "window": self.order.window,
+                "shuffle": self.order.shuffle, "world_size": self.world_size, "rank": self.rank,
+                "batch_size": self.batch_size, "num_samples": self.manifest.num_samples,
+                "fingerprint": self.manifest.meta.tokenizer_fingerprint}
+
     def epoch_order(self, epoch: int | None = None) -> EpochOrder:
         return EpochOrder(self._sizes, self.order, self.epoch if epoch is None else epoch)
 
@@ -321,6 +328,9 @@ class TokenStream(IterableDataset):
 class StreamLoader:
     """A DataLoader over a TokenStream that knows its position: ``state_dict()`` / ``load_state_dict()``.
 
+    Any dataset with ``set_epoch``, ``resume_batches``, ``batches_per_rank`` and ``loader_settings``
+    works too (``pretrain.pixels.PixelFolderStream``).
+
     The state is ``{"epoch", "batches", ...}`` plus the settings it is only valid for (seed,
     world size, workers, batch size, partitions, dataset fingerprint); loading a state made
     under other settings raises ValueError naming the fields. Iterating runs the rest of the
@@ -341,11 +351,7 @@ class StreamLoader:
         return self.dataset.batches_per_rank(self.num_workers)
 
     def _settings(self) -> dict:
-        d = self.dataset
-        return {"seed": d.order.seed, "partitions": d.order.partitions, "window": d.order.window,
-                "shuffle": d.order.shuffle, "world_size": d.world_size, "rank": d.rank,
-                "num_workers": self.num_workers, "batch_size": d.batch_size,
-                "num_samples": d.manifest.num_samples, "fingerprint": d.manifest.meta.tokenizer_fingerprint}
+        return {**self.dataset.loader_settings(), "num_workers": self.num_workers}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, **self._settings()}

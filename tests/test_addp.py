@@ -20,6 +20,8 @@ from pretrain.objectives import DataSpec, load_objective
 from pretrain.objectives.addp import (
     ADDP,
     ADDPConfig,
+    KMeansPatchDecoder,
+    frozen_decoder,
     mask_ratio_grid,
     mask_ratio_probs,
     nested_masks,
@@ -198,8 +200,9 @@ def test_one_token_encoder_patches(tok, predictor):
 
 def test_validation_errors(tok, predictor):
     kmeans = KMeansTokenizer(KMeansConfig(vocab_size=64, patch=2, resolution=32), torch.rand(64, 12))
+    assert isinstance(frozen_decoder(kmeans), KMeansPatchDecoder)  # centroids are pixel patches
     with pytest.raises(TypeError, match="soft code embeddings"):
-        ADDP(ADDPConfig(**SMALL), VIT, DATA, tokenizer=kmeans, predictor=predictor)
+        frozen_decoder(object())
     with pytest.raises(ValueError, match="pixel_patch"):
         _addp(tok, predictor, pixel_patch=8)  # 4 tokens a side would straddle 2 x 2 mask units
     with pytest.raises(ValueError, match="grid"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from storage.codec import fit_codec, order0_entropy_bits
-from storage.manifest import DatasetMeta, read_manifest, write_split
+from storage.manifest import DatasetMeta, write_split
 from storage.shard import Sample
 from storage.stream import TokenStream
 from tests.conftest import shared_data_dir
@@ -23,31 +23,52 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
+    """The reduced quickstart: every stage of the default one (generated data, local Ray cluster and
+    S3 endpoint, four tokenisation jobs, 2-rank MTM, classification and segmentation fine-tuning), few steps."""
     out = tmp_path_factory.mktemp("qs")
-    assert main(["quickstart", "--out", str(out), "--vocab", "64", "--resolution", "128"]) == 0
+    assert main(["quickstart", "--out", str(out), "--per-class", "8", "--depth", "1", "--pretrain-steps", "4",
+                 "--finetune-steps", "4", "--segment-steps", "2"]) == 0
     return out
 
 
-def test_quickstart_round_trips_every_image(quickstart_run):
+def test_quickstart_runs_the_whole_journey_and_stops_everything(quickstart_run):
     report = json.loads((quickstart_run / "report.json").read_text())
-    n_images = len(list((quickstart_run / "images").rglob("*.JPEG")))
-    assert report["images"] == n_images == report["streamed_samples"]
-    assert report["storage_fraction"] < 0.2 and report["shard_bytes"] > 0
-    manifest = read_manifest(str(quickstart_run / "tokens" / "train"))
-    assert manifest.num_samples == n_images and manifest.meta.codec.name == "zstd2d"
+    assert report["store"].startswith("s3://") and set(report["storage"]) == {"train", "val", "training", "validation"}
+    for split, s in report["storage"].items():
+        assert s["images"] == s["written"] + s["rejected"] and s["written"] > 0, split
+        assert 0 < s["shard_bytes"] < 0.1 * s["jpeg_bytes"], split
+    assert report["storage"]["train"]["images"] == len(list((quickstart_run / "imagenet" / "train").rglob("*.JPEG")))
+    assert report["pretrain"]["steps"] == 4 and report["pretrain"]["samples_per_s"] > 0
+    assert report["classify"]["steps"] == 4 and 0.0 <= report["classify"]["top1"] <= report["classify"]["top5"] <= 1
+    assert report["segment"]["steps"] == 2 and 0.0 <= report["segment"]["miou"] <= 1.0
+    assert report["classify"]["val_images"] == report["storage"]["val"]["written"]
+    from vqpt.local_ray import _pids_mentioning
+
+    assert not _pids_mentioning("/tmp/vqpt-ray-"), "a Ray process of the quickstart is still running"
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")), "DeepSpeed left /dev/shm buffers"
 
 
-def test_inspect_and_verify(quickstart_run, capsys):
-    split = str(quickstart_run / "tokens" / "train")
-    assert main(["inspect", split]) == 0
+@pytest.fixture(scope="module")
+def token_split(quickstart_run, tmp_path_factory):
+    from pipeline.tokenise import main as tokenise_main
+
+    out = tmp_path_factory.mktemp("tok")
+    assert tokenise_main(["--dataset", "imagenet", "--src", str(quickstart_run / "imagenet"), "--split", "train",
+                          "--out", str(out), "--resolution", "128", "--vocab", "64", "--shard-size", "32",
+                          "--num-cpus", "1"]) == 0
+    return str(out / "train")
+
+
+def test_inspect_and_verify(token_split, capsys):
+    assert main(["inspect", token_split]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["samples"] == 240 and info["codec"] == "zstd2d" and info["grid"] == [16, 16]
-    assert main(["verify", split]) == 0
-    shard = sorted(Path(split).glob("shard-*.tar"))[1]
+    assert info["samples"] == 80 and info["codec"] == "zstd2d" and info["grid"] == [16, 16]
+    assert main(["verify", token_split]) == 0
+    shard = sorted(Path(token_split).glob("shard-*.tar"))[1]
     data = bytearray(shard.read_bytes())
     data[700] ^= 0x10
     shard.write_bytes(bytes(data))
-    assert main(["verify", split]) == 1
+    assert main(["verify", token_split]) == 1
     assert shard.name in capsys.readouterr().err
 
 

@@ -8,11 +8,11 @@ import json
 import sys
 
 EPILOG = """examples:
-  vqpt quickstart                              # generated images -> tokens -> shards -> stream
+  vqpt quickstart                              # generated data -> tokens -> S3 -> pre-train -> fine-tune
+  vqpt quickstart --imagenet ~/imagenette --ade20k ~/ADEChallengeData2016 --store dir
   vqpt tokenise --dataset imagenet --src /data/imagenet --out s3://bucket/in1k-tok --split train
-  vqpt quickstart --images ~/imagenette/train --s3
   vqpt inspect s3://bucket/in1k-tok/train      # what a dataset split holds
-  vqpt verify runs/quickstart/tokens/train     # re-read every shard: hashes and decoding
+  vqpt verify runs/quickstart/store/imagenet/train   # re-read every shard: hashes and decoding
 
 S3: the endpoint comes from $VQPT_S3_ENDPOINT (or $AWS_ENDPOINT_URL), credentials from the
 usual AWS environment variables or profile; nothing secret is ever printed."""
@@ -71,23 +71,37 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from vqpt.quickstart import run
+    from vqpt.quickstart import QuickstartConfig, run
 
-    run(args.images, args.out, args.s3, args.vocab, args.resolution, args.limit)
+    run(QuickstartConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func")}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vqpt.quickstart import QuickstartConfig
+
+    d = QuickstartConfig()
     ap = argparse.ArgumentParser(prog="vqpt", description="Vision datasets as VQ tokens: store, stream, pre-train.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="the whole journey so far on a small dataset, on this machine")
-    q.add_argument("--images", help="folder of images, one subfolder per class (default: generate one)")
-    q.add_argument("--out", default="runs/quickstart", help="working directory (default: runs/quickstart)")
-    q.add_argument("--s3", action="store_true", help="store the shards on a local S3 endpoint (moto's server)")
-    q.add_argument("--vocab", type=int, default=256, help="codebook size of the k-means tokenizer (default 256)")
-    q.add_argument("--resolution", type=int, default=256, help="tokenizer input side in px (default 256)")
-    q.add_argument("--limit", type=int, help="use only the first N images")
+    q = sub.add_parser("quickstart", help="the whole journey on a small dataset, on this machine (~10 min)",
+                       description="images -> Ray tokenisation jobs -> token shards on S3 -> 2-rank DeepSpeed MTM "
+                                   "pre-training -> classification and ADE20K segmentation fine-tuning -> report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--imagenet", help="ImageNet-layout root with train/ and val/ (default: generate a small one)")
+    q.add_argument("--ade20k", help="ADEChallengeData2016 folder or its parent (default: generate a small one)")
+    q.add_argument("--out", default=d.out, help="working directory (runs, generated data, report.json)")
+    q.add_argument("--store", choices=("s3", "dir"), default=d.store,
+                   help="shards on a local S3 endpoint (moto's server) or in <out>/store")
+    q.add_argument("--per-class", type=int, default=d.per_class, help="generated ImageNet train images per class")
+    q.add_argument("--vocab", type=int, default=d.vocab, help="codebook size of the k-means tokenizer")
+    q.add_argument("--resolution", type=int, default=d.resolution, help="tokenizer input side in px")
+    q.add_argument("--depth", type=int, default=d.depth, help="ViT-Tiny blocks")
+    q.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    q.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
+    q.add_argument("--segment-steps", type=int, default=d.segment_steps)
+    q.add_argument("--ranks", type=int, default=d.ranks, help="DeepSpeed ranks (CPU processes, or GPUs)")
+    q.add_argument("--cpus", type=int, default=d.cpus, help="CPUs of the local Ray cluster")
     q.set_defaults(func=_quickstart)
     i = sub.add_parser("inspect", help="summarise a dataset split (manifest URL or split directory)")
     i.add_argument("url")

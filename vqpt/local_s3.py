@@ -7,6 +7,7 @@ outage: moto keeps its in-memory buckets across a restart in the same process.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -36,6 +37,7 @@ class LocalS3:
             self._saved = {k: os.environ.get(k) for k in _ENV_KEYS}
             os.environ.update(AWS_ACCESS_KEY_ID="local", AWS_SECRET_ACCESS_KEY="local",
                               AWS_DEFAULT_REGION="us-east-1", VQPT_S3_ENDPOINT=self.endpoint)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per HTTP request
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         return self

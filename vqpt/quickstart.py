@@ -1,124 +1,234 @@
-"""``vqpt quickstart``: the journey so far on a small dataset, on this machine.
+"""``vqpt quickstart``: the whole journey on a small dataset, on this machine, in one command.
 
-Stages: images (``--images DIR``, or a generated ImageNet-layout folder) -> the tokenisation job
-(``pipeline.tokenise`` on a local Ray instance: a k-means VQ tokenizer fitted on the images, token
-shards + manifest in a local directory, or on a local S3 endpoint with ``--s3``) -> streamed back
-through the training reader -> a storage and speed report.
+Stages (each prints its progress):
+
+1. data: ``--imagenet ROOT`` (``train/`` + ``val/``) and ``--ade20k ROOT``, or small generated
+   folders in those layouts (``vqpt.sample_data``);
+2. a local Ray cluster (``ray start --head``, stopped at the end) and a local S3 endpoint (moto's
+   server; ``--store dir`` writes to a directory instead);
+3. tokenisation jobs submitted through Ray's job API: ImageNet train (fits the k-means tokenizer),
+   val, and ADE20K training/validation with label maps, all with the one tokenizer;
+4. MTM pre-training of a ViT-Tiny on the streamed train shards, 2 DeepSpeed ranks;
+5. classification fine-tuning from that backbone, evaluated on val (top-1 / top-5);
+6. ADE20K segmentation fine-tuning from the same backbone, evaluated (mIoU, pixel accuracy);
+7. the report: storage, throughput, accuracy (``<out>/report.json``).
+
+Nothing is left running: the Ray cluster, the S3 server and the DeepSpeed ranks all stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-from pipeline import tokenise
-from pipeline.images import list_images
+from pretrain.launch import ROOT, run_deepspeed
 from storage.manifest import read_manifest
-from storage.stream import StreamLoader, TokenStream
+from vqpt.local_ray import LocalRayCluster, submit_job
 from vqpt.local_s3 import LocalS3
+from vqpt.sample_data import generate_ade20k, generate_imagenet, generate_imagenet_folder
+
+__all__ = ["QuickstartConfig", "run", "generate_imagenet_folder"]
+
+_S3_ENV = ("VQPT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
-def generate_imagenet_folder(root: Path, classes: int = 10, per_class: int = 24, seed: int = 0) -> Path:
-    """A small ImageNet-layout folder (``train/<wnid>/<wnid>_<i>.JPEG``) of drawn scenes, one style per class."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        wnid = f"n{c:08d}"
-        folder = root / "train" / wnid
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 255, size=3)
-        for i in range(per_class):
-            w, h = int(rng.integers(180, 320)), int(rng.integers(180, 320))
-            img = Image.new("RGB", (w, h), tuple(int(v) for v in (base + rng.integers(-30, 30, 3)).clip(0, 255)))
-            draw = ImageDraw.Draw(img)
-            for _ in range(3 + c % 4):
-                x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-                x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
-                colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-                (draw.ellipse if c % 2 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-            img.save(folder / f"{wnid}_{i}.JPEG", quality=90)
-    return root
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """What ``vqpt quickstart`` runs; the defaults finish in about 10 minutes on 2 CPU cores."""
+
+    out: str = "runs/quickstart"
+    imagenet: str | None = None  # ImageNet-layout root with train/ and val/ (default: generated)
+    ade20k: str | None = None  # ADEChallengeData2016 (or its parent) (default: generated)
+    store: str = "s3"  # "s3" (local moto server) or "dir"
+    per_class: int = 60  # generated ImageNet train images per class (val: a third)
+    vocab: int = 256
+    resolution: int = 128
+    depth: int = 4
+    pretrain_steps: int = 150
+    finetune_steps: int = 150
+    segment_steps: int = 100
+    ranks: int = 2
+    cpus: int = 2
+
+
+class Stages:
+    """Numbered stage headers with elapsed time."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.n += 1
+        print(f"\n[{self.n}/{self.total}] {text}   (t = {time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+
+def _relay(line: str) -> None:
+    """A job's log line; progress bars (carriage returns) overwrite one terminal line."""
+    if "%|" in line:
+        print(f"\r    {line.strip()[:110]}", end="", flush=True)
+    elif line.strip():
+        print(f"    {line.rstrip()}", flush=True)
 
 
 @contextlib.contextmanager
-def local_s3_bucket() -> Iterator[str]:
-    """A local S3 endpoint with a bucket for the quickstart; yields ``s3://vqpt-quickstart``."""
+def object_store(cfg: QuickstartConfig, out: Path) -> Iterator[tuple[str, dict]]:
+    """Yields (store root URL, env for jobs and ranks): a bucket on a local moto server, or a directory."""
+    if cfg.store == "dir":
+        root = out / "store"
+        shutil.rmtree(root, ignore_errors=True)
+        yield str(root), {}
+        return
     with LocalS3() as s3:
-        yield s3.bucket("vqpt-quickstart")
+        yield s3.bucket("vqpt-quickstart"), {k: os.environ[k] for k in _S3_ENV if k in os.environ}
 
 
-def run(images: str | None, out: str, use_s3: bool, vocab: int, resolution: int, limit: int | None) -> dict:
-    """Run every stage; returns (and prints) the report."""
+def _tokenise(ray_cluster, env: dict, dataset: str, src: str, split: str, out: str, cfg: QuickstartConfig,
+              tokenizer: str | None = None) -> dict:
+    argv = [sys.executable, "-m", "pipeline.tokenise", "--dataset", dataset, "--src", src, "--split", split,
+            "--out", out, "--resolution", str(cfg.resolution), "--vocab", str(cfg.vocab), "--shard-size", "128",
+            "--block-size", "64", "--chunk-size", "32", "--labelmap-resolution", str(cfg.resolution)]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
+    submit_job(ray_cluster, argv, env={**env, "PYTHONPATH": str(ROOT)}, on_line=_relay)
+    print(flush=True)
+    report_url = f"{out.rstrip('/')}/{split}/report.json"
+    from storage import io as sio
+
+    return json.loads(sio.read_bytes(report_url))
+
+
+def _train(module: str, args: list[str], out: Path, cfg: QuickstartConfig, env: dict) -> list[dict]:
+    """A launcher run (progress bar of rank 0 on the terminal); returns its log records."""
+    proc = run_deepspeed(module, [*args, "--out", str(out)], ranks=cfg.ranks, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"quickstart: {module} failed (rc {proc.returncode}); its output is above")
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _jpeg_bytes(paths: list[str]) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    """Run every stage; returns (and prints, and writes to ``<out>/report.json``) the report."""
+    from pipeline.readers import list_ade20k, list_imagenet
+    from pretrain.evaluate import evaluate
+
     started = time.perf_counter()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if images is None:
-        images_root = out_dir / "images"
-        shutil.rmtree(images_root, ignore_errors=True)
-        print(f"[1/3] no --images given: generating a small ImageNet-layout folder in {images_root}")
-        generate_imagenet_folder(images_root)
-        images = str(images_root)
-    if limit:
-        subset = out_dir / "subset"
-        shutil.rmtree(subset, ignore_errors=True)
-        for p in list_images(images)[:limit]:
-            dst = subset / p.relative_to(images)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(p.resolve())
-        images = str(subset)
-    paths = list_images(images)
-    if not paths:
-        raise SystemExit(f"no images found under {images}")
-    imagenet_layout = (Path(images) / "train").is_dir()
-    print(f"[1/3] {len(paths)} images under {images}")
-    with local_s3_bucket() if use_s3 else contextlib.nullcontext(str(out_dir / "tokens")) as base:
-        print(f"[2/3] tokenisation job (local Ray, k-means tokenizer K={vocab}) -> {base}")
-        shutil.rmtree(out_dir / "tokens", ignore_errors=True)
-        report = tokenise.run(tokenise.JobConfig(
-            dataset="imagenet" if imagenet_layout else "folder", src=images, out=base, split="train",
-            vocab=vocab, resolution=resolution, shard_size=64, block_size=32, chunk_size=32))
-        manifest = read_manifest(report["manifest"])
-        print(f"[3/3] streaming {manifest.root} back through the training reader (2 DataLoader workers)")
-        loader = StreamLoader(TokenStream(manifest.url, 64, partitions=4,
-                                          expected_fingerprint=report["tokenizer_fingerprint"]), num_workers=2)
-        t0 = time.perf_counter()
-        seen = [k for batch in loader for k, pad in zip(batch["key"], batch["pad"].tolist()) if not pad]
-        stream_s = time.perf_counter() - t0
-    if len(seen) != len(set(seen)) or len(seen) != manifest.num_samples:
-        raise SystemExit("quickstart: the stream did not return every sample exactly once")
-    jpeg_bytes = sum(p.stat().st_size for p in paths)
-    token_bytes = sum(s.bytes for s in manifest.shards)
-    n_tokens = manifest.num_samples * manifest.meta.grid[0] * manifest.meta.grid[1]
-    report = {
-        "images": len(paths),
-        "written": manifest.num_samples,
-        "rejected": report["rejected"],
-        "tokenizer": {"how": report["tokenizer"], "vocab_size": vocab, "grid": list(manifest.meta.grid),
-                      "fingerprint": report["tokenizer_fingerprint"]},
-        "codec": manifest.meta.codec.name,
-        "jpeg_bytes": jpeg_bytes,
-        "shard_bytes": token_bytes,
-        "storage_fraction": token_bytes / jpeg_bytes,
-        "bits_per_token": 8 * token_bytes / n_tokens,
-        "shards": len(manifest.shards),
-        "streamed_samples": len(seen),
-        "stream_samples_per_s": len(seen) / stream_s,
-        "store": "s3 (local moto server)" if use_s3 else str(out_dir / "tokens"),
-        "wall_s": time.perf_counter() - started,
-    }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(f"  images              {report['images']}")
-    print(f"  JPEG bytes          {jpeg_bytes:,}")
-    print(f"  token shard bytes   {token_bytes:,}  ({100 * report['storage_fraction']:.2f}% of the JPEGs, "
-          f"{report['bits_per_token']:.2f} bits/token incl. container)")
-    print(f"  streamed back       {len(seen)} samples, every one exactly once "
-          f"({report['stream_samples_per_s']:,.0f} samples/s incl. worker start-up)")
-    print(f"  report              {out_dir / 'report.json'}   ({report['wall_s']:.0f} s)")
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Stages(7)
+    stage("data")
+    imagenet, ade20k = cfg.imagenet, cfg.ade20k
+    if imagenet is None:
+        imagenet = str(out / "imagenet")
+        shutil.rmtree(imagenet, ignore_errors=True)
+        generate_imagenet(Path(imagenet), 10, cfg.per_class, max(4, cfg.per_class // 3))
+        print(f"    generated an ImageNet-layout folder: {imagenet}")
+    if ade20k is None:
+        shutil.rmtree(out / "ade20k", ignore_errors=True)
+        ade20k = str(generate_ade20k(out / "ade20k", train=max(8, cfg.per_class // 2), val=8))
+        print(f"    generated an ADE20K-layout folder: {ade20k}")
+    listings = {"train": list_imagenet(imagenet, "train"), "val": list_imagenet(imagenet, "val"),
+                "training": list_ade20k(ade20k, "training"), "validation": list_ade20k(ade20k, "validation")}
+    for name, listing in listings.items():
+        print(f"    {name:<11} {len(listing.items):5d} images")
+    runs = out / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    stage(f"object store ({cfg.store}) and a local Ray cluster ({cfg.cpus} CPUs)")
+    with object_store(cfg, out) as (store_url, env):
+        inet, ade = f"{store_url}/imagenet", f"{store_url}/ade20k"
+        with LocalRayCluster(num_cpus=cfg.cpus) as ray_cluster:
+            print(f"    Ray job server {ray_cluster.address}; shards go to {store_url}")
+            stage("tokenisation jobs through Ray's job API (ImageNet train fits the tokenizer)")
+            tok = {"train": _tokenise(ray_cluster, env, "imagenet", imagenet, "train", inet, cfg)}
+            tokenizer = f"{inet}/tokenizer.pt"
+            tok["val"] = _tokenise(ray_cluster, env, "imagenet", imagenet, "val", inet, cfg, tokenizer)
+            for split in ("training", "validation"):
+                tok[split] = _tokenise(ray_cluster, env, "ade20k", ade20k, split, ade, cfg, tokenizer)
+        print("    Ray cluster stopped")
+        data = {split: f"{inet if split in ('train', 'val') else ade}/{split}" for split in tok}
+        common = [f"model.depth={cfg.depth}", "run.log_every=5"]
+        stage(f"MTM pre-training, {cfg.ranks} DeepSpeed ranks, {cfg.pretrain_steps} steps, shards streamed "
+              f"from {inet}/train")
+        pre = _train("pretrain.train", ["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data",
+                                        data["train"], f"run.steps={cfg.pretrain_steps}", "optim.lr=1.5e-3",
+                                        f"optim.warmup_steps={max(1, cfg.pretrain_steps // 15)}", "data.batch_size=32",
+                                        "objective.decoder_dim=128", "objective.decoder_heads=4", *common],
+                     runs / "mtm", cfg, env)
+        init = str(runs / "mtm" / "checkpoints")
+        stage(f"classification fine-tuning from the MTM backbone, {cfg.finetune_steps} steps")
+        cls = _train("pretrain.finetune", ["--task", "classify", "--init", init, "--config",
+                                           str(ROOT / "configs" / "finetune_cls_tiny.yaml"), "--data", data["train"],
+                                           f"run.steps={cfg.finetune_steps}", "optim.lr=1e-3", "data.batch_size=32",
+                                           f"optim.warmup_steps={max(1, cfg.finetune_steps // 10)}", *common],
+                     runs / "classify", cfg, env)
+        cls_eval = evaluate(str(runs / "classify" / "checkpoints"), data["val"], batch_size=128)
+        print(f"    val top-1 {100 * cls_eval['top1']:.1f} %, top-5 {100 * cls_eval['top5']:.1f} % "
+              f"({cls_eval['samples']} images)")
+        stage(f"ADE20K segmentation fine-tuning from the MTM backbone, {cfg.segment_steps} steps")
+        seg = _train("pretrain.finetune", ["--task", "segment", "--init", init, "--config",
+                                           str(ROOT / "configs" / "finetune_seg_tiny.yaml"), "--data",
+                                           data["training"], f"run.steps={cfg.segment_steps}", "optim.lr=5e-4",
+                                           f"optim.warmup_steps={max(1, cfg.segment_steps // 10)}", *common],
+                     runs / "segment", cfg, env)
+        seg_eval = evaluate(str(runs / "segment" / "checkpoints"), data["validation"], batch_size=16)
+        print(f"    validation mIoU {100 * seg_eval['miou']:.1f} %, pixel accuracy "
+              f"{100 * seg_eval['pixel_accuracy']:.1f} % ({seg_eval['samples']} images)")
+        manifests = {split: read_manifest(url) for split, url in data.items()}
+    stage("report")
+    report = _report(cfg, listings, tok, manifests, pre, cls, cls_eval, seg, seg_eval, store_url,
+                     time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_report(report, out / "report.json")
     return report
+
+
+def _rate(records: list[dict]) -> float:
+    tail = records[len(records) // 2:] or records
+    return sum(r["samples_per_s"] for r in tail) / max(1, len(tail))
+
+
+def _report(cfg, listings, tok, manifests, pre, cls, cls_eval, seg, seg_eval, store_url, wall_s) -> dict:
+    storage = {}
+    for split, listing in listings.items():
+        jpeg = _jpeg_bytes([i.path for i in listing.items])
+        shard = sum(s.bytes for s in manifests[split].shards)
+        storage[split] = {"images": len(listing.items), "written": tok[split]["written"],
+                          "rejected": tok[split]["rejected"], "jpeg_bytes": jpeg, "shard_bytes": shard,
+                          "fraction": shard / jpeg, "job_s": tok[split]["wall_s"]}
+    return {
+        "store": store_url, "tokenizer": tok["train"]["tokenizer"], "grid": list(manifests["train"].meta.grid),
+        "vocab": cfg.vocab, "storage": storage,
+        "pretrain": {"steps": pre[-1]["step"], "loss_first": pre[0]["loss"], "loss_last": pre[-1]["loss"],
+                     "samples_per_s": _rate(pre), "data_wait_fraction": pre[-1]["data_wait_fraction"]},
+        "classify": {"steps": cls[-1]["step"], "samples_per_s": _rate(cls), "top1": cls_eval["top1"],
+                     "top5": cls_eval["top5"], "val_images": cls_eval["samples"]},
+        "segment": {"steps": seg[-1]["step"], "samples_per_s": _rate(seg), "miou": seg_eval["miou"],
+                    "pixel_accuracy": seg_eval["pixel_accuracy"], "val_images": seg_eval["samples"]},
+        "ranks": cfg.ranks, "wall_s": round(wall_s, 1),
+    }
+
+
+def _print_report(r: dict, path: Path) -> None:
+    print(f"\n  storage ({r['store']}; tokenizer: {r['tokenizer']}; {r['grid'][0]}x{r['grid'][1]} tokens, "
+          f"K={r['vocab']})")
+    print(f"    {'split':<11} {'images':>6} {'JPEG bytes':>12} {'shard bytes':>12} {'fraction':>9} {'job s':>6}")
+    for split, s in r["storage"].items():
+        print(f"    {split:<11} {s['images']:>6} {s['jpeg_bytes']:>12,} {s['shard_bytes']:>12,} "
+              f"{100 * s['fraction']:>8.2f}% {s['job_s']:>6.1f}")
+    p, c, g = r["pretrain"], r["classify"], r["segment"]
+    print(f"  MTM pre-training    {p['steps']} steps, loss {p['loss_first']:.3f} -> {p['loss_last']:.3f}, "
+          f"{p['samples_per_s']:.0f} samples/s on {r['ranks']} ranks, data wait {100 * p['data_wait_fraction']:.1f}%")
+    print(f"  classification      {c['steps']} steps, val top-1 {100 * c['top1']:.1f}%, top-5 {100 * c['top5']:.1f}% "
+          f"({c['val_images']} images)")
+    print(f"  segmentation        {g['steps']} steps, mIoU {100 * g['miou']:.1f}%, pixel accuracy "
+          f"{100 * g['pixel_accuracy']:.1f}% ({g['val_images']} images)")
+    print(f"  report              {path}   ({r['wall_s']:.0f} s in all)")

@@ -58,12 +58,13 @@ def _registry() -> dict[str, tuple[type, type[Objective]]]:
     from pretrain.objectives.classify import Classify, ClassifyConfig
     from pretrain.objectives.m3i import M3I, M3IConfig
     from pretrain.objectives.mtm import MTM, MTMConfig
+    from pretrain.objectives.segment import Segment, SegmentConfig
 
     return {"mtm": (MTMConfig, MTM), "m3i": (M3IConfig, M3I), "addp": (ADDPConfig, ADDP),
-            "classify": (ClassifyConfig, Classify)}
+            "classify": (ClassifyConfig, Classify), "segment": (SegmentConfig, Segment)}
 
 
-OBJECTIVES = ("mtm", "m3i", "addp", "classify")
+OBJECTIVES = ("mtm", "m3i", "addp", "classify", "segment")
 
 
 def make_config(cls: type, options: dict, where: str):

@@ -1,7 +1,8 @@
 """ADDP: alternating denoising diffusion process (ChangyaoTian/ADDP ``models_addp.py``), from stored tokens.
 
 Two frozen parts and one trained model. The **VQ decoder** (a ``pipeline.tokenizer.vqgan`` tokenizer's,
-the one whose tokens the dataset holds) turns code vectors, hard or soft, into pixels; the **token
+the one whose tokens the dataset holds; for a k-means tokenizer its centroids painted as patches,
+``KMeansPatchDecoder``) turns code vectors, hard or soft, into pixels; the **token
 predictor** (an MTM run on the same tokens, ``MTM.predict``; MAGE in the reference) gives token
 distributions from partly masked ids. The trained model is a **pixel-stem ViT encoder** (``self.encoder``,
 what is exported) plus a token decoder. One step, for ids int64 (B, h, w) (reference function names):
@@ -66,8 +67,9 @@ from torch import nn
 from pretrain.objectives import DataSpec, Objective
 from pretrain.vit import Block, VisionTransformer, ViTConfig
 
-__all__ = ["ADDPConfig", "ADDP", "FrozenVQDecoder", "mask_ratio_grid", "mask_ratio_probs", "sample_ratio_pair",
-           "nested_masks", "soft_cross_entropy", "upsample_mask"]
+__all__ = ["ADDPConfig", "ADDP", "FrozenVQDecoder", "KMeansPatchDecoder", "frozen_decoder", "normalize_input",
+           "mask_ratio_grid", "mask_ratio_probs", "sample_ratio_pair", "nested_masks",
+           "soft_cross_entropy", "upsample_mask"]
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (R's ``normalize_input``)
 _STD = (0.229, 0.224, 0.225)
@@ -77,7 +79,8 @@ _STD = (0.229, 0.224, 0.225)
 class ADDPConfig:
     """ADDP settings; defaults are the reference's ViT-B run (see the module table).
 
-    tokenizer: VQGAN tokenizer checkpoint (``load_tokenizer``) whose tokens the dataset holds.
+    tokenizer: tokenizer checkpoint (``load_tokenizer``) whose tokens the dataset holds: VQGAN, or k-means
+        (its centroids are pixel patches, ``KMeansPatchDecoder``).
     predictor: trainer checkpoint directory of an MTM run on the same tokens (``load_objective``).
     pixel_patch: pixels per patch side of the encoder (16 at 256 px); a multiple of the VQ factor.
     """
@@ -225,6 +228,47 @@ class FrozenVQDecoder(nn.Module):
         return self.decoder(self.post_quant_conv(z.permute(0, 3, 1, 2).to(self.codebook.dtype)))
 
 
+class KMeansPatchDecoder(nn.Module):
+    """The k-means tokenizer's decoder (``pipeline.tokenizer.kmeans``), frozen: a code is its centroid,
+    a p x p RGB patch in [0, 1], so a soft code paints the expected patch. ``FrozenVQDecoder``'s interface."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.register_buffer("codebook", tokenizer.codebook.clone())  # float (K, p * p * 3), (row, col, channel)
+        self.patch = int(tokenizer.config.patch)
+        self.resolution = int(tokenizer.resolution)
+        self.grid = tuple(int(s) for s in tokenizer.grid)
+        self.requires_grad_(False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int64 (B, h, w) -> code vectors float (B, h, w, D)."""
+        return F.embedding(ids, self.codebook)
+
+    def soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs float (B, h, w, K) -> expected code vectors float (B, h, w, D)."""
+        return probs.to(self.codebook.dtype) @ self.codebook
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z float (B, h, w, p * p * 3) -> images float (B, 3, h p, w p) in [-1, 1]."""
+        b, h, w, _ = z.shape
+        p = self.patch
+        x = z.reshape(b, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * p, w * p)
+        return x * 2.0 - 1.0
+
+
+def frozen_decoder(tokenizer) -> nn.Module:
+    """The frozen pixel decoder of a tokenizer: ``FrozenVQDecoder`` (VQGAN) or ``KMeansPatchDecoder``."""
+    if getattr(tokenizer, "kind", None) == "kmeans" or type(tokenizer).__name__ == "KMeansTokenizer":
+        return KMeansPatchDecoder(tokenizer)
+    return FrozenVQDecoder(tokenizer)
+
+
+def normalize_input(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images float (B, 3, R, R) about [-1, 1] -> the encoder's input: [0, 1], clamped, ImageNet mean/std."""
+    x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)
+
+
 # -- the objective ----------------------------------------------------------------------------------
 
 
@@ -242,7 +286,7 @@ class ADDP(Objective):
         super().__init__()
         if tokenizer is None:
             if not cfg.tokenizer:
-                raise ValueError("ADDP needs objective.tokenizer: the VQGAN tokenizer checkpoint of the data")
+                raise ValueError("ADDP needs objective.tokenizer: the tokenizer checkpoint of the data")
             from pipeline.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(cfg.tokenizer)
@@ -253,7 +297,7 @@ class ADDP(Objective):
 
             predictor = load_objective(cfg.predictor)[0]
         self.cfg = cfg
-        self.vq = FrozenVQDecoder(tokenizer)
+        self.vq = frozen_decoder(tokenizer)
         h, w = self.vq.grid
         k, res = self.vq.codebook.shape[0], self.vq.resolution
         if h != w or (h, w) != tuple(data.grid) or k != data.vocab_size:
@@ -349,8 +393,7 @@ class ADDP(Objective):
     def forward_encoder(self, images: torch.Tensor) -> torch.Tensor:
         """images float (B, 3, R, R) in [-1, 1] -> latent (B, 1 + N_enc, D)."""
         enc = self.encoder
-        x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        x = ((x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)).to(enc.pos_embed.dtype)
+        x = normalize_input(images).to(enc.pos_embed.dtype)
         x = enc.patchify(x) + enc.pos_embed[:, 1:]
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.input_dropout(self.input_norm(torch.cat([cls, x], dim=1)))

@@ -1,9 +1,9 @@
-"""Image classification on token grids: the fine-tuning (and linear-probe) objective.
+"""Image classification from tokens (or pixels): the fine-tuning (and linear-probe) objective.
 
-A token-stem ViT (``self.encoder``) with a linear head over ``data.num_classes`` classes, trained
+A ViT (``self.encoder``) with a linear head over ``data.num_classes`` classes, trained
 with cross-entropy (label smoothing; soft ``target`` rows when Token-CutMix/Mixup produced them).
 ``init`` loads a pre-trained backbone: a ``backbone.pt`` file (``pretrain.export.save_backbone``) or
-a trainer checkpoints directory of any objective (MTM, M3I, ADDP with a token stem); the head and
+a trainer checkpoints directory of any objective (MTM, M3I; ADDP's pixel-stem encoder with ``decoder``); the head and
 any size-mismatched tensors start fresh, and what was not loaded is printed. ``linear_probe``
 freezes everything but the head.
 
@@ -15,7 +15,12 @@ global_pool avg     MAE      mean of patch tokens then ``fc_norm`` (SeiT fine-tu
 head_init_std 2e-5  MAE      ``trunc_normal_(head.weight, std=2e-5)``
 layer decay         MAE      ``optim.layer_decay`` (0.75 for ViT-B in MAE; 1.0 = off)
 linear probe        ours     frozen encoder, plain linear head (MAE adds a BatchNorm)
+decoder             ADDP     a pixel-stem backbone fine-tuned on pixels decoded from the stored tokens
 ================== ========  =================================================================
+
+Inputs: token ids (token stem, the default), ``pixels`` from an image folder (``data.input: pixels``,
+``model.stem: pixel``), or with ``decoder`` the tokens decoded to pixels by the frozen tokenizer
+decoder (``pretrain.objectives.addp.frozen_decoder``) for a pixel-stem encoder of ``pixel_patch``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class ClassifyConfig:
     global_pool: str = "avg"
     head_init_std: float = 2e-5
     linear_probe: bool = False
+    decoder: str = ""  # tokenizer checkpoint: fine-tune a pixel-stem encoder on pixels decoded from the tokens
+    pixel_patch: int = 16  # px per patch side of that pixel-stem encoder
 
     def __post_init__(self) -> None:
         if self.global_pool not in ("avg", "token"):
@@ -86,6 +93,15 @@ class Classify(Objective):
         if data.num_classes < 1:
             raise ValueError("classification needs class names in the manifest (data.num_classes is 0)")
         self.cfg = cfg
+        self.vq = None
+        if cfg.decoder:  # e.g. an ADDP backbone: tokens are stored, the encoder sees their decoded pixels
+            from pipeline.tokenizer import load_tokenizer
+            from pretrain.objectives.addp import frozen_decoder
+
+            self.vq = frozen_decoder(load_tokenizer(cfg.decoder))
+            if self.vq.grid != tuple(data.grid):
+                raise ValueError(f"objective.decoder {cfg.decoder}: grid {self.vq.grid} is not the data's {data.grid}")
+            vit = dataclasses.replace(vit, stem="pixel", grid=self.vq.resolution, patch_size=cfg.pixel_patch)
         self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=data.num_classes,
                                                              global_pool=cfg.global_pool))
         if cfg.init:
@@ -98,9 +114,34 @@ class Classify(Objective):
             for name, p in self.encoder.named_parameters():
                 p.requires_grad_(name.startswith("head."))
 
+    def train(self, mode: bool = True) -> Classify:
+        super().train(mode)
+        if self.vq is not None:
+            self.vq.eval()
+        return self
+
+    def inputs(self, batch: dict) -> torch.Tensor:
+        """The encoder's input: decoded ``tokens`` (with ``decoder``), ``pixels`` (pixel stem), else ``tokens``."""
+        if self.vq is not None:
+            from pretrain.objectives.addp import normalize_input
+
+            with torch.no_grad():
+                images = self.vq(self.vq.embed(batch["tokens"]))
+            return normalize_input(images).to(self.encoder.pos_embed.dtype)
+        if self.encoder.cfg.stem == "pixel":
+            if "pixels" not in batch:
+                raise ValueError("a pixel-stem classifier needs batch['pixels'] (data.input: pixels) or "
+                                 "objective.decoder to decode the tokens")
+            return batch["pixels"].to(self.encoder.pos_embed.dtype)
+        return batch["tokens"]
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """float (B, num_classes)."""
+        return self.encoder(self.inputs(batch)).float()
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["label"]
-        logits = self.encoder(batch["tokens"]).float()
+        logits = self.logits(batch)
         keep = labels >= 0
         if "target" in batch:
             target = batch["target"].float()[keep]

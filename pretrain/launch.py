@@ -1,0 +1,73 @@
+"""Run a trainer module under the real ``deepspeed`` launcher from Python (benchmarks, quickstart, tests).
+
+    rc = run_deepspeed("pretrain.train", ["--config", "configs/mtm_vit_tiny.yaml", "--data", d, "--out", o],
+                       ranks=2, log=Path("out/mtm/launcher.log"))
+
+On a machine without CUDA the ranks are CPU processes (``DS_ACCELERATOR=cpu``, ``--num_accelerators``);
+with CUDA, one rank per GPU (``--num_gpus``). A fresh master port per launch, and the launcher's
+CPU all-reduce buffers in /dev/shm (``deepspeed_allreduce_buffer_*_<port>_*``) are removed whatever
+the outcome. The command is an argument list, never a shell string.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["deepspeed_executable", "deepspeed_command", "shm_buffers", "run_deepspeed", "ROOT"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deepspeed_executable() -> str:
+    """The ``deepspeed`` launcher beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    found = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if not found:
+        raise FileNotFoundError("the deepspeed launcher is not installed (pip install deepspeed)")
+    return found
+
+
+def deepspeed_command(module: str, args: Sequence[str], ranks: int, port: int, cpu: bool) -> list[str]:
+    """``deepspeed --num_accelerators|--num_gpus N --master_port P --module M ARGS...`` as a list."""
+    count = "--num_accelerators" if cpu else "--num_gpus"
+    return [deepspeed_executable(), count, str(ranks), "--master_port", str(port), "--module", module,
+            *map(str, args)]
+
+
+def shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of the launch on ``port``."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | None = None,
+                  timeout: float | None = None, cpu: bool | None = None, env: dict | None = None,
+                  capture: bool = False) -> subprocess.CompletedProcess:
+    """Launch ``module`` on ``ranks`` processes and wait. Output goes to ``log`` (a file) when given,
+    else is captured (``capture``) or inherited. Returns the CompletedProcess (check ``returncode``)."""
+    from vqpt.local_s3 import free_port
+
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    port = free_port()
+    cmd = deepspeed_command(module, args, ranks, port, cpu)
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    if cpu:
+        full_env["DS_ACCELERATOR"] = "cpu"
+    try:
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as f:
+                return subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=timeout, check=False)
+        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=capture, text=True, timeout=timeout,
+                              check=False)
+    finally:
+        for f in shm_buffers(port):
+            f.unlink(missing_ok=True)
