@@ -42,40 +42,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
+from bench.common import synthetic_split  # noqa: E402
 from pretrain import runtime  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.objectives import DataSpec  # noqa: E402
 from pretrain.optim import make_optimizer  # noqa: E402
 from pretrain.train import build_model  # noqa: E402
-from storage.codec import DEFAULT_CODEC, fit_codec  # noqa: E402
-from storage.manifest import DatasetMeta, manifest_url, read_manifest, write_split  # noqa: E402
-from storage.shard import Sample  # noqa: E402
+from storage.codec import DEFAULT_CODEC  # noqa: E402
+from storage.manifest import read_manifest  # noqa: E402
 from storage.stream import TokenStream  # noqa: E402
 
 CONFIG = _ROOT / "configs" / "mtm_vit_b.yaml"
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (datasheet, SXM)
-
-
-def synthetic_split(root: Path, n: int, grid: int = 32, vocab: int = 8192, seed: int = 0) -> str:
-    """A token split whose maps repeat neighbours the way real VQ maps do (runs of equal ids)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, vocab, size=(n, grid // 4, grid // 4))
-    tokens = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
-    noise = rng.random(tokens.shape) < 0.3
-    tokens = np.where(noise, rng.integers(0, vocab, size=tokens.shape), tokens).astype(np.uint16)
-    samples = [Sample(key=f"{i:07d}", tokens=tokens[i], label=int(i % 1000)) for i in range(n)]
-    spec = fit_codec(DEFAULT_CODEC, None, vocab, grid=(grid, grid)).spec
-    meta = DatasetMeta(split="train", codec=spec, tokenizer_fingerprint="synthetic", grid=(grid, grid),
-                       vocab_size=vocab, resolution=grid * 8, class_names=tuple(str(c) for c in range(1000)))
-    split = root / "train"
-    write_split(str(split), samples, meta, shard_size=1024)
-    return manifest_url(str(split))
 
 
 def make_cfg(args, data: str, out: str, batch: int):
@@ -377,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         pass
     with tempfile.TemporaryDirectory(prefix="vqpt-gpu-data-") as tmp:
         t0 = time.perf_counter()
-        data = synthetic_split(Path(tmp), args.samples, vocab=args.vocab)
+        data = synthetic_split(Path(tmp), args.samples, vocab=args.vocab, classes=1000, shard_size=1024)
         result["data"] = {"samples": args.samples, "grid": [32, 32], "vocab": args.vocab, "codec": DEFAULT_CODEC,
                           "bytes": sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()),
                           "write_s": time.perf_counter() - t0}

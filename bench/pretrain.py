@@ -25,40 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench.common import write_json  # noqa: E402
+from bench.common import synthetic_split, write_json  # noqa: E402
 from pretrain import runtime  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.objectives import DataSpec  # noqa: E402
 from pretrain.optim import make_optimizer  # noqa: E402
 from pretrain.train import build_model, resolve_manifest, train  # noqa: E402
-from storage.codec import DEFAULT_CODEC, fit_codec  # noqa: E402
-from storage.manifest import DatasetMeta, manifest_url, read_manifest, write_split  # noqa: E402
-from storage.shard import Sample  # noqa: E402
+from storage.manifest import read_manifest  # noqa: E402
 from storage.stream import TokenStream  # noqa: E402
 
 CONFIG = _ROOT / "configs" / "mtm_vit_tiny.yaml"
-
-
-def synthetic_split(root: Path, n: int = 1024, grid: int = 32, vocab: int = 512, seed: int = 0) -> str:
-    """A token split whose maps repeat neighbours the way real VQ maps do (runs of equal ids)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, vocab, size=(n, grid // 4, grid // 4))
-    tokens = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
-    noise = rng.random(tokens.shape) < 0.3
-    tokens = np.where(noise, rng.integers(0, vocab, size=tokens.shape), tokens).astype(np.uint16)
-    samples = [Sample(key=f"{i:06d}", tokens=tokens[i], label=int(i % 10)) for i in range(n)]
-    spec = fit_codec(DEFAULT_CODEC, None, vocab, grid=(grid, grid)).spec
-    meta = DatasetMeta(split="train", codec=spec, tokenizer_fingerprint="synthetic", grid=(grid, grid),
-                       vocab_size=vocab, resolution=grid * 8, class_names=tuple(str(c) for c in range(10)))
-    split = root / "train"
-    write_split(str(split), samples, meta, shard_size=256)
-    return manifest_url(str(split))
 
 
 def in_memory_rate(cfg, manifest_url_: str, steps: int) -> float:

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pipeline.tokenise import main as tokenise_main
+from pretrain.launch import deepspeed_command, shm_buffers
 from tests.conftest import shared_data_dir
 from vqpt.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 # A small model so a few dozen steps take seconds on 2 cores; everything else is the shipped config.
@@ -38,26 +38,21 @@ def token_data(tmp_path_factory) -> Path:
     return out / "train"
 
 
-def _shm_buffers(port: int) -> list[Path]:
-    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-
-
 def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,
            config: str = "mtm_vit_tiny.yaml", small: bool = True, module: str = "pretrain.train",
            args: tuple[str, ...] = ()) -> list[dict]:
     """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome."""
     port = free_port()
-    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(port), "--module", module, *args,
-           "--config", str(ROOT / "configs" / config), "--data", str(data), "--out", str(out),
-           *(SMALL if small else ()), *overrides]
+    cmd = deepspeed_command(module, [*args, "--config", str(ROOT / "configs" / config), "--data", str(data),
+                                     "--out", str(out), *(SMALL if small else ()), *overrides], ranks, port, cpu=True)
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        leftovers = _shm_buffers(port)
+        leftovers = shm_buffers(port)
     finally:
-        for f in _shm_buffers(port):
+        for f in shm_buffers(port):
             f.unlink(missing_ok=True)
     assert proc.returncode == 0, f"trainer failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert not leftovers, f"the trainer left /dev/shm buffers behind: {leftovers}"
