@@ -26,8 +26,11 @@ def quickstart_run(tmp_path_factory):
     """The reduced quickstart: every stage of the default one (generated data, local Ray cluster and
     S3 endpoint, four tokenisation jobs, 2-rank MTM, classification and segmentation fine-tuning), few steps."""
     out = tmp_path_factory.mktemp("qs")
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # another run's, if any
     assert main(["quickstart", "--out", str(out), "--per-class", "8", "--depth", "1", "--pretrain-steps", "4",
                  "--finetune-steps", "4", "--segment-steps", "2"]) == 0
+    (out / "shm_left.json").write_text(json.dumps(
+        sorted(str(p) for p in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before)))
     return out
 
 
@@ -45,7 +48,8 @@ def test_quickstart_runs_the_whole_journey_and_stops_everything(quickstart_run):
     from vqpt.local_ray import _pids_mentioning
 
     assert not _pids_mentioning("/tmp/vqpt-ray-"), "a Ray process of the quickstart is still running"
-    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")), "DeepSpeed left /dev/shm buffers"
+    left = json.loads((quickstart_run / "shm_left.json").read_text())
+    assert not left, f"the quickstart's DeepSpeed ranks left /dev/shm buffers: {left}"
 
 
 @pytest.fixture(scope="module")
