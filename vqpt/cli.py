@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="images -> Ray tokenisation jobs -> token shards on S3 -> 2-rank DeepSpeed MTM "
                                    "pre-training -> classification and ADE20K segmentation fine-tuning -> report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--imagenet", help="ImageNet-layout root with train/ and val/ (default: generate a small one)")
-    q.add_argument("--ade20k", help="ADEChallengeData2016 folder or its parent (default: generate a small one)")
+    q.add_argument("--imagenet", metavar="ROOT", default=argparse.SUPPRESS,
+                   help="ImageNet-layout root with train/ and val/ (omitted: a small generated one)")
+    q.add_argument("--ade20k", metavar="ROOT", default=argparse.SUPPRESS,
+                   help="ADEChallengeData2016 folder or its parent (omitted: a small generated one)")
     q.add_argument("--out", default=d.out, help="working directory (runs, generated data, report.json)")
     q.add_argument("--store", choices=("s3", "dir"), default=d.store,
                    help="shards on a local S3 endpoint (moto's server) or in <out>/store")
@@ -97,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab", type=int, default=d.vocab, help="codebook size of the k-means tokenizer")
     q.add_argument("--resolution", type=int, default=d.resolution, help="tokenizer input side in px")
     q.add_argument("--depth", type=int, default=d.depth, help="ViT-Tiny blocks")
-    q.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    q.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    q.add_argument("--segment-steps", type=int, default=d.segment_steps)
+    q.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="MTM steps (2 ranks x 32)")
+    q.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="classification steps")
+    q.add_argument("--segment-steps", type=int, default=d.segment_steps, help="segmentation steps (2 ranks x 8)")
     q.add_argument("--ranks", type=int, default=d.ranks, help="DeepSpeed ranks (CPU processes, or GPUs)")
     q.add_argument("--cpus", type=int, default=d.cpus, help="CPUs of the local Ray cluster")
     q.set_defaults(func=_quickstart)

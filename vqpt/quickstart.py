@@ -132,6 +132,9 @@ def run(cfg: QuickstartConfig) -> dict:
         shutil.rmtree(imagenet, ignore_errors=True)
         generate_imagenet(Path(imagenet), 10, cfg.per_class, max(4, cfg.per_class // 3))
         print(f"    generated an ImageNet-layout folder: {imagenet}")
+    missing = [f"{imagenet}/{split}" for split in ("train", "val") if not (Path(imagenet) / split).is_dir()]
+    if missing:
+        raise SystemExit(f"quickstart: --imagenet needs train/ and val/ class folders; missing {missing}")
     if ade20k is None:
         shutil.rmtree(out / "ade20k", ignore_errors=True)
         ade20k = str(generate_ade20k(out / "ade20k", train=max(8, cfg.per_class // 2), val=8))
