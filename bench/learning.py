@@ -42,8 +42,8 @@ from pretrain.launch import run_deepspeed  # noqa: E402
 from storage.manifest import read_manifest  # noqa: E402
 
 ARMS = ("pixel", "token", "mtm", "m3i", "addp")
-BUDGET_KEYS = ("resolution", "vocab", "depth", "batch_size", "ranks", "workers", "pretrain_steps", "finetune_steps",
-               "pretrain_lr", "finetune_lr", "seed")
+BUDGET_KEYS = ("resolution", "vocab", "depth", "token_patch", "batch_size", "ranks", "workers", "pretrain_steps",
+               "finetune_steps", "pretrain_lr", "finetune_lr", "seed")
 PRETRAIN = {"mtm": "mtm_vit_tiny.yaml", "m3i": "m3i_vit_tiny.yaml", "addp": "addp_vit_tiny.yaml"}
 
 
@@ -108,6 +108,8 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 def run_arm(arm: str, args: argparse.Namespace, data: dict[str, Path], work: Path) -> dict:
     """Pre-train (if the arm does) and fine-tune one arm; returns its metrics and timings."""
     common = model_overrides(args)
+    if arm not in ("pixel", "addp"):  # token-stem encoders
+        common.append(f"model.patch_size={args.token_patch}")
     pre_s = 0.0
     init: list[str] = []
     extra: list[str] = []
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=128, help="image side in px for tokens and pixels")
     p.add_argument("--vocab", type=int, default=512, help="K of the fitted k-means tokenizer")
     p.add_argument("--depth", type=int, default=4, help="ViT-Tiny blocks (192 wide)")
+    p.add_argument("--token-patch", type=int, default=2,
+                   help="tokens per patch side of the token stem (2: SeiT; 4 keeps 32x32 grids at 8x8 patches)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs for the tokenisation job")
