@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vqpt", description="Vision datasets as VQ tokens: store, stream, pre-train.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="the whole journey on a small dataset, on this machine (~10 min)",
+    q = sub.add_parser("quickstart", help="the whole journey on a small dataset, on this machine (~5 min)",
                        description="images -> Ray tokenisation jobs -> token shards on S3 -> 2-rank DeepSpeed MTM "
                                    "pre-training -> classification and ADE20K segmentation fine-tuning -> report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -41,7 +41,7 @@ _S3_ENV = ("VQPT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AW
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """What ``vqpt quickstart`` runs; the defaults finish in about 10 minutes on 2 CPU cores."""
+    """What ``vqpt quickstart`` runs; the defaults finish in about 5 minutes on 2 CPU cores."""
 
     out: str = "runs/quickstart"
     imagenet: str | None = None  # ImageNet-layout root with train/ and val/ (default: generated)
