@@ -10,7 +10,8 @@ ranks), ``epoch`` int, and ``target`` float32 (B, C) when CutMix is on. Training
 of the original image (area ``rrc_scale``, bicubic) + horizontal flip, then CutMix with soft
 targets, randomness seeded by (seed, epoch, batch position) so any worker count or a resumed run
 makes the same batches. Evaluation: shorter side to R and centre crop (the tokenisation job's view).
-Files that cannot be decoded are skipped, counted and listed (``skipped``).
+Files that cannot be decoded are skipped with a warning naming the file and the reason; those the
+listing rejected, or this process met, are in ``skipped`` (DataLoader workers warn from their own process).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class PixelAugment:
         """From the config's ``augment`` section (token-only keys are ignored); None when off."""
         if options is None:
             return None
-        keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in keys})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
+                      if k in cls.__dataclass_fields__})
 
 
 def list_split(root: str | Path) -> Listing:
