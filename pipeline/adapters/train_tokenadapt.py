@@ -46,12 +46,11 @@ from pipeline.tokenizer.base import Tokenizer, load_tokenizer
 EVAL_SEED_OFFSET = 10_007  # eval thetas come from seed + this, never from the training stream
 
 
-def load_split(root: str | Path, tokenizer: Tokenizer, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image under ``root`` at the tokenizer resolution and tokenise it once.
-
-    Returns (uint8 (N, R, R, 3) pixels, int64 (N, h, w) ids).
+def load_split(root: str | Path | list[Path], tokenizer: Tokenizer, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under ``root`` (a folder, or a list of image paths) at the tokenizer
+    resolution and tokenise it once. Returns (uint8 (N, R, R, 3) pixels, int64 (N, h, w) ids).
     """
-    paths = list_images(root)[: limit or None]
+    paths = (list(root) if isinstance(root, list) else list_images(root))[: limit or None]
     if not paths:
         raise ValueError(f"{root}: no images")
     images = load_resized(paths, tokenizer.resolution)
@@ -76,9 +75,13 @@ def make_batch(
 
 def train(
     model: TokenAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, *, steps: int, minutes: float,
-    batch: int, lr: float, seed: int, warmup: float = 0.05, log_every: int = 10,
+    batch: int, lr: float, seed: int, warmup: float = 0.05, log_every: int = 10, identity_p: float = 0.1,
 ) -> dict[str, Any]:
-    """Train in place until ``steps`` or ``minutes`` (0 = no limit; at least one must be set). Returns stats."""
+    """Train in place until ``steps`` or ``minutes`` (0 = no limit; at least one must be set). Returns stats.
+
+    ``identity_p`` of the samples get the identity warp (target: the input ids), so that the learned
+    correction stays zero where nothing moved (agreement at identity is part of the contract).
+    """
     if steps <= 0 and minutes <= 0:
         raise ValueError("set --steps and/or --minutes")
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +99,7 @@ def train(
             group["lr"] = lr_at(progress, lr, warmup)
         idx = rng.integers(0, len(images), size=batch)
         theta = sample_affine(batch, model.cfg, gen)
+        theta[torch.rand(batch, generator=gen) < identity_p] = torch.eye(2, 3)
         src, tgt = make_batch(images, ids, idx, theta, tokenizer, model.cfg.padding_mode)
         logits = model(src, theta)
         loss = F.cross_entropy(logits, tgt)
@@ -196,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128, help="feature channels C")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--identity-p", type=float, default=0.1, help="share of training samples with the identity warp")
+    p.add_argument("--scratch", action="store_true",
+                   help="the from-scratch model instead of a learned correction of naive interpolation (ablation)")
     p.add_argument("--init", help="continue from this TokenAdapt checkpoint (its config wins over --width/--heads)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (0: all)")
     p.add_argument("--json", help="write training stats + evaluation here")
@@ -216,11 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.init:  # a fresh warm-up + cosine schedule on top of trained weights
         model = load_tokenadapt(args.init, tokenizer)
     else:
-        model = TokenAdapt.for_tokenizer(tokenizer, width=args.width, heads=args.heads)
+        model = TokenAdapt.for_tokenizer(tokenizer, width=args.width, heads=args.heads, residual=not args.scratch)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"TokenAdapt {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
     stats = train(model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
-                  lr=args.lr, seed=args.seed)
+                  lr=args.lr, seed=args.seed, identity_p=args.identity_p)
     save_tokenadapt(model, args.out)
     result: dict[str, Any] = {"config": model.cfg.to_dict(), "n_train_images": len(images), "batch": args.batch,
                               "lr": args.lr, "seed": args.seed, "init": args.init, "params": n_params, **stats}
