@@ -21,7 +21,7 @@ __all__ = [
     "resize_center_crop",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".avif"})
 # 64 Mpx: far above any dataset photo (ImageNet's largest is ~ 10 Mpx), far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 _WHITE = (255, 255, 255)
@@ -117,7 +117,7 @@ def load_resized(paths: Iterable[str | Path], size: int, max_pixels: int = DEFAU
 def list_images(root: str | Path) -> list[Path]:
     """All image files under ``root``, recursively, sorted by their POSIX path relative to ``root``.
 
-    Extensions (case-insensitive): .jpg .jpeg .png .bmp .webp. Hidden files and directories (names
+    Extensions (case-insensitive): .jpg .jpeg .png .bmp .webp .avif. Hidden files and directories (names
     starting with ".", e.g. macOS ``._x.jpg`` resource forks) are skipped. Symlinked directories are
     not followed. The order depends only on the relative paths, never on the filesystem.
     """

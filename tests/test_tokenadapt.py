@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.adapters import (
     TokenAdapt,
     TokenAdaptConfig,
+    correction_gate,
     identity_theta,
     load_tokenadapt,
     naive_adapt,
@@ -141,6 +142,11 @@ def test_untrained_model_is_the_naive_operator(tok: KMeansTokenizer, ids: torch.
     assert TokenAdaptConfig.from_dict(old).residual is False
     with pytest.raises(ValueError, match="tied_head"):
         TokenAdapt.for_tokenizer(tok, **SMALL, tied_head=False)
+    # The gate: 0 at the identity, ~1 from a one-token shift on (2 / grid normalised units).
+    shifted = identity_theta(2)
+    shifted[1, 0, 2] = 2.0 / GRID[1]
+    gate = correction_gate(shifted, GRID)
+    assert gate[0] == 0.0 and gate[1] > 0.98
 
 
 def test_training_reduces_loss(tok: KMeansTokenizer, images: np.ndarray, ids: torch.Tensor) -> None:
@@ -222,4 +228,5 @@ def test_cli_runs_and_writes_json(tok: KMeansTokenizer, tmp_path: Path) -> None:
     assert result["steps"] == 5
     assert 0.0 <= result["tokenadapt_agreement"] <= 1.0 and 0.0 <= result["naive_agreement"] <= 1.0
     assert result["identity_agreement"]["naive"] == 1.0
+    assert result["identity_agreement"]["tokenadapt"] == 1.0  # trained, still exact at the identity (the gate)
     assert load_tokenadapt(tmp_path / "ta.pt", tok).cfg.width == 32

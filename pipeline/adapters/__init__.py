@@ -3,6 +3,7 @@
 from pipeline.adapters.tokenadapt import (
     TokenAdapt,
     TokenAdaptConfig,
+    correction_gate,
     identity_theta,
     load_tokenadapt,
     naive_adapt,
@@ -16,6 +17,7 @@ from pipeline.adapters.tokenadapt import (
 __all__ = [
     "TokenAdapt",
     "TokenAdaptConfig",
+    "correction_gate",
     "identity_theta",
     "load_tokenadapt",
     "naive_adapt",

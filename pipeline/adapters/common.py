@@ -38,15 +38,19 @@ def embed_standardised(module: nn.Module, ids: torch.Tensor, grid: tuple[int, in
     return ((emb - module.emb_mean) / module.emb_std).permute(0, 3, 1, 2)
 
 
-def tied_logits(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def tied_logits(module: nn.Module, z: torch.Tensor, bias_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Codebook-tied head: z float (B, D, h, w) in standardised units -> logits (B, K, h, w).
 
-    logit_k = -exp(log_scale) * ||z - c_k||^2 + code_bias_k: the tokenizer's own nearest-code rule, made soft.
+    logit_k = -exp(log_scale) * ||z - c_k||^2 + w * code_bias_k: the tokenizer's own nearest-code rule,
+    made soft; ``bias_weight`` w float (B,) scales the bias per sample (default 1).
     """
     z = z * module.emb_std[:, None, None] + module.emb_mean[:, None, None]  # codebook units
     cb = module.codebook
     dist = (z * z).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", z, cb) + (cb * cb).sum(1)[:, None, None]
-    return -module.log_scale.exp() * dist + module.code_bias[:, None, None]
+    bias = module.code_bias[None, :, None, None]
+    if bias_weight is not None:
+        bias = bias * bias_weight.to(bias)[:, None, None, None]
+    return -module.log_scale.exp() * dist + bias
 
 
 def save_adapter(model: nn.Module, path: str | Path, kind: str) -> None:
