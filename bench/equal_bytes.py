@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 from pipeline.images import list_images  # noqa: E402
 
 EXTENSION = {"jpeg": ".jpg", "webp": ".webp", "avif": ".avif"}
-SIDES = (24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 224, 256)
+SIDES = (8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 224, 256)
 QUALITY = (1, 95)  # the range searched (Pillow's scale for all three formats)
 
 

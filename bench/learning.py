@@ -16,8 +16,20 @@ every one the shipped tool under its real launcher:
    ``m3i``    M3I pre-training (intra-view MTM + inter-view + category), then fine-tuning,
    ``addp``   ADDP pre-training (predictor: the ``mtm`` arm's run; the tokenizer's decoder), then
               fine-tuning its pixel-stem encoder on pixels decoded from the stored tokens;
-3. JSON (``top1_<arm>``, ``bytes_jpeg``, ``bytes_tokens``, ratios, ``wall_s``, per-arm details) and a
-   PNG of storage against accuracy.
+   ``jpeg_equal`` the sceptic's baseline: both splits re-encoded to the token arm's own bytes/image
+              (``bench/equal_bytes.py``: per format JPEG / WebP / AVIF, the highest-PSNR side and
+              quality within 5 % of the budget), a pixel arm trained on each format that can get
+              that small, and the best of them reported;
+3. with ``--frontier``: pixel arms at ``--pixel-budgets`` bytes/image (best-PSNR format each) and token
+   arms at ``--token-variants`` (resolution, hence grid, and codebook size K');
+4. JSON (``top1_<arm>``, ``bytes_per_image_<jpeg|token|jpeg_equal>``, ratios, ``targets``, ``frontier``,
+   ``wall_s``, per-arm details) and a PNG: top-1 against bytes/image, a line for pixels, one for
+   tokens, points for MTM / M3I / ADDP.
+
+``--seeds 0,1`` runs the headline arms (pixel, token, mtm, jpeg_equal) once per seed and reports the
+mean (``top1_<arm>``) and the spread (``top1_<arm>_spread``: half the max-min range). ``--token-aug
+seit`` fine-tunes token arms with SeiT's token augmentation (synonym replacement 0.25, code swap 0.25,
+embedding noise 0.5, random resized crop in embedding space, CutMix) instead of the ids-only recipe.
 
 Pre-training and fine-tuning use the train split only; val is only evaluated. Scratch arms train
 without layer-wise lr decay, fine-tuned arms with the config's (0.75). Every arm's budget is in the
@@ -31,19 +43,27 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.equal_bytes import Setting, available_formats, best_setting, write_folder  # noqa: E402
+from bench.learning_plot import plot  # noqa: E402
+from pipeline.images import list_images  # noqa: E402
 from pipeline.readers import list_imagenet  # noqa: E402
 from pretrain.launch import run_deepspeed  # noqa: E402
 from storage.manifest import read_manifest  # noqa: E402
 
-ARMS = ("pixel", "token", "mtm", "m3i", "addp")
+ARMS = ("pixel", "token", "mtm", "m3i", "addp", "jpeg_equal")
+HEADLINE = ("pixel", "token", "mtm", "jpeg_equal")  # the arms ``--seeds`` repeats
 BUDGET_KEYS = ("resolution", "vocab", "depth", "token_patch", "batch_size", "ranks", "workers", "pretrain_steps",
-               "finetune_steps", "pretrain_lr", "finetune_lr", "seed")
+               "finetune_steps", "pretrain_lr", "finetune_lr", "seeds", "token_aug", "equal_formats")
+# SeiT's fine-tuning token augmentation (naver-ai/seit token_transform.py), on ids with re-quantisation.
+SEIT_TOKEN_AUG = ["augment.replace_p=0.25", "augment.swap_p=0.25", "augment.noise_p=0.5",
+                  "augment.interpolation=bicubic", "augment.cutmix_alpha=1.0"]
 PRETRAIN = {"mtm": "mtm_vit_tiny.yaml", "m3i": "m3i_vit_tiny.yaml", "addp": "addp_vit_tiny.yaml"}
 
 
@@ -61,15 +81,17 @@ def token_bytes(split_dir: Path) -> tuple[int, int]:
     return sum(s.bytes for s in m.shards), m.num_samples
 
 
-def tokenise(split: Path, out: Path, args: argparse.Namespace, tokenizer: str | None) -> Path:
-    """``pipeline.tokenise`` of one split folder into ``out/<split name>``; reused when present."""
+def tokenise(split: Path, out: Path, args: argparse.Namespace, tokenizer: str | None,
+             resolution: int | None = None, vocab: int | None = None) -> Path:
+    """``pipeline.tokenise`` of one split folder into ``out/<split name>`` (at ``resolution`` px with a
+    fitted K = ``vocab`` tokenizer, default the arguments'); reused when present."""
     from pipeline.tokenise import main as tokenise_main
 
     done = out / split.name / "manifest.parquet"
     if not done.exists():
         argv = ["--dataset", "imagenet", "--src", str(split.parent), "--split", split.name, "--out", str(out),
-                "--resolution", str(args.resolution), "--vocab", str(args.vocab), "--shard-size", "256",
-                "--num-cpus", str(args.cpus)]
+                "--resolution", str(resolution or args.resolution), "--vocab", str(vocab or args.vocab),
+                "--shard-size", "256", "--num-cpus", str(args.cpus)]
         if tokenizer:
             argv += ["--tokenizer", tokenizer]
         if tokenise_main(argv) != 0:
@@ -100,16 +122,51 @@ def evaluate(run: Path, data: Path) -> dict:
     return evaluate_run(str(run / "checkpoints"), str(data), batch_size=128, device=device)
 
 
-def model_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"model.depth={args.depth}", f"data.batch_size={args.batch_size}", f"run.seed={args.seed}",
+@dataclass(frozen=True)
+class Tokens:
+    """A tokenised train/val pair and what the token-stem arms need to know about it."""
+
+    train: Path
+    val: Path
+    tokenizer: Path
+    bytes_per_image: float  # shards of both splits / images of both splits
+    grid: int
+    vocab: int
+    token_patch: int  # tokens per patch side of the token stem
+
+
+def tokens_for(args: argparse.Namespace, work: Path, resolution: int, vocab: int, tokenizer: str | None,
+               n_images: int, token_patch: int | None = None) -> Tokens:
+    """Tokenise train (fitting a k-means K = ``vocab`` tokenizer unless ``tokenizer``) and val with it."""
+    root = work / "tokens" / ("main" if token_patch is None else f"r{resolution}_k{vocab}")
+    if token_patch is None and not (root / "train_root").exists() and (work / "tokens" / "train_root").exists():
+        root = work / "tokens"  # a work folder from before variants existed
+    train_tok = tokenise(args.train, root / "train_root", args, tokenizer, resolution, vocab)
+    tok_path = tokenizer or str(root / "train_root" / "tokenizer.pt")
+    val_tok = tokenise(args.val, root / "val_root", args, tok_path, resolution, vocab)
+    (tb_train, _), (tb_val, _) = token_bytes(train_tok), token_bytes(val_tok)
+    meta = read_manifest(str(train_tok / "manifest.parquet")).meta
+    grid = int(meta.grid[0])
+    return Tokens(train_tok, val_tok, Path(tok_path), (tb_train + tb_val) / n_images, grid, int(meta.vocab_size),
+                  token_patch or args.token_patch)
+
+
+def model_overrides(args: argparse.Namespace, seed: int) -> list[str]:
+    return [f"model.depth={args.depth}", f"data.batch_size={args.batch_size}", f"run.seed={seed}",
             f"data.num_workers={args.workers}"]
 
 
-def run_arm(arm: str, args: argparse.Namespace, data: dict[str, Path], work: Path) -> dict:
-    """Pre-train (if the arm does) and fine-tune one arm; returns its metrics and timings."""
-    common = model_overrides(args)
+def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed: int = 0, name: str | None = None,
+            pixels: tuple[Path, Path] | None = None) -> dict:
+    """Pre-train (if the arm does) and fine-tune one arm; returns its metrics and timings.
+
+    ``name`` names its run folders (default: the arm); seeds other than 0 add ``_s<seed>``. ``pixels``
+    (train, val) folders replace --train/--val for pixel arms (the equal-byte copies)."""
+    tag = (name or arm) + ("" if seed == 0 else f"_s{seed}")
+    sfx = "" if seed == 0 else f"_s{seed}"
+    common = model_overrides(args, seed)
     if arm not in ("pixel", "addp"):  # token-stem encoders
-        common.append(f"model.patch_size={args.token_patch}")
+        common.append(f"model.patch_size={tokens.token_patch}")
     pre_s = 0.0
     init: list[str] = []
     extra: list[str] = []
@@ -118,53 +175,112 @@ def run_arm(arm: str, args: argparse.Namespace, data: dict[str, Path], work: Pat
                f"optim.warmup_steps={max(1, args.pretrain_steps // 20)}", *common]
         pre += ["objective.decoder_dim=128", "objective.decoder_heads=4"]  # a CPU-sized decoder for all three
         if arm == "addp":
-            pre += [f"objective.tokenizer={data['tokenizer']}",
-                    f"objective.predictor={work / 'pre_mtm' / 'checkpoints'}", "objective.pixel_patch=16"]
-            extra = [f"objective.decoder={data['tokenizer']}", "objective.pixel_patch=16"]
+            pre += [f"objective.tokenizer={tokens.tokenizer}",
+                    f"objective.predictor={work / f'pre_mtm{sfx}' / 'checkpoints'}", "objective.pixel_patch=16"]
+            extra = [f"objective.decoder={tokens.tokenizer}", "objective.pixel_patch=16"]
         pre_s = train("pretrain.train", ["--config", str(ROOT / "configs" / PRETRAIN[arm]), "--data",
-                                         str(data["train"]), *pre], work / f"pre_{arm}", args.ranks)
-        init = ["--init", str(work / f"pre_{arm}" / "checkpoints")]
+                                         str(tokens.train), *pre], work / f"pre_{arm}{sfx}", args.ranks)
+        init = ["--init", str(work / f"pre_{arm}{sfx}" / "checkpoints")]
     ft = [f"run.steps={args.finetune_steps}", f"optim.lr={args.finetune_lr}",
           f"optim.warmup_steps={max(1, args.finetune_steps // 10)}", *common, *extra]
     if arm in ("pixel", "token"):
         ft.append("optim.layer_decay=1.0")
-    train_data = data["train"]
+    if arm in ("token", "mtm", "m3i") and args.token_aug == "seit":
+        ft += SEIT_TOKEN_AUG
+    train_data, val_data = tokens.train, tokens.val
     if arm == "pixel":
-        train_data = args.train
+        train_data, val_data = pixels or (args.train, args.val)
         ft += ["data.input=pixels", f"data.resolution={args.resolution}", "model.stem=pixel", "model.patch_size=16"]
     ft_s = train("pretrain.finetune", ["--task", "classify", *init, "--config",
                                        str(ROOT / "configs" / "finetune_cls_tiny.yaml"), "--data", str(train_data),
-                                       *ft], work / f"ft_{arm}", args.ranks)
-    metrics = evaluate(work / f"ft_{arm}", args.val if arm == "pixel" else data["val"])
+                                       *ft], work / f"ft_{tag}", args.ranks)
+    metrics = evaluate(work / f"ft_{tag}", val_data)
     return {"top1": metrics["top1"], "top5": metrics["top5"], "val_samples": metrics["samples"],
             "pretrain_s": round(pre_s, 1), "finetune_s": round(ft_s, 1)}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def reencoded(args: argparse.Namespace, work: Path, setting: Setting, target: float) -> tuple[Path, Path, float]:
+    """Both splits re-encoded with ``setting`` (quality refitted on train to ``target``): (train, val, bytes/image)."""
+    root = work / "equal" / f"{setting.fmt}_{round(target)}"
+    tr = write_folder(args.train, root / "train", setting, target)
+    va = write_folder(args.val, root / "val", Setting(**tr["setting"]))
+    return root / "train", root / "val", (tr["bytes"] + va["bytes"]) / (tr["images"] + va["images"])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in ARMS:
-        top1 = result.get(f"top1_{arm}")
-        if top1 is None:
+def equal_byte_arms(args: argparse.Namespace, tokens: Tokens, work: Path, seed: int) -> dict[str, dict]:
+    """A pixel arm per format that reaches the token arm's bytes/image (within 5 %); unreachable formats
+    are listed with ``reachable: false``."""
+    paths, target, arms = list_images(args.train), tokens.bytes_per_image, {}
+    for fmt in args.equal_formats:
+        setting = best_setting(paths, target, fmt, args.resolution)
+        if setting is None:
+            arms[fmt] = {"reachable": False, "target_bytes_per_image": target}
             continue
-        x = result["bytes_jpeg"] if arm == "pixel" else result["bytes_tokens"]
-        ax.scatter([x / 2**20], [100 * top1], s=40)
-        ax.annotate(arm, (x / 2**20, 100 * top1), textcoords="offset points", xytext=(6, 4))
-    ax.set_xscale("log")
-    ax.set_xlabel("dataset storage, train + val (MiB, log)")
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"{result['train_images']} train images, {result['budget']['finetune_steps']} fine-tune steps")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+        train_dir, val_dir, bpi = reencoded(args, work, setting, target)
+        run = run_arm("pixel", args, tokens, work, seed, f"pixel_{fmt}_{round(target)}", (train_dir, val_dir))
+        arms[fmt] = {**run, "reachable": True, "bytes_per_image": bpi,
+                     "setting": json.loads((train_dir / "equal_bytes.json").read_text())["setting"]}
+    return arms
 
 
-def main(argv: list[str] | None = None) -> int:
+def frontier(args: argparse.Namespace, tokens: Tokens, work: Path, n_images: int) -> list[dict]:
+    """Pixel arms at ``--pixel-budgets`` (best-PSNR format each) and token arms at ``--token-variants``."""
+    points, paths = [], list_images(args.train)
+    for budget in args.pixel_budgets:
+        found = [s for f in args.equal_formats if (s := best_setting(paths, budget, f, args.resolution))]
+        if not found:
+            points.append({"kind": "pixel", "target_bytes_per_image": budget, "reachable": False})
+            continue
+        best = max(found, key=lambda s: s.psnr)
+        train_dir, val_dir, bpi = reencoded(args, work, best, budget)
+        run = run_arm("pixel", args, tokens, work, 0, f"pixel_{round(budget)}", (train_dir, val_dir))
+        points.append({"kind": "pixel", "label": f"{best.fmt} {best.side}px", "bytes_per_image": bpi, **run})
+    for res, vocab in args.token_variants:
+        grid = res // (args.resolution // tokens.grid)  # k-means codes cover a fixed patch
+        variant = tokens_for(args, work, res, vocab, None, n_images, max(1, args.token_patch * grid // tokens.grid))
+        run = run_arm("token", args, variant, work, 0, f"token_r{res}_k{vocab}")
+        points.append({"kind": "token", "label": f"{variant.grid}x{variant.grid} K={vocab}",
+                       "bytes_per_image": variant.bytes_per_image, **run})
+    return points
+
+
+def summarise(result: dict, seeds_top1: dict[str, list[float]]) -> None:
+    """Means and spreads over seeds, the ratios and the issue's targets, into ``result``."""
+    for arm, values in seeds_top1.items():
+        result[f"top1_{arm}"] = sum(values) / len(values)
+        if len(values) > 1:
+            result[f"top1_{arm}_spread"] = (max(values) - min(values)) / 2
+            result[f"top1_{arm}_seeds"] = values
+    top = {a: result.get(f"top1_{a}") for a in ARMS}
+    if top["pixel"] and top["token"] is not None:
+        result["token_vs_pixel_top1"] = top["token"] / top["pixel"]
+    for arm in ("mtm", "m3i", "addp", "jpeg_equal"):
+        if top[arm] is not None and top["token"] is not None:
+            result[f"{arm}_minus_token_points"] = 100 * (top[arm] - top["token"])
+    targets = {}
+    if top["pixel"] and top["token"] is not None:
+        targets["token >= 0.90 x pixel with <= 1200 B/image"] = bool(
+            top["token"] >= 0.9 * top["pixel"] and result["bytes_per_image_token"] <= 1200)
+    if top["jpeg_equal"] is not None and top["token"] is not None:
+        targets["token >= jpeg_equal + 0.05"] = bool(top["token"] >= top["jpeg_equal"] + 0.05)
+    if top["mtm"] is not None and top["token"] is not None:
+        targets["mtm >= token + 0.03 (CPU budget)"] = bool(top["mtm"] >= top["token"] + 0.03)
+    result["targets"] = targets
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _variants(text: str) -> list[tuple[int, int]]:
+    """"128:64,256:512" -> [(128, 64), (256, 512)] (resolution px : codebook size K')."""
+    try:
+        return [(int(r), int(k)) for r, k in (v.split(":") for v in text.split(",") if v)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token variants are RES:K pairs separated by commas, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=Path, required=True, help="ImageNet-layout train split folder")
@@ -174,12 +290,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "learning", help="tokens, runs and logs")
     p.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished stages")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds for the headline arms "
+                   f"({', '.join(HEADLINE)}); others run with the first")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: fit k-means on train)")
     p.add_argument("--resolution", type=int, default=128, help="image side in px for tokens and pixels")
     p.add_argument("--vocab", type=int, default=512, help="K of the fitted k-means tokenizer")
     p.add_argument("--depth", type=int, default=4, help="ViT-Tiny blocks (192 wide)")
     p.add_argument("--token-patch", type=int, default=2,
                    help="tokens per patch side of the token stem (2: SeiT; 4 keeps 32x32 grids at 8x8 patches)")
+    p.add_argument("--token-aug", choices=("ids", "seit"), default="ids",
+                   help="token arms' fine-tuning augmentation: the ids-only recipe of finetune_cls_tiny.yaml, "
+                        "or SeiT's (synonyms, code swap, embedding noise, embedding-space crop, CutMix)")
+    p.add_argument("--equal-formats", type=lambda t: [f for f in t.split(",") if f], default=available_formats(),
+                   help=f"formats tried for equal-byte pixel arms (default: {','.join(available_formats())})")
+    p.add_argument("--frontier", action="store_true", help="also the pixel budgets and token variants below")
+    p.add_argument("--pixel-budgets", type=_ints, default=[4000, 2000, 1000, 500],
+                   help="bytes/image of the frontier's pixel arms")
+    p.add_argument("--token-variants", type=_variants, default=[(128, 64), (256, 512)],
+                   help="RES:K token arms of the frontier (grid = RES / 8 with k-means codes)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs for the tokenisation job")
@@ -188,14 +316,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-steps", type=int, default=400)
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    arms = [a for a in args.arms.split(",") if a]
-    bad = sorted(set(arms) - set(ARMS))
+    args.arms = [a for a in args.arms.split(",") if a]
+    bad = sorted(set(args.arms) - set(ARMS))
     if bad:
         p.error(f"unknown arm(s) {bad}; arms: {', '.join(ARMS)}")
-    if "addp" in arms and "mtm" not in arms:
+    if "addp" in args.arms and "mtm" not in args.arms:
         p.error("the addp arm needs the mtm arm (its token predictor is the MTM run)")
+    unknown = sorted(set(args.equal_formats) - set(available_formats()))
+    if unknown:
+        p.error(f"--equal-formats {unknown} cannot be written by this Pillow; available: {available_formats()}")
+    if not args.seeds:
+        p.error("--seeds needs at least one seed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -204,36 +341,51 @@ def main(argv: list[str] | None = None) -> int:
     jpeg_val, n_val, val_classes = jpeg_bytes(args.val)
     if list(classes) != list(val_classes):
         raise SystemExit(f"train and val class lists differ: {len(classes)} vs {len(val_classes)} classes")
-    print(f"[1/2] tokenise {n_train} train + {n_val} val images at {args.resolution} px", flush=True)
-    tok_root = args.work / "tokens"
-    train_tok = tokenise(args.train, tok_root / "train_root", args, args.tokenizer)
-    tokenizer = args.tokenizer or str(tok_root / "train_root" / "tokenizer.pt")
-    val_tok = tokenise(args.val, tok_root / "val_root", args, tokenizer)
-    (tb_train, _), (tb_val, _) = token_bytes(train_tok), token_bytes(val_tok)
-    data = {"train": train_tok, "val": val_tok, "tokenizer": Path(tokenizer)}
+    n_images = n_train + n_val
+    print(f"[1/3] tokenise {n_train} train + {n_val} val images at {args.resolution} px", flush=True)
+    tokens = tokens_for(args, args.work, args.resolution, args.vocab, args.tokenizer, n_images)
     result: dict = {"train": str(args.train), "val": str(args.val), "train_images": n_train, "val_images": n_val,
-                    "classes": len(classes), "bytes_jpeg": jpeg_train + jpeg_val, "bytes_tokens": tb_train + tb_val,
-                    "budget": {k: getattr(args, k) for k in BUDGET_KEYS},
-                    "arms": {}}
+                    "classes": len(classes), "bytes_jpeg": jpeg_train + jpeg_val,
+                    "bytes_tokens": round(tokens.bytes_per_image * n_images),
+                    "bytes_per_image_jpeg": (jpeg_train + jpeg_val) / n_images,
+                    "bytes_per_image_token": tokens.bytes_per_image,
+                    "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "arms": {}}
     result["storage_fraction"] = result["bytes_tokens"] / result["bytes_jpeg"]
-    for i, arm in enumerate(arms, 1):
-        print(f"[2/2] arm {i}/{len(arms)}: {arm}", flush=True)
-        result["arms"][arm] = run_arm(arm, args, data, args.work)
-        result[f"top1_{arm}"] = result["arms"][arm]["top1"]
-        print(f"  {arm}: top-1 {100 * result[f'top1_{arm}']:.1f} %", flush=True)
+
+    def save() -> None:  # partial results survive an interruption
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive an interruption
-    if result.get("top1_pixel") and result.get("top1_token") is not None:
-        result["token_vs_pixel_top1"] = result["top1_token"] / result["top1_pixel"]
-    for arm in ("mtm", "m3i", "addp"):
-        if result.get(f"top1_{arm}") is not None and result.get("top1_token") is not None:
-            result[f"{arm}_minus_token_points"] = 100 * (result[f"top1_{arm}"] - result["top1_token"])
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    seeds_top1: dict[str, list[float]] = {}
+    runs = [(arm, seed) for seed in args.seeds for arm in args.arms if seed == args.seeds[0] or arm in HEADLINE]
+    for i, (arm, seed) in enumerate(runs, 1):
+        print(f"[2/3] arm {i}/{len(runs)}: {arm} (seed {seed})", flush=True)
+        key = arm if seed == args.seeds[0] else f"{arm}_s{seed}"
+        if arm == "jpeg_equal":
+            per_format = equal_byte_arms(args, tokens, args.work, seed)
+            reached = {f: r for f, r in per_format.items() if r["reachable"]}
+            if not reached:
+                result["arms"][key] = {"formats": per_format, "top1": None}
+                save()
+                continue
+            best = max(reached, key=lambda f: reached[f]["top1"])
+            result["arms"][key] = {**reached[best], "format": best, "formats": per_format}
+            result["bytes_per_image_jpeg_equal"] = reached[best]["bytes_per_image"]
+        else:
+            result["arms"][key] = run_arm(arm, args, tokens, args.work, seed)
+        seeds_top1.setdefault(arm, []).append(result["arms"][key]["top1"])
+        print(f"  {arm}: top-1 {100 * result['arms'][key]['top1']:.1f} %", flush=True)
+        summarise(result, seeds_top1)
+        save()
+    if args.frontier:
+        print("[3/3] frontier", flush=True)
+        result["frontier"] = frontier(args, tokens, args.work, n_images)
+    summarise(result, seeds_top1)
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     png = args.png or args.json.with_suffix(".png")
     plot(result, png)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "budget")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "budget", "frontier")}, indent=2))
     print(f"wrote {args.json} and {png}")
     return 0
 

@@ -1,0 +1,63 @@
+"""The learning benchmark's picture: val top-1 against storage per image (log x).
+
+One line for pixel arms (full JPEG, the equal-byte copies, the frontier's budgets), one for token arms
+(the main tokens and the frontier's variants), and points for the pre-trained arms (MTM, M3I, ADDP)
+at the main tokens' bytes/image. Reads only ``bench/learning.py``'s result dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def points(result: dict) -> dict[str, list[tuple[float, float, str]]]:
+    """{"pixel" | "token" | "mtm" | "m3i" | "addp": [(bytes/image, top-1 in %, label), ...]} from a result."""
+    out: dict[str, list[tuple[float, float, str]]] = {k: [] for k in ("pixel", "token", "mtm", "m3i", "addp")}
+    arms = result.get("arms", {})
+    if result.get("top1_pixel") is not None:
+        out["pixel"].append((result["bytes_per_image_jpeg"], 100 * result["top1_pixel"], "JPEG (full)"))
+    for fmt, run in arms.get("jpeg_equal", {}).get("formats", {}).items():
+        if run.get("reachable"):
+            out["pixel"].append((run["bytes_per_image"], 100 * run["top1"], f"{fmt} {run['setting']['side']}px"))
+    for arm in ("token", "mtm", "m3i", "addp"):
+        if result.get(f"top1_{arm}") is not None:
+            label = f"{arm} (tokens)" if arm == "token" else arm.upper()
+            out[arm].append((result["bytes_per_image_token"], 100 * result[f"top1_{arm}"], label))
+    for p in result.get("frontier", []):
+        if p.get("reachable", True) and p.get("top1") is not None:
+            out[p["kind"]].append((p["bytes_per_image"], 100 * p["top1"], p["label"]))
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """Write the frontier PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    style = {"pixel": ("tab:blue", "o-"), "token": ("tab:orange", "s-"), "mtm": ("tab:green", "^"),
+             "m3i": ("tab:red", "v"), "addp": ("tab:purple", "D")}
+    for kind, pts in points(result).items():
+        if not pts:
+            continue
+        pts = sorted(pts)
+        color, marker = style[kind]
+        name = {"pixel": "pixels (JPEG / WebP / AVIF)", "token": "tokens, from scratch"}.get(kind, kind.upper())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, label=name, markersize=7)
+        for x, y, label in pts:
+            if kind in ("pixel", "token"):
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -11), fontsize=7, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("storage per image, bytes (log)")
+    ax.set_ylabel("val top-1 (%)")
+    budget = result.get("budget", {})
+    ax.set_title(f"{result['train_images']} train / {result['val_images']} val images; "
+                 f"{budget.get('finetune_steps')} fine-tune steps at {budget.get('resolution')} px", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
