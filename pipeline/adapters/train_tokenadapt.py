@@ -73,23 +73,6 @@ def make_batch(
     return torch.from_numpy(ids[idx]), torch.from_numpy(target)
 
 
-@torch.no_grad()
-def calibrate_scale(model: TokenAdapt, src: torch.Tensor, tgt: torch.Tensor, theta: torch.Tensor) -> float:
-    """Set the tied head's ``log_scale`` to the value (on a grid of +-4 around the current one) that
-    minimises the cross-entropy of the current model on one batch; returns the new value.
-
-    With the correction at zero this fits the naive operator's temperature, so the first gradient
-    steps go to the correction instead of to the softmax's scale.
-    """
-    base = float(model.log_scale)
-    best = (float("inf"), base)
-    for v in (base + torch.linspace(-4.0, 4.0, 33)).tolist():
-        model.log_scale.fill_(v)
-        best = min(best, (float(F.cross_entropy(model(src, theta), tgt)), v))
-    model.log_scale.fill_(best[1])
-    return best[1]
-
-
 def train(
     model: TokenAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, *, steps: int, minutes: float,
     batch: int, lr: float, seed: int, warmup: float = 0.05, log_every: int = 10,
@@ -100,10 +83,6 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.99))
-    if getattr(model, "log_scale", None) is not None:
-        idx = rng.integers(0, len(images), size=batch)
-        theta = sample_affine(batch, model.cfg, gen)
-        calibrate_scale(model.eval(), *make_batch(images, ids, idx, theta, tokenizer, model.cfg.padding_mode), theta)
     model.train()
     start, step, losses, accs = time.monotonic(), 0, [], []
     bar = tqdm(total=steps if steps > 0 else None, unit="step", desc="tokenadapt", mininterval=2.0)
@@ -216,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128, help="feature channels C")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--margin", type=float, default=4.0, help="tied head sharpness: nats between a code and its "
+                   "nearest other code for a point on it")
     p.add_argument("--scratch", action="store_true",
                    help="the from-scratch model instead of a learned correction of naive interpolation (ablation)")
     p.add_argument("--init", help="continue from this TokenAdapt checkpoint (its config wins over --width/--heads)")
@@ -238,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.init:  # a fresh warm-up + cosine schedule on top of trained weights
         model = load_tokenadapt(args.init, tokenizer)
     else:
-        model = TokenAdapt.for_tokenizer(tokenizer, width=args.width, heads=args.heads, residual=not args.scratch)
+        model = TokenAdapt.for_tokenizer(tokenizer, width=args.width, heads=args.heads, residual=not args.scratch,
+                                           margin=args.margin)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"TokenAdapt {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
     stats = train(model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
