@@ -194,3 +194,32 @@ def test_budget_table_kmeans_fallback():
     rows = budgets.budget_table(tok, images, [32, 8, 4])["rows"]
     assert [r["bytes_bitpack"] for r in rows] == [64 * b / 8 for b in (5, 3, 2)]
     assert all(math.isfinite(r["psnr"]) and r["codes_used"] <= r["keep"] for r in rows)
+
+
+def test_sample_batch_crops_and_flips_exactly():
+    """The vectorised batch sampler equals a per-image loop over the same draws."""
+    data = torch.randint(0, 256, (5, 12, 12, 3), dtype=torch.uint8)
+    out = tr.sample_batch(data, 16, 7, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(5, (16,), generator=gen)
+    offs = torch.randint(12 - 7 + 1, (16, 2), generator=gen)
+    flips = torch.rand(16, generator=gen) < 0.5
+    assert flips.any() and not flips.all()
+    for b in range(16):
+        y, x = int(offs[b, 0]), int(offs[b, 1])
+        img = data[idx[b], y : y + 7, x : x + 7]
+        img = img.flip(1) if flips[b] else img
+        assert torch.equal(out[b], img.permute(2, 0, 1).float().div(127.5).sub(1.0))
+
+
+def test_bf16_autocast_trains():
+    """The GPU recipe's precision path (bf16 autocast of encoder/decoder) runs and learns on the CPU too."""
+    data = torch.from_numpy(synthetic_images(16, 32, seed=4))
+    cfg = dataclasses.replace(TINY, steps=12, precision="bf16")
+    tok, stats = tr.train(data, cfg, progress=False)
+    hist = stats["history"]
+    assert stats["steps"] == 12 and all(math.isfinite(h["loss"]) for h in hist)
+    assert np.mean([h["loss"] for h in hist[-3:]]) < np.mean([h["loss"] for h in hist[:3]])
+    assert next(tok.model.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="precision"):
+        tr.TrainConfig(precision="fp16")

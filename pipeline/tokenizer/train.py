@@ -16,10 +16,13 @@ assigned encoder outputs (decay 0.99, Laplace smoothing), initialised from rando
 first batch; codes unused for ``dead_after`` steps are re-seeded from random encoder outputs of the current
 batch; loss = MSE(x_rec, x) + beta * MSE(z, sg(z_q)) with beta = 0.25. No perceptual/GAN loss: there is no
 pretrained VGG (LPIPS) offline, and a GAN needs far more than 25 CPU minutes; MSE is what PSNR measures.
-AdamW with linear warm-up + cosine decay. Data: all images decoded once to a uint8 tensor, random
-crops + horizontal flips. With ``--steps`` the run is deterministic for a seed (same ops, same order, one
-seeded ``torch.Generator``); with only ``--minutes`` the cosine follows the fraction of the time budget spent
-(robust to the machine's speed changing), and training stops cleanly when the budget is spent.
+AdamW with linear warm-up + cosine decay. Data: all images decoded once to a uint8 tensor (kept on the
+training device), random crops + horizontal flips. On a GPU (``--device cuda``, the default where one
+is present) the encoder and decoder run under bf16 autocast (``--precision``; quantisation, EMA and
+losses stay float32) and a larger ``--batch`` (256) is the natural setting. With ``--steps`` the run
+is deterministic for a seed (same ops, same order, one seeded ``torch.Generator``); with only
+``--minutes`` the cosine follows the fraction of the time budget spent (robust to the machine's speed
+changing), and training stops cleanly when the budget is spent.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ class TrainConfig:
     decay: float = 0.99  # EMA decay of the codebook
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
     dead_after: int = 20  # steps without use before a code is re-seeded
+    device: str = "cpu"  # "cuda" on a GPU machine
+    precision: str = "fp32"  # "bf16": autocast of the encoder and decoder
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
 def model_config(cfg: TrainConfig) -> VQGANConfig:
@@ -87,16 +96,17 @@ def load_folder(root: str | Path, resolution: int) -> torch.Tensor:
 
 
 def sample_batch(data: torch.Tensor, batch: int, crop: int, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (N, R, R, 3) -> float32 (batch, 3, crop, crop) in [-1, 1]: random images, crops and h-flips."""
+    """uint8 (N, R, R, 3) -> float32 (batch, 3, crop, crop) in [-1, 1] on data's device: random images,
+    crops and h-flips (drawn from the CPU generator ``gen``, so the same on every device)."""
     n, r = data.shape[0], data.shape[1]
     idx = torch.randint(n, (batch,), generator=gen)
     offs = torch.randint(r - crop + 1, (batch, 2), generator=gen)
     flips = torch.rand(batch, generator=gen) < 0.5
-    out = torch.empty(batch, crop, crop, 3, dtype=torch.uint8)
-    for b in range(batch):
-        y, x = int(offs[b, 0]), int(offs[b, 1])
-        img = data[idx[b], y : y + crop, x : x + crop]
-        out[b] = img.flip(1) if flips[b] else img
+    step = torch.arange(crop)
+    rows = offs[:, :1] + step  # (batch, crop)
+    cols = torch.where(flips[:, None], offs[:, 1:] + crop - 1 - step, offs[:, 1:] + step)
+    dev = data.device
+    out = data[idx.to(dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]  # (batch, c, c, 3)
     return out.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
@@ -126,9 +136,9 @@ class EMACodebook:
         self.embed = embed
         self.decay, self.eps = decay, eps
         k = embed.shape[0]
-        self.cluster_size = torch.ones(k)
+        self.cluster_size = torch.ones(k, device=embed.device)
         self.embed_avg = embed.clone()
-        self.last_used = torch.zeros(k, dtype=torch.long)
+        self.last_used = torch.zeros(k, dtype=torch.long, device=embed.device)
 
     @property
     def k(self) -> int:
@@ -139,7 +149,7 @@ class EMACodebook:
         """Seed every code with a random row of float (n, D) encoder outputs (with replacement if n < K)."""
         n = flat.shape[0]
         pick = torch.randperm(n, generator=gen)[: self.k] if n >= self.k else torch.randint(n, (self.k,), generator=gen)
-        self.embed.copy_(flat[pick])
+        self.embed.copy_(flat[pick.to(flat.device)])
         self.embed_avg.copy_(self.embed)
         self.cluster_size.fill_(1.0)
 
@@ -165,7 +175,7 @@ class EMACodebook:
         dead = torch.nonzero(step - self.last_used >= dead_after).flatten()
         if dead.numel() == 0:
             return 0
-        rows = flat[torch.randint(flat.shape[0], (dead.numel(),), generator=gen)]
+        rows = flat[torch.randint(flat.shape[0], (dead.numel(),), generator=gen).to(flat.device)]
         self.embed[dead] = rows
         self.embed_avg[dead] = rows
         self.cluster_size[dead] = 1.0
@@ -183,14 +193,19 @@ def train_step(model: VQModel, cb: EMACodebook, opt: torch.optim.Optimizer, x: t
                cfg: TrainConfig, gen: torch.Generator) -> dict[str, float]:
     """One update on float (B, 3, c, c) images in [-1, 1]; returns loss, rec (MSE), psnr (dB), ppl, restarts."""
     model.train()
-    flat, shape = _latents(model, x)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    with autocast:
+        flat, shape = _latents(model, x)
+    flat = flat.float()
     if step == 0:
         cb.init_from(flat.detach(), gen)
     ids = cb.assign(flat)
     zq = cb.embed[ids]  # no grad: the codebook only moves by EMA
     commit = F.mse_loss(flat, zq)
     zst = (flat + (zq - flat).detach()).view(shape).permute(0, 3, 1, 2)  # straight-through
-    rec = F.mse_loss(model.decode_codes(zst), x)
+    with autocast:
+        rec_x = model.decode_codes(zst)
+    rec = F.mse_loss(rec_x.float(), x)
     loss = rec + cfg.beta * commit
     loss_f, rec_f = float(loss.detach()), float(rec.detach())
     opt.zero_grad(set_to_none=True)
@@ -223,7 +238,9 @@ def train(data: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> tuple[
         raise ValueError("give steps or a positive minutes budget")
     mcfg = model_config(cfg)
     tok = VQGANTokenizer(mcfg, seed=cfg.seed)
-    model = tok.model.requires_grad_(True)
+    device = torch.device(cfg.device)
+    model = tok.model.to(device).requires_grad_(True)
+    data = data.to(device)
     model.quantize.requires_grad_(False)
     cb = EMACodebook(model.quantize.embedding.weight.data, cfg.decay, cfg.eps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,7 +268,7 @@ def train(data: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> tuple[
         bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", ppl=f"{stats['ppl']:.0f}",
                         lr=f"{lr:.1e}", refresh=False)
     bar.close()
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).to("cpu")  # the tokenizer encodes and saves on the CPU
     return tok, {"steps": step, "seconds": time.monotonic() - t0, "history": history}
 
 
@@ -268,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write metrics JSON here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="training device (default: cuda when present)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="autocast of encoder/decoder (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
     cfg = TrainConfig(resolution=a.resolution, crop=min(a.crop, a.resolution), batch=a.batch, vocab=a.vocab,
-                      steps=a.steps, minutes=a.minutes, seed=a.seed)
+                      steps=a.steps, minutes=a.minutes, seed=a.seed, device=a.device, precision=precision)
     t_load = time.monotonic()
     data = load_folder(a.images, cfg.resolution)
     print(f"loaded {data.shape[0]} training images ({data.numel() / 2**20:.0f} MiB) in "
