@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from storage.dataset import TokenDataset
 from storage.errors import ShardError
 from storage.fetch import ShardCache, ShardFetcher, parse_size
 from storage.manifest import Manifest
@@ -45,7 +46,7 @@ from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_so
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
 from storage.shard import Block, decode_shard
 
-__all__ = ["Source", "TokenStream", "StreamLoader"]
+__all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
 
 log = logging.getLogger("vqpt.storage")
 Batch = dict
