@@ -79,6 +79,15 @@ def as_sources(data: str | Manifest | Source | Sequence[str | Manifest | Source]
     return [s if isinstance(s, Source) else Source(s) for s in items]
 
 
+def source_from_dict(entry: object, where: str = "source") -> Source:
+    """A Source from a config mapping ``{url, proportion | repeat | choose}``; errors name ``where``."""
+    keys = ("url", "proportion", "repeat", "choose")
+    if not isinstance(entry, dict) or "url" not in entry or set(entry) - set(keys):
+        raise ValueError(f"{where}: expected a mapping with url and at most one of proportion, repeat, choose; "
+                         f"got {entry!r}")
+    return Source(**entry)
+
+
 def check_proportions(sources: Sequence[Source]) -> None:
     """Proportions, where given, must sum to 1 (checked before any manifest is read)."""
     props = [(i, s.proportion) for i, s in enumerate(sources) if s.proportion is not None]

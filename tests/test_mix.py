@@ -133,3 +133,23 @@ def test_missing_manifest_and_other_tokenizer_name_the_source(sources, tmp_path)
     d = write_split(str(tmp_path / "d"), samples, make_meta(samples), shard_size=5).url
     with pytest.raises(ManifestError, match=r"source 1 .*grid \(4, 4\) differs from source 0's \(8, 8\)"):
         TokenStream([Source(a), Source(d)], 4)
+
+
+def test_trainer_config_mixes_sources_through_a_shared_cache(sources, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.train import build_stream
+
+    a, b = sources
+    mix = f"data.sources=[{{url: '{a}', proportion: 0.7}}, {{url: '{b}', proportion: 0.3}}]"
+    cfg = load_config(None, [mix, f"data.cache_dir={tmp_path / 'cache'}", "data.cache_limit=20mb",
+                             "data.batch_size=8", "data.partitions=4", "data.num_workers=0"])
+    loader, spec = build_stream(cfg, 0, 1)
+    assert spec.grid == (8, 8) and loader.dataset.counts == [98, 42]  # 0.7 / 0.3 of 120 + 20
+    sources_seen = {s for batch in loader for s in batch["source"].tolist()}
+    assert sources_seen == {0, 1} and len(list((tmp_path / "cache").glob("*.tar"))) > 0
+    with pytest.raises(ValueError, match="proportions sum to 0.9"):
+        load_config(None, [mix.replace("0.3", "0.2")])
+    with pytest.raises(ValueError, match=r"data.sources\[1\]: expected a mapping with url"):
+        load_config(None, [f"data.sources=[{{url: '{a}'}}, {{url: '{b}', weight: 2}}]"])
+    with pytest.raises(ValueError, match="cache_limit '20 gigs' is not a size"):
+        load_config(None, [mix, "data.cache_limit=20 gigs"])
