@@ -125,7 +125,6 @@ class TokenStream(IterableDataset):
         self.counts = source_counts(self.sources, [m.num_samples for m in self.manifests], epoch_size)
         self._shards = [(m.shard_url(i), info) for m in self.manifests for i, info in enumerate(m.shards)]
         self._shard_source = np.repeat(np.arange(len(self.manifests)), [len(m.shards) for m in self.manifests])
-        self._codecs = [m.codec() for m in self.manifests]
         self._plan: tuple[int, MixEpoch, EpochOrder] | None = None
         self.batch_size = batch_size
         self.order = OrderConfig(seed=seed, partitions=partitions, window=shuffle_window, shuffle=shuffle)
@@ -233,7 +232,7 @@ class TokenStream(IterableDataset):
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
         url, info = self._shards[s]
         try:
-            return _concat_blocks(decode_shard(fetcher.get(s), self._codecs[self._shard_source[s]], url), url)
+            return _concat_blocks(decode_shard(fetcher.get(s), self.manifests[self._shard_source[s]].codec(), url), url)
         except ShardError as err:
             if self.on_error == "raise":
                 raise
