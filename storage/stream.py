@@ -80,7 +80,7 @@ def _stack_or_list(items: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]
 
 
 class TokenStream(IterableDataset):
-    """Batches (or samples, with ``batch_size=None``) of one split, for one rank.
+    """Batches (or samples, with ``batch_size=None``) of one split or a mix of splits, for one rank.
 
     Args:
         manifest: a manifest URL (path, file://, s3://, http(s)://), a loaded ``Manifest``, a
