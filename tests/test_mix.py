@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import numpy as np
 import pytest
 
 from storage.errors import FingerprintMismatch, ManifestError
 from storage.manifest import write_split
 from storage.mix import source_counts
+from storage.order import EpochOrder
 from storage.stream import Source, StreamLoader, TokenStream
 from tests.conftest import make_meta, make_samples, write_dataset
 
@@ -153,3 +155,14 @@ def test_trainer_config_mixes_sources_through_a_shared_cache(sources, tmp_path):
         load_config(None, [f"data.sources=[{{url: '{a}'}}, {{url: '{b}', weight: 2}}]"])
     with pytest.raises(ValueError, match="cache_limit '20 gigs' is not a size"):
         load_config(None, [mix, "data.cache_limit=20 gigs"])
+
+
+def test_one_source_reads_in_the_order_it_did_before_mixing(sources):
+    a, _ = sources
+    ds = TokenStream(a, None, partitions=4, shuffle_window=12)
+    sizes = [s.samples for s in ds.manifest.shards]
+    plain = EpochOrder(sizes, ds.order, 0)  # the order of one dataset, as it was computed before mixing
+    starts = np.cumsum([0, *sizes])
+    want = [f"a/{starts[s] + r:06d}" for p in range(4) for c in plain.partition_chunks(p)
+            for s, r in zip(c.shards.tolist(), c.rows.tolist())]
+    assert [x["key"] for x in ds] == want
