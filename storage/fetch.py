@@ -116,10 +116,11 @@ class ShardCache:
             return
         with open(os.path.join(self.directory, ".lock"), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not self._make_room(len(data)):
-                return
             path = self._path(sha256)
-            sio.write_bytes_atomic(path, data)
+            if not os.path.exists(path):  # else another reader on the node cached it meanwhile
+                if not self._make_room(len(data)):
+                    return
+                sio.write_bytes_atomic(path, data)
             f = open(path, "rb")  # noqa: SIM115 - kept open as the pin
             fcntl.flock(f, fcntl.LOCK_SH)  # still under the directory lock: nobody evicted it yet
         self._pin(sha256, f)
