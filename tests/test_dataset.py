@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import storage.io as sio
+from storage.errors import ShardError
 from storage.manifest import write_split
 from storage.stream import TokenDataset, TokenStream
 from tests.conftest import make_meta, make_samples, write_dataset
@@ -60,3 +61,15 @@ def test_on_s3_a_lookup_reads_one_block(s3_bucket, monkeypatch):
     reads.clear()
     ds[173]  # in the LRU: nothing read
     assert reads == []
+
+
+def test_a_damaged_block_names_the_shard_and_block(tmp_path):
+    manifest = write_dataset(str(tmp_path), make_samples(40), shard_size=20, block_size=10)
+    path = tmp_path / manifest.shards[1].url
+    data = bytearray(path.read_bytes())
+    data[512 + 6] ^= 0xFF  # inside block 0's header length
+    path.write_bytes(bytes(data))
+    ds = TokenDataset(str(tmp_path))
+    assert ds[15]["key"] == "img/000015"  # shard 0 is intact
+    with pytest.raises(ShardError, match=r"shard-000001.tar: block 0: "):
+        ds[20]
