@@ -4,7 +4,7 @@ A config file has these sections (every key optional except ``data.train``)::
 
     run:       {out, seed, steps, log_every, save_every, keep_checkpoints, progress, stop_at, trace_samples}
     data:      {train, tokenizer, batch_size, num_workers, shuffle_window, partitions, prefetch_shards,
-                input, resolution}
+                input, resolution, sources, cache_dir, cache_limit}
     model:     {preset, ...any ViTConfig field}        # grid and vocab_size come from the data
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
@@ -54,7 +54,9 @@ class DataConfig:
     micro-step. tokenizer: checkpoint giving the codebook for embedding-space augmentation
     (default: ``tokenizer.pt`` in the dataset root, where the tokenisation job writes it).
     input: "tokens" (shards, ``storage.stream``) or "pixels" (``train`` is an ImageNet-layout split
-    folder of images, decoded by ``pretrain.pixels`` at ``resolution`` px; a pixel-stem baseline)."""
+    folder of images, decoded by ``pretrain.pixels`` at ``resolution`` px; a pixel-stem baseline).
+    sources: instead of ``train``, datasets to mix, ``[{url, proportion | repeat | choose}, ...]``
+    (``storage.stream.Source``). cache_dir, cache_limit: the node's shard cache (bytes or "20gb")."""
 
     train: str = ""
     tokenizer: str | None = None
@@ -65,8 +67,16 @@ class DataConfig:
     prefetch_shards: int = 2
     input: str = "tokens"
     resolution: int = 224
+    sources: tuple = ()
+    cache_dir: str | None = None
+    cache_limit: str | int = "8gib"
 
     def __post_init__(self) -> None:
+        from storage.fetch import parse_size
+        from storage.mix import check_proportions, source_from_dict
+
+        check_proportions([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(self.sources)])
+        parse_size(self.cache_limit)
         if self.input not in ("tokens", "pixels"):
             raise ValueError(f"data.input must be 'tokens' or 'pixels', got {self.input!r}")
         if self.resolution < 1:
@@ -179,8 +189,8 @@ def build_config(raw: dict, where: str = "config") -> TrainConfig:
         if name in raw:
             kwargs[name] = raw[name]
     cfg = TrainConfig(**kwargs)
-    if not cfg.data.train:
-        raise ValueError(f"{where}: data.train (a manifest URL or split directory) is required")
+    if not cfg.data.train and not cfg.data.sources:
+        raise ValueError(f"{where}: data.train (a manifest URL or split directory) or data.sources is required")
     if cfg.run.steps < 1:
         raise ValueError(f"{where}: run.steps must be >= 1, got {cfg.run.steps}")
     if cfg.objective.get("name") == "segment":  # token-only geometry would move tokens but not label maps

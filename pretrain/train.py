@@ -46,6 +46,7 @@ from pretrain.objectives import DataSpec, Objective, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
 from pretrain.vit import ViTConfig, vit_config
 from storage.manifest import manifest_url, read_manifest
+from storage.mix import source_from_dict
 from storage.stream import StreamLoader, TokenStream
 
 __all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed"]
@@ -75,14 +76,16 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
                                    rank=rank, world_size=world)
         spec = DataSpec(grid=(cfg.data.resolution,) * 2, vocab_size=1, num_classes=len(pixels.class_names))
         return StreamLoader(pixels, num_workers=cfg.data.num_workers), spec
-    manifest = read_manifest(resolve_manifest(cfg.data.train))
-    meta = manifest.meta
-    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
-    augment = runtime.build_augment(cfg, manifest, spec)
-    stream = TokenStream(manifest, cfg.data.batch_size, seed=cfg.run.seed, partitions=cfg.data.partitions,
+    data = ([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
+            or read_manifest(resolve_manifest(cfg.data.train)))
+    stream = TokenStream(data, cfg.data.batch_size, seed=cfg.run.seed, partitions=cfg.data.partitions,
                          shuffle_window=cfg.data.shuffle_window, rank=rank, world_size=world,
-                         prefetch_shards=cfg.data.prefetch_shards,
-                         batch_transform=None if augment is None else BatchSeededAugment(augment, cfg.run.seed))
+                         prefetch_shards=cfg.data.prefetch_shards, cache_dir=cfg.data.cache_dir,
+                         cache_limit=cfg.data.cache_limit)
+    meta = stream.manifest.meta  # with sources: the first one's (all share tokenizer, grid and K)
+    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
+    augment = runtime.build_augment(cfg, stream.manifest, spec)
+    stream.batch_transform = None if augment is None else BatchSeededAugment(augment, cfg.run.seed)
     return StreamLoader(stream, num_workers=cfg.data.num_workers), spec
 
 

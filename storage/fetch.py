@@ -3,72 +3,173 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from storage import io as sio
 from storage.errors import ShardError
-from storage.manifest import Manifest
+from storage.shard import ShardInfo
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"20gb"`` (10^9 units) or ``"8GiB"`` (2^30 units)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", str(size).lower())
+        if match is None or match.group(2) not in _UNITS:
+            raise ValueError(f"cache_limit {size!r} is not a size: use bytes or a number with kb, mb, gb, tb "
+                             "(powers of 1000) or kib, mib, gib, tib (powers of 1024), e.g. '20gb'")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 1:
+        raise ValueError(f"cache_limit must be at least 1 byte, got {size!r}")
+    return value
 
 
 class ShardCache:
-    """A bounded local directory of verified shards, named by their sha256 (oldest evicted first)."""
+    """A bounded local directory of verified shards, named by their sha256, shared by every reader
+    (ranks and DataLoader workers) on a node.
 
-    def __init__(self, directory: str, limit_bytes: int):
+    Guarantees, for readers that share ``directory`` on one node's local file system:
+
+    - **Bounded.** The files in the directory never total more than ``limit`` bytes: a writer
+      takes the directory's exclusive lock (``.lock``), evicts least recently used shards until
+      the new one fits, then writes it (temp file + rename). A shard that cannot fit is not cached.
+    - **Open shards stay.** A reader holds a shared ``flock`` on each cached shard it has open
+      (from ``get``/``put`` until ``release``); eviction takes an exclusive non-blocking lock and
+      skips any shard it cannot get, so it never removes a shard a reader on the node has open.
+    - **Verified.** A cached shard is checked against its sha256 when read; a damaged one is
+      deleted and ``get`` answers None, so the caller fetches it again.
+    """
+
+    def __init__(self, directory: str, limit: int | str):
         self.directory = directory
-        self.limit_bytes = limit_bytes
+        self.limit_bytes = parse_size(limit)
         os.makedirs(directory, exist_ok=True)
+        self._pins: dict[str, list] = {}  # sha256 -> [open file holding LOCK_SH, count]
+        self._mutex = threading.Lock()  # prefetch threads share one cache object
+        self._closed = False
 
     def _path(self, sha256: str) -> str:
         return os.path.join(self.directory, f"{sha256}.tar")
 
+    def _pin(self, sha256: str, f) -> None:
+        with self._mutex:
+            if self._closed:  # a prefetch finished after the reader closed
+                f.close()
+            elif sha256 in self._pins:
+                self._pins[sha256][1] += 1
+                f.close()
+            else:
+                self._pins[sha256] = [f, 1]
+
+    def release(self, sha256: str) -> None:
+        """The reader is done with this shard: eviction may take it again."""
+        with self._mutex:
+            pin = self._pins.get(sha256)
+            if pin is not None:
+                pin[1] -= 1
+                if pin[1] <= 0:
+                    pin[0].close()
+                    del self._pins[sha256]
+
+    def close(self) -> None:
+        with self._mutex:
+            for f, _ in self._pins.values():
+                f.close()
+            self._pins.clear()
+            self._closed = True
+
     def get(self, sha256: str) -> bytes | None:
+        """The cached shard's verified bytes, pinned until ``release``; None if absent or damaged."""
         path = self._path(sha256)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            f = open(path, "rb")  # noqa: SIM115 - kept open as the pin
         except FileNotFoundError:
             return None
-        if hashlib.sha256(data).hexdigest() != sha256:  # damaged on local disk: drop it, fetch again
-            os.unlink(path)
+        fcntl.flock(f, fcntl.LOCK_SH)
+        if os.fstat(f.fileno()).st_nlink == 0:  # evicted between open and lock
+            f.close()
             return None
-        os.utime(path)
+        data = f.read()
+        if hashlib.sha256(data).hexdigest() != sha256:  # damaged on local disk: drop it, fetch again
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+        self._pin(sha256, f)
         return data
 
     def put(self, sha256: str, data: bytes) -> None:
+        """Cache verified bytes (pinned until ``release``), evicting unpinned shards to make room."""
         if len(data) > self.limit_bytes:
             return
-        sio.write_bytes_atomic(self._path(sha256), data)
+        with open(os.path.join(self.directory, ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self._path(sha256)
+            if not os.path.exists(path):  # else another reader on the node cached it meanwhile
+                if not self._make_room(len(data)):
+                    return
+                sio.write_bytes_atomic(path, data)
+            f = open(path, "rb")  # noqa: SIM115 - kept open as the pin
+            fcntl.flock(f, fcntl.LOCK_SH)  # still under the directory lock: nobody evicted it yet
+        self._pin(sha256, f)
+
+    def _make_room(self, need: int) -> bool:
+        """Evict least recently used unpinned shards until ``need`` more bytes fit (directory lock held)."""
         entries = []
-        for name in os.listdir(self.directory):
-            if name.endswith(".tar"):
-                path = os.path.join(self.directory, name)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:  # another worker evicted it
-                    continue
-                entries.append((st.st_mtime, st.st_size, path))
+        for entry in os.scandir(self.directory):
+            if entry.name == ".lock":
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat()
+                entries.append((st.st_mtime, st.st_size, entry.path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
-            if total <= self.limit_bytes:
+            if total + need <= self.limit_bytes:
                 break
-            with contextlib.suppress(FileNotFoundError):  # another worker evicted it first
-                os.unlink(path)
-            total -= size
+            if not path.endswith(".tar"):  # a temp file of a writer that died: only the lock holder writes
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                total -= size
+                continue
+            try:
+                f = open(path, "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                total -= size
+                continue
+            with f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a reader has it open
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                total -= size
+        return total + need <= self.limit_bytes
 
 
 class ShardFetcher:
     """Gets shard bytes for one reader in the order it will need them, ``prefetch`` shards ahead.
 
-    ``get(i)`` returns the verified bytes of manifest shard ``i`` or raises ShardError naming
-    the shard: unreachable after retries, wrong size (truncated), or sha256 mismatch.
+    ``shards[i]`` is (full URL, manifest row) of shard ``i``. ``get(i)`` returns its verified
+    bytes or raises ShardError naming the shard: unreachable after retries, wrong size
+    (truncated), or sha256 mismatch. With a cache, call ``release(i)`` once done with shard ``i``.
     """
 
-    def __init__(self, manifest: Manifest, plan: Sequence[int], prefetch: int = 2, retries: int = 8,
-                 cache: ShardCache | None = None, storage_options: dict | None = None):
-        self.manifest = manifest
+    def __init__(self, shards: Sequence[tuple[str, ShardInfo]], plan: Sequence[int], prefetch: int = 2,
+                 retries: int = 8, cache: ShardCache | None = None, storage_options: dict | None = None):
+        self.shards = shards
         self.plan = list(plan)
         self.prefetch = max(0, prefetch)
         self.retries = retries
@@ -79,8 +180,7 @@ class ShardFetcher:
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.prefetch, 4)), thread_name_prefix="vqpt-fetch")
 
     def _fetch(self, i: int) -> bytes:
-        info = self.manifest.shards[i]
-        url = self.manifest.shard_url(i)
+        url, info = self.shards[i]
         if self.cache is not None:
             data = self.cache.get(info.sha256)
             if data is not None:
@@ -116,7 +216,13 @@ class ShardFetcher:
         finally:
             self._schedule()
 
+    def release(self, i: int) -> None:
+        if self.cache is not None:
+            self.cache.release(self.shards[i][1].sha256)
+
     def close(self) -> None:
         for f in self._futures.values():
             f.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.cache is not None:
+            self.cache.close()

@@ -148,6 +148,17 @@ def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8) 
     return with_retries(lambda: fs.cat_file(_path(url)), f"reading {url}", retries=retries, on_retry=note)
 
 
+def read_range(url: str, start: int, end: int, storage_options: dict | None = None, retries: int = 8) -> bytes:
+    """Bytes ``start:end`` of the object at ``url`` (one ranged GET on S3/http); retried like ``read_bytes``."""
+    if protocol_of(url) == "file":
+        with open(_path(url), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs = filesystem(url, storage_options)
+    return with_retries(lambda: fs.cat_file(_path(url), start=start, end=end), f"reading {url}[{start}:{end}]",
+                        retries=retries)
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> None:
     """Write ``data`` so that readers see either nothing or all of it.
 

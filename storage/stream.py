@@ -15,8 +15,12 @@ Guarantees (``storage.order`` has the arithmetic):
   ``prefetch_shards`` shards of bytes, whatever the dataset size.
 - **Verified bytes.** Each shard is checked against the manifest's size and sha256 before it is
   decoded; reads are retried with backoff; failures name the shard.
+- **Mixing.** Several datasets (``Source(url, proportion=|repeat=|choose=)``) stream as one: each
+  contributes an exact, seeded number of samples per epoch (``storage.mix``), and every guarantee
+  above holds for the mix (the sampled subset of a sub-sampled source is what is read exactly once).
 
-Batches are dicts: ``tokens`` int64 (B, h, w); ``label`` int64 (B,); ``index`` int64 (B,);
+Batches are dicts: ``tokens`` int64 (B, h, w); ``label`` int64 (B,) (each source's own classes);
+``source`` int64 (B,) (index of the sample's source; 0 without mixing); ``index`` int64 (B,);
 ``pad`` bool (B,); ``image_size`` int64 (B, 2); ``crop_box`` int64 (B, 4); ``key`` list[str];
 ``epoch`` int (the epoch the batch belongs to; with ``index`` it names the batch uniquely);
 ``labelmap`` uint8 (B, H, W) when the split has label maps of one size (else a list);
@@ -34,11 +38,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.errors import FingerprintMismatch, ShardError
-from storage.fetch import ShardCache, ShardFetcher
-from storage.manifest import Manifest, read_manifest
+from storage.dataset import TokenDataset
+from storage.errors import ShardError
+from storage.fetch import ShardCache, ShardFetcher, parse_size
+from storage.manifest import Manifest
+from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
 from storage.shard import Block, decode_shard
+
+__all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
 
 log = logging.getLogger("vqpt.storage")
 Batch = dict
@@ -72,10 +80,14 @@ def _stack_or_list(items: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]
 
 
 class TokenStream(IterableDataset):
-    """Batches (or samples, with ``batch_size=None``) of one split, for one rank.
+    """Batches (or samples, with ``batch_size=None``) of one split or a mix of splits, for one rank.
 
     Args:
-        manifest: a manifest URL (path, file://, s3://, http(s)://) or a loaded ``Manifest``.
+        manifest: a manifest URL (path, file://, s3://, http(s)://), a loaded ``Manifest``, a
+            ``Source`` or a list of Sources to mix (``storage.mix``); all must share tokenizer,
+            grid and K (FingerprintMismatch / ManifestError naming the source otherwise).
+        epoch_size: samples per epoch when sources are given by proportion (default: the sum of
+            the sources' sizes).
         batch_size: samples per yielded batch; None yields single samples (dicts of arrays).
         seed, partitions, shuffle_window, shuffle: the epoch order (``storage.order``).
         rank, world_size: default to torch.distributed, else $RANK / $WORLD_SIZE, else 0 / 1.
@@ -84,16 +96,18 @@ class TokenStream(IterableDataset):
             logs a warning naming it, and lists it in ``skipped`` (per process; in skip mode ranks
             may then see unequal counts).
         prefetch_shards: shards fetched ahead in background threads.
-        cache_dir, cache_limit_bytes: optional bounded local cache of verified shards.
+        cache_dir, cache_limit: optional local cache of verified shards shared by the node's
+            readers, bounded by ``cache_limit`` (bytes or "20gb"; ``storage.fetch.ShardCache``).
         batch_transform: callable(batch dict) -> batch dict, run in the worker (e.g. token
             augmentation); sample_transform likewise per sample, before collation (slower).
     """
 
-    def __init__(self, manifest: str | Manifest, batch_size: int | None = 256, *, seed: int = 0,
+    def __init__(self, manifest: str | Manifest | Source | list[Source], batch_size: int | None = 256, *,
+                 seed: int = 0, epoch_size: int | None = None,
                  partitions: int = 64, shuffle_window: int = 8192, shuffle: bool = True,
                  rank: int | None = None, world_size: int | None = None,
                  expected_fingerprint: str | None = None, on_error: str = "raise", prefetch_shards: int = 2,
-                 retries: int = 8, cache_dir: str | None = None, cache_limit_bytes: int = 8 << 30,
+                 retries: int = 8, cache_dir: str | None = None, cache_limit: int | str = "8gib",
                  storage_options: dict | None = None,
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  sample_transform: Callable[[dict], dict] | None = None):
@@ -102,13 +116,16 @@ class TokenStream(IterableDataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-        if not isinstance(manifest, Manifest):
-            manifest = read_manifest(manifest, expected_fingerprint, storage_options)
-        elif expected_fingerprint not in (None, manifest.meta.tokenizer_fingerprint):
-            have = manifest.meta.tokenizer_fingerprint
-            raise FingerprintMismatch(f"manifest {manifest.url}: tokens come from tokenizer {have[:16]}..., "
-                                      f"not {expected_fingerprint[:16]}...")
-        self.manifest = manifest
+        self.sources = as_sources(manifest)
+        check_proportions(self.sources)  # before anything is read
+        cache_limit = parse_size(cache_limit)
+        self.manifests = load_sources(self.sources, expected_fingerprint, storage_options)
+        self.manifest = self.manifests[0]
+        self._shard_sizes = [[s.samples for s in m.shards] for m in self.manifests]
+        self.counts = source_counts(self.sources, [m.num_samples for m in self.manifests], epoch_size)
+        self._shards = [(m.shard_url(i), info) for m in self.manifests for i, info in enumerate(m.shards)]
+        self._shard_source = np.repeat(np.arange(len(self.manifests)), [len(m.shards) for m in self.manifests])
+        self._plan: tuple[int, MixEpoch, EpochOrder] | None = None
         self.batch_size = batch_size
         self.order = OrderConfig(seed=seed, partitions=partitions, window=shuffle_window, shuffle=shuffle)
         default_rank, default_world = _dist_rank_world()
@@ -119,14 +136,13 @@ class TokenStream(IterableDataset):
         self.prefetch_shards = prefetch_shards
         self.retries = retries
         self.cache_dir = cache_dir
-        self.cache_limit_bytes = cache_limit_bytes
+        self.cache_limit = cache_limit
         self.storage_options = storage_options
         self.batch_transform = batch_transform
         self.sample_transform = sample_transform
         self.epoch = 0
         self.resume_batches = 0  # batches this rank already consumed in ``epoch`` (set by StreamLoader)
         self.skipped: dict[str, str] = {}
-        self._sizes = [s.samples for s in self.manifest.shards]
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -135,13 +151,26 @@ class TokenStream(IterableDataset):
 
     def loader_settings(self) -> dict:
         """What a saved stream position is only valid for (checked by ``StreamLoader.load_state_dict``)."""
-        return {"seed": self.order.seed, "partitions": self.order.partitions, "window": self.order.window,
-                "shuffle": self.order.shuffle, "world_size": self.world_size, "rank": self.rank,
-                "batch_size": self.batch_size, "num_samples": self.manifest.num_samples,
-                "fingerprint": self.manifest.meta.tokenizer_fingerprint}
+        settings = {"seed": self.order.seed, "partitions": self.order.partitions, "window": self.order.window,
+                    "shuffle": self.order.shuffle, "world_size": self.world_size, "rank": self.rank,
+                    "batch_size": self.batch_size, "num_samples": self.manifest.num_samples,
+                    "fingerprint": self.manifest.meta.tokenizer_fingerprint}
+        if len(self.sources) > 1 or self.sources[0].spec() != ["repeat", 1]:
+            settings["sources"] = [[m.num_samples, *s.spec(), c]
+                                   for m, s, c in zip(self.manifests, self.sources, self.counts)]
+        return settings
+
+    def _epoch_plan(self, epoch: int | None = None) -> tuple[MixEpoch, EpochOrder]:
+        """The epoch's units (``storage.mix``) and their order (``storage.order``), kept for the last epoch."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan is None or self._plan[0] != epoch:
+            units = mix_epoch(self._shard_sizes, self.counts, self.order.seed, epoch)
+            self._plan = (epoch, units, EpochOrder(units.unit_sizes, self.order, epoch))
+        return self._plan[1], self._plan[2]
 
     def epoch_order(self, epoch: int | None = None) -> EpochOrder:
-        return EpochOrder(self._sizes, self.order, self.epoch if epoch is None else epoch)
+        """The order of the epoch over units (a unit is a shard unless sources are mixed)."""
+        return self._epoch_plan(epoch)[1]
 
     def samples_per_rank(self) -> int:
         """Samples (padding included) each rank reads per epoch: (P / world_size) * L."""
@@ -165,14 +194,16 @@ class TokenStream(IterableDataset):
     # -- reading -------------------------------------------------------------------------------
 
     def _reader_chunks(self, worker: int, num_workers: int, skip: int) -> Iterator[Chunk]:
-        order = self.epoch_order()
+        """The reader's chunks over global shard ids (the sources' shards numbered one after another)."""
+        units, order = self._epoch_plan()
         length = order.partition_len
         parts = reader_partitions(self.order.partitions, self.rank, self.world_size, worker, num_workers)
         for p in parts:
             if skip >= length:
                 skip -= length
                 continue
-            yield from order.partition_chunks(p, skip)
+            for chunk in order.partition_chunks(p, skip):
+                yield units.resolve(chunk)
             skip = 0
 
     def _decoded_chunks(self, worker: int, num_workers: int, skip: int) -> Iterator[tuple[Chunk, dict]]:
@@ -182,12 +213,14 @@ class TokenStream(IterableDataset):
             needed = set(np.unique(chunk.shards).tolist())
             plan.extend(sorted(needed - last))
             last = needed
-        cache = ShardCache(self.cache_dir, self.cache_limit_bytes) if self.cache_dir else None
-        fetcher = ShardFetcher(self.manifest, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
+        cache = ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None
+        fetcher = ShardFetcher(self._shards, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
         decoded: dict[int, Block | None] = {}
         try:
             for chunk in self._reader_chunks(worker, num_workers, skip):
                 needed = sorted(set(np.unique(chunk.shards).tolist()))
+                for s in set(decoded) - set(needed):
+                    fetcher.release(s)
                 decoded = {s: decoded[s] for s in needed if s in decoded}
                 for s in needed:
                     if s not in decoded:
@@ -197,14 +230,14 @@ class TokenStream(IterableDataset):
             fetcher.close()
 
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
-        url = self.manifest.shard_url(s)
+        url, info = self._shards[s]
         try:
-            return _concat_blocks(decode_shard(fetcher.get(s), self.manifest.codec(), url), url)
+            return _concat_blocks(decode_shard(fetcher.get(s), self.manifests[self._shard_source[s]].codec(), url), url)
         except ShardError as err:
             if self.on_error == "raise":
                 raise
             self.skipped[url] = err.reason
-            log.warning("skipping %s (%d samples): %s", url, self.manifest.shards[s].samples, err.reason)
+            log.warning("skipping %s (%d samples): %s", url, info.samples, err.reason)
             return None
 
     def _gather(self, chunk: Chunk, decoded: dict[int, Block | None]) -> dict:
@@ -236,7 +269,8 @@ class TokenStream(IterableDataset):
                 keys[w] = block.keys[r]
                 labelmaps[w] = block.labelmaps[r]
                 views[w] = block.views[r]
-        return {"n": n, "tokens": tokens, "label": labels, "index": chunk.positions, "pad": chunk.pad,
+        return {"n": n, "tokens": tokens, "label": labels, "source": self._shard_source[chunk.shards],
+                "index": chunk.positions, "pad": chunk.pad,
                 "image_size": image_size, "crop_box": crop_box, "key": keys, "labelmap": labelmaps, "views": views}
 
     @staticmethod
@@ -259,6 +293,7 @@ class TokenStream(IterableDataset):
         batch: Batch = {
             "tokens": torch.from_numpy(cols["tokens"].astype(np.int64)),
             "label": torch.from_numpy(cols["label"]),
+            "source": torch.from_numpy(cols["source"]),
             "index": torch.from_numpy(cols["index"]),
             "pad": torch.from_numpy(cols["pad"]),
             "image_size": torch.from_numpy(cols["image_size"]),

@@ -184,7 +184,7 @@ def test_local_cache_serves_the_second_epoch(dataset, tmp_path, monkeypatch):
     real = sio.read_bytes
     monkeypatch.setattr(sio, "read_bytes", lambda url, *a, **k: reads.append(url) or real(url, *a, **k))
     loader = StreamLoader(TokenStream(manifest, 16, partitions=2, cache_dir=str(tmp_path / "cache"),
-                                      cache_limit_bytes=1 << 30))
+                                      cache_limit="1gib"))
     first = [k for b in loader for k in b["key"]]
     n_first = len(reads)
     second = [k for b in loader for k in b["key"]]
