@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_quickstart_runs_the_whole_journey_and_stops_everything(quickstart_run):
     assert report["classify"]["val_images"] == report["storage"]["val"]["written"]
     from vqpt.local_ray import _pids_mentioning
 
-    assert not _pids_mentioning("/tmp/vqpt-ray-"), "a Ray process of the quickstart is still running"
+    # only this process's clusters (/tmp/vqpt-ray-<pid>-*): another quickstart may run on the machine
+    assert not _pids_mentioning(f"/tmp/vqpt-ray-{os.getpid()}-"), "a Ray process of the quickstart is still running"
+    assert not list(Path("/tmp").glob(f"vqpt-ray-{os.getpid()}-*")), "the quickstart left its Ray temp dir"
     left = json.loads((quickstart_run / "shm_left.json").read_text())
     assert not left, f"the quickstart's DeepSpeed ranks left /dev/shm buffers: {left}"
 

@@ -1,0 +1,78 @@
+"""One clear line per mistake: the wrapper every command-line entry point runs its ``main`` in.
+
+    def main(argv=None) -> int:
+        return run_cli(_main, argv)
+
+A mistake the user can fix (a path that does not exist, a malformed dataset or config, missing
+credentials, a failed job) is printed as one line, ``error: <what>, <where>, <what to do>``, on
+stderr and the command exits 1. ``--debug`` anywhere on the command line (it is removed before
+``main`` sees it) or ``VQPT_DEBUG=1`` prints the traceback as well; ``--debug`` also sets
+``VQPT_DEBUG=1`` so jobs and ranks started by the command inherit it. Anything else (a bug) keeps
+Python's traceback. Ctrl-C exits 130 with one line.
+
+"The project's own error types" are ``ValueError`` (``storage.errors.StorageError`` and config
+errors are ValueErrors), ``OSError`` (missing files, permissions, network), ``UserError`` and
+botocore's credential errors (reported naming the variables that supply credentials).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+__all__ = ["UserError", "run_cli", "debug_enabled", "one_line", "is_user_error"]
+
+
+class UserError(Exception):
+    """A mistake of the user's that is not a ValueError/OSError (a failed job, a bad combination of flags)."""
+
+
+_CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and VQPT_S3_ENDPOINT for a "
+                     "non-AWS endpoint")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("VQPT_DEBUG", "") not in ("", "0")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake reported in one line (see the module docstring)."""
+    if isinstance(err, ValueError | OSError | UserError):
+        return True
+    return _is_credentials_error(err)
+
+
+def _is_credentials_error(err: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"NoCredentialsError", "PartialCredentialsError"})
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (credentials errors get what to set)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if _is_credentials_error(err):
+        return f"no S3 credentials found ({text}); {_CREDENTIALS_HELP}"
+    return text
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)`` (``argv`` defaults to ``sys.argv[1:]``, ``--debug`` removed); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["VQPT_DEBUG"] = "1"
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        return 1
+    return 0 if rc is None else int(rc)
