@@ -57,8 +57,11 @@ def one_line(err: BaseException) -> str:
     return text
 
 
-def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` (``argv`` defaults to ``sys.argv[1:]``, ``--debug`` removed); returns the exit code."""
+def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,
+            quiet: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``main(argv)`` (``argv`` defaults to ``sys.argv[1:]``, ``--debug`` removed); returns the exit code.
+
+    ``quiet``: user-error types this process exits 1 on without printing (another process reports them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
@@ -71,6 +74,8 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None 
     except Exception as err:
         if not is_user_error(err):
             raise
+        if isinstance(err, quiet) and not debug_enabled():
+            return 1
         if debug_enabled():
             traceback.print_exc()
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
