@@ -148,11 +148,26 @@ def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8) 
     return with_retries(lambda: fs.cat_file(_path(url)), f"reading {url}", retries=retries, on_retry=note)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by the set-and-restore dance."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> None:
     """Write ``data`` so that readers see either nothing or all of it.
 
-    Local: a temp file in the same directory, fsync, then ``os.replace``. S3: one complete PUT
-    (S3 never exposes a partial object).
+    Local: a temp file in the same directory, fsync, then ``os.replace``; the file gets the mode a
+    plain ``open()`` would give (0666 less the umask), not the temp file's private 0600, so datasets
+    can be shared between users. S3: one complete PUT (S3 never exposes a partial object).
     """
     proto = protocol_of(url)
     if proto == "file":
@@ -161,6 +176,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

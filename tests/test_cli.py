@@ -55,6 +55,20 @@ def test_quickstart_runs_the_whole_journey_and_stops_everything(quickstart_run):
     assert not left, f"the quickstart's DeepSpeed ranks left /dev/shm buffers: {left}"
 
 
+def test_quickstart_tokens_outlive_its_s3_server_and_the_next_commands_use_them(quickstart_run, capsys):
+    from vqpt.quickstart import QuickstartConfig, next_commands
+
+    store = quickstart_run / "store"
+    for split in ("imagenet/train", "imagenet/val", "ade20k/training", "ade20k/validation"):
+        assert main(["verify", str(store / split)]) == 0, split
+    capsys.readouterr()
+    assert main(["inspect", str(store / "ade20k" / "training")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["labelmap"]["names"].startswith("151 names: other, ")  # summarised, not 151 names
+    text = next_commands(quickstart_run, store, QuickstartConfig(out=str(quickstart_run)))
+    assert f"inspect {store}/imagenet/train" in text and f"--init {quickstart_run}/runs/mtm/checkpoints" in text
+
+
 @pytest.fixture(scope="module")
 def token_split(quickstart_run, tmp_path_factory):
     from pipeline.tokenise import main as tokenise_main

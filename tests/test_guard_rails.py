@@ -100,7 +100,7 @@ def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
     """Two token splits of the same shape from different tokenizers (fingerprints f... and 0...)."""
     root = tmp_path_factory.mktemp("tok")
     samples = make_samples(48, grid=(8, 8), vocab=64)
-    meta = make_meta(samples, "zstd2d")
+    meta = make_meta(samples)
     write_split(str(root / "a"), samples, meta, shard_size=24, block_size=8)
     write_split(str(root / "b"), samples, dataclasses.replace(meta, tokenizer_fingerprint="0" * 64), shard_size=24,
                 block_size=8)
@@ -149,3 +149,16 @@ def test_checkpoints_refuse_tokens_of_another_tokenizer_and_failed_runs_leave_no
                           str(tmp_path / "no-checkpoints"), "run.steps=2", *SMALL])
     assert proc.returncode != 0 and not left, (proc.returncode, left)
     assert "error: no checkpoint to resume from" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_outputs_get_the_umask_permissions_not_0600(tmp_path, umask):
+    samples = make_samples(10)
+    old = os.umask(umask)
+    try:
+        write_split(str(tmp_path), samples, make_meta(samples), shard_size=5, block_size=5)
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.iterdir())
+    assert {p.name for p in files} >= {"manifest.parquet", "shard-000000.tar"}
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}

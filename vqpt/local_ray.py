@@ -9,6 +9,10 @@ stops it by killing that session and then every process whose command line names
 turns token authentication on for ``ray start`` clusters: the head node and the client share one
 fresh ``RAY_AUTH_TOKEN`` (never printed).
 
+Ports: every port of the cluster is a fresh one, including those Ray takes at fixed defaults (the
+job agent's 52365, the client server's 10001): with the defaults, a second cluster on the machine
+(another user's quickstart) never gets a job agent and answers every submission with HTTP 500.
+
 Readiness: Ray's job API answers ``list_jobs()`` before its job agent accepts jobs (HTTP 500 "No
 available agent to submit job"), so the cluster counts as started only once a trivial job was
 accepted and finished. Every submission retries transient answers (5xx, connection refused) with
@@ -39,6 +43,8 @@ from vqpt.local_s3 import free_port
 __all__ = ["LocalRayCluster", "submit_job", "submit_with_retries"]
 
 RAY = str(Path(sys.executable).with_name("ray"))
+_FIXED_PORT_OPTIONS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                       "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
 
 
 class LocalRayCluster:
@@ -64,8 +70,11 @@ class LocalRayCluster:
 
     def _start(self) -> LocalRayCluster:
         port, dashboard = free_port(), free_port()
+        # Every port Ray would otherwise take at a fixed default (job agent 52365, client server 10001, ...)
+        # is a fresh one: a second cluster on the machine (another quickstart) must not collide with ours.
+        ports = [f"--{name}={free_port()}" for name in _FIXED_PORT_OPTIONS]
         cmd = [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.num_cpus}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
         self._log = open(self.temp_dir.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
         self._proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
