@@ -22,15 +22,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from storage.io import CREDENTIALS_HELP as _CREDENTIALS_HELP
+from storage.io import is_credentials_error as _is_credentials_error
+
 __all__ = ["UserError", "run_cli", "debug_enabled", "one_line", "is_user_error"]
 
 
 class UserError(Exception):
     """A mistake of the user's that is not a ValueError/OSError (a failed job, a bad combination of flags)."""
-
-
-_CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and VQPT_S3_ENDPOINT for a "
-                     "non-AWS endpoint")
 
 
 def debug_enabled() -> bool:
@@ -42,11 +41,6 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, ValueError | OSError | UserError):
         return True
     return _is_credentials_error(err)
-
-
-def _is_credentials_error(err: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(err).__mro__}
-    return bool(names & {"NoCredentialsError", "PartialCredentialsError"})
 
 
 def one_line(err: BaseException) -> str:

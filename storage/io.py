@@ -28,9 +28,18 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, Permissi
 _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec")
 
 
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and VQPT_S3_ENDPOINT for a "
+                    "non-AWS endpoint")
+
+
+def is_credentials_error(err: BaseException) -> bool:
+    """botocore's "no credentials" errors: retrying cannot help, the user must supply credentials."""
+    return bool({cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"})
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether ``err`` looks like passing network or server trouble (worth a retry)."""
-    if isinstance(err, PERMANENT_ERRORS):
+    if isinstance(err, PERMANENT_ERRORS) or is_credentials_error(err):
         return False
     if isinstance(err, OSError | TimeoutError | ConnectionError):
         return True
@@ -124,6 +133,8 @@ def with_retries(
         try:
             return fn()
         except Exception as err:
+            if is_credentials_error(err):
+                raise PermissionError(f"{what}: no S3 credentials found; {CREDENTIALS_HELP}") from err
             if not is_transient(err):
                 raise
             if attempt == retries:

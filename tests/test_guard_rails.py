@@ -162,3 +162,14 @@ def test_outputs_get_the_umask_permissions_not_0600(tmp_path, umask):
     files = sorted(tmp_path.iterdir())
     assert {p.name for p in files} >= {"manifest.parquet", "shard-000000.tar"}
     assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+
+
+def test_s3_without_credentials_is_one_line_naming_what_to_set_and_not_retried(s3_server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(VQPT_S3_ENDPOINT=s3_server.endpoint, AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+               AWS_CONFIG_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([VQPT, "inspect", "s3://nobody-s-bucket/split"], capture_output=True, text=True, env=env,
+                          timeout=60)  # one stderr line: no "retrying read of ..." warnings
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, "s3://nobody-s-bucket/split", "no S3 credentials", "AWS_ACCESS_KEY_ID",
+                   "AWS_PROFILE", "VQPT_S3_ENDPOINT")
