@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from storage.io import CREDENTIALS_HELP as _CREDENTIALS_HELP
 from storage.io import is_credentials_error as _is_credentials_error
 
-__all__ = ["UserError", "run_cli", "debug_enabled", "one_line", "is_user_error"]
+__all__ = ["UserError", "run_cli", "run_script", "debug_enabled", "one_line", "is_user_error"]
 
 
 class UserError(Exception):
@@ -75,3 +75,9 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None 
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 1
     return 0 if rc is None else int(rc)
+
+
+def run_script(main: Callable[[list[str]], object]) -> None:
+    """``if __name__ == "__main__": run_script(main)`` for a script whose ``main(argv)`` returns a result
+    (a report dict, or an int exit code): exits with ``run_cli``'s code."""
+    sys.exit(run_cli(lambda argv: (r if isinstance(r := main(argv), int) and not isinstance(r, bool) else 0), None))

@@ -173,3 +173,10 @@ def test_s3_without_credentials_is_one_line_naming_what_to_set_and_not_retried(s
     assert proc.returncode == 1
     one_error_line(proc.stderr, "s3://nobody-s-bucket/split", "no S3 credentials", "AWS_ACCESS_KEY_ID",
                    "AWS_PROFILE", "VQPT_S3_ENDPOINT")
+
+
+def test_bench_scripts_report_mistakes_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "storage.py"), "--data", str(tmp_path / "none"),
+                           "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, str(tmp_path / "none"))
