@@ -180,3 +180,30 @@ def test_bench_scripts_report_mistakes_in_one_line(tmp_path):
                            "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     one_error_line(proc.stderr, str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_rank_stopped_by_a_signal_removes_its_launchs_shm_buffers(tmp_path, sig):
+    """What the launcher does to the surviving ranks when one fails: SIGTERM (Ctrl-C: SIGINT)."""
+    import signal
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "LOCAL_RANK": "0", "RANK": "0"}
+    buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}") for r in (0, 1)]
+    other = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}1_0")  # another launch's
+    for b in [*buffers, other]:
+        b.write_bytes(b"x")
+    code = ("from pretrain import runtime; runtime.install_exit_cleanup(); print('ready', flush=True); "
+            "import time; time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=60) == 128 + getattr(signal, sig)
+        assert not [b for b in buffers if b.exists()]
+        assert other.exists()  # only this launch's buffers
+    finally:
+        proc.kill()
+        for b in [*buffers, other]:
+            b.unlink(missing_ok=True)
