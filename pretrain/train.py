@@ -143,6 +143,16 @@ def check_tokens(cfg: TrainConfig, resume: str | None) -> dict | None:
     init = cfg.objective.get("init")
     if init and Path(init).exists():
         check_identity(identity_of_checkpoint(init), identity, f"the --init backbone {init}", where, allow)
+    if cfg.objective.get("name") == "addp":  # its frozen parts must belong to the data's tokens too
+        predictor, tokenizer = cfg.objective.get("predictor"), cfg.objective.get("tokenizer")
+        if predictor and Path(predictor).exists():
+            check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where,
+                           allow)
+        if tokenizer and Path(tokenizer).is_file():
+            from pipeline.tokenizer import load_tokenizer
+
+            made = {**identity, "tokenizer_fingerprint": load_tokenizer(tokenizer).fingerprint}
+            check_identity(made, identity, f"the ADDP tokenizer {tokenizer}", where, allow)
     if resume is not None:
         ckpt = Path(resume or Path(cfg.run.out) / "checkpoints")
         if (ckpt / "latest").is_file() or ckpt.name.startswith("step"):

@@ -207,3 +207,18 @@ def test_a_rank_stopped_by_a_signal_removes_its_launchs_shm_buffers(tmp_path, si
         proc.kill()
         for b in [*buffers, other]:
             b.unlink(missing_ok=True)
+
+
+def test_addp_refuses_a_tokenizer_that_did_not_make_the_data(two_datasets, tmp_path):
+    from pipeline.tokenizer import KMeansTokenizer
+    from pretrain.config import load_config
+    from pretrain.provenance import TokenizerMismatch
+    from pretrain.train import check_tokens
+    from tests.conftest import synthetic_images
+
+    a, _ = two_datasets
+    tok = tmp_path / "kmeans.pt"
+    KMeansTokenizer.fit(synthetic_images(8, 64), vocab_size=64, patch=8, iters=2, seed=0).save(tok)
+    cfg = load_config(ROOT / "configs" / "addp_vit_tiny.yaml", [f"data.train={a}", f"objective.tokenizer={tok}"])
+    with pytest.raises(TokenizerMismatch, match=r"ADDP tokenizer .*kmeans.pt.*ffffffffffff"):
+        check_tokens(cfg, None)
