@@ -90,7 +90,7 @@ def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, digest: str, 
 def _init_ray(cfg) -> str | None:
     """Connect to (or start) Ray; returns the temp dir of the local instance this call started, else None.
 
-    A local instance lives under its own ``/tmp/vqpt-tok-*`` (removed by ``_stop_ray``), never
+    A local instance lives under its own ``/tmp/vqpt-tok-<pid>-*`` (removed by ``_stop_ray``), never
     ``/tmp/ray``: a job leaves no ``session_*`` of its own behind."""
     if ray.is_initialized():
         return None
@@ -98,7 +98,7 @@ def _init_ray(cfg) -> str | None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return ""
-    temp_dir = tempfile.mkdtemp(prefix="vqpt-tok-", dir="/tmp")  # Ray's socket paths must stay short
+    temp_dir = tempfile.mkdtemp(prefix=f"vqpt-tok-{os.getpid()}-", dir="/tmp")  # Ray's socket paths must stay short
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir)
     return temp_dir
 
