@@ -266,6 +266,9 @@ def run(cfg: JobConfig) -> dict:
     listing = list_source(cfg)
     if not listing.items:
         raise UserError(no_images_message(cfg, listing))
+    if cfg.tokenizer and not sio.exists(cfg.tokenizer):
+        raise UserError(f"--tokenizer {cfg.tokenizer} does not exist; pass a tokenizer checkpoint (an earlier "
+                        f"job's <out>/tokenizer.pt), or leave --tokenizer out to fit a k-means one")
     tokenizer, ckpt, how = get_tokenizer(cfg, listing.items)
     log.info("tokenizer: %s (fingerprint %s...)", how, tokenizer.fingerprint[:12])
     print(f"tokenizer: {how}; fingerprint {tokenizer.fingerprint[:16]}...", file=sys.stderr)

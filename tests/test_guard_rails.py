@@ -64,7 +64,7 @@ def test_tokenise_mistakes_are_one_line(tmp_path, capsys):
     rejects = (tmp_path / "out" / "train" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 4 and all("no label" in json.loads(r)["reason"] for r in rejects)
     assert main([*base, "--src", str(tmp_path / "in"), "--tokenizer", str(tmp_path / "none.pt")]) == 1
-    one_error_line(capsys.readouterr().err, "none.pt")
+    one_error_line(capsys.readouterr().err, "--tokenizer", "none.pt", "does not exist", "leave --tokenizer out")
 
 
 def test_trainer_config_mistakes_are_one_line_before_anything_starts(tmp_path, capsys):
