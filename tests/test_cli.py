@@ -99,6 +99,13 @@ def test_help_is_helpful():
     out = subprocess.run([sys.executable, "-m", "vqpt.cli", "tokenise", "--help"], capture_output=True, text=True,
                          check=True)
     assert "--dataset" in out.stdout and "--views" in out.stdout and "rejects.jsonl" in out.stdout
+    for command in ("inspect", "verify"):
+        out = subprocess.run([sys.executable, "-m", "vqpt.cli", command, "--help"], capture_output=True, text=True,
+                             check=True)
+        assert "SPLIT" in out.stdout and "manifest.parquet" in out.stdout and "s3://" in out.stdout, command
+    out = subprocess.run([sys.executable, "-m", "pretrain.finetune", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True)  # no --task needed to read the help
+    assert "--task" in out.stdout and "--init" in out.stdout and "--config" in out.stdout
 
 
 def test_storage_bench_runs_on_a_small_folder(tmp_path):
