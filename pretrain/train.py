@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -274,7 +275,17 @@ def launched_main(body, argv: list[str] | None) -> int:
     if launched:
         runtime.install_exit_cleanup()
     quiet = (ConfigError, TokenizerMismatch) if os.environ.get("RANK", "0") != "0" else ()
-    rc = run_cli(body, argv, quiet=quiet)
+    try:
+        rc = run_cli(body, argv, quiet=quiet)
+    except SystemExit as stop:  # argparse: --help, usage errors
+        if not launched:
+            raise
+        rc = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # a bug: its traceback, then the same clean exit
+        if not launched:
+            raise
+        traceback.print_exc()
+        rc = 1
     if launched:
         runtime.exit_launched(rc)
     return rc
