@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def quickstart_run(tmp_path_factory):
     """The reduced quickstart: every stage of the default one (generated data, local Ray cluster and
     S3 endpoint, four tokenisation jobs, 2-rank MTM, classification and segmentation fine-tuning), few steps."""
+    from pretrain.launch import shm_buffers
+
     out = tmp_path_factory.mktemp("qs")
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # another run's, if any
     assert main(["quickstart", "--out", str(out), "--per-class", "8", "--depth", "1", "--pretrain-steps", "4",
                  "--finetune-steps", "4", "--segment-steps", "2"]) == 0
-    (out / "shm_left.json").write_text(json.dumps(
-        sorted(str(p) for p in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before)))
+    ports = [json.loads(p.read_text())["master_port"] for p in sorted((out / "runs").glob("*/launcher.json"))]
+    assert len(ports) == 3  # pre-training, classification, segmentation
+    (out / "shm_left.json").write_text(json.dumps(sorted(str(p) for port in ports for p in shm_buffers(port))))
     return out
 
 

@@ -108,10 +108,14 @@ def _tokenise(ray_cluster, env: dict, dataset: str, src: str, split: str, out: s
 
 
 def _train(module: str, args: list[str], out: Path, cfg: QuickstartConfig, env: dict) -> list[dict]:
-    """A launcher run (progress bar of rank 0 on the terminal); returns its log records."""
+    """A launcher run (progress bar of rank 0 on the terminal); returns its log records. ``out/launcher.json``
+    records its master port (the /dev/shm buffers of a launch are named by it)."""
     from pretrain.launch import run_deepspeed
 
     proc = run_deepspeed(module, [*args, "--out", str(out)], ranks=cfg.ranks, env=env)
+    port = int(proc.args[proc.args.index("--master_port") + 1])  # which /dev/shm buffers were this launch's
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launcher.json").write_text(json.dumps({"module": module, "master_port": port, "rc": proc.returncode}))
     if proc.returncode != 0:
         raise UserError(f"quickstart: {module} failed (rc {proc.returncode}), its output is above")
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
