@@ -45,7 +45,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     """out: run directory (checkpoints/, log.jsonl, tb/, backbone.pt). steps: optimizer steps in all.
-    save_every: checkpoint period in steps (0: only at the end, so 0 is allowed). stop_at: end the process after this
+    save_every: checkpoint period in steps (0: only at the end, so 0 is allowed; the issue's ">= 1" would
+    remove that mode). keep_checkpoints: the newest N kept (>= 1). stop_at: end the process after this
     step as if interrupted (the schedule still spans ``steps``), for staged runs and resume tests.
     trace_samples: each rank appends the sample positions of every batch to
     ``samples_rank<R>.jsonl`` (to audit or compare data order)."""
