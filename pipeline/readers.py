@@ -116,12 +116,25 @@ def _val_labels(root: Path, wnids: list[str]) -> dict[str, int] | None:
     return None
 
 
+def _missing_split(root: Path, folder: Path, what: str, root_hint: str) -> FileNotFoundError:
+    """The error for a split folder that does not exist: which splits do, or that ``root`` is itself a split."""
+    if not root.is_dir():
+        return FileNotFoundError(f"{what} {folder} does not exist: there is no folder {root}; check --src")
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    holds_images = [any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (root / d).iterdir()) for d in subdirs[:5]]
+    if root.name in ("train", "val", "training", "validation") or (subdirs and all(holds_images)):
+        return FileNotFoundError(f"{what} {folder} does not exist: --src {root} looks like a split folder itself "
+                                 f"(its subfolders hold images); pass its parent, {root_hint}")
+    return FileNotFoundError(f"{what} {folder} does not exist; folders under {root}: {subdirs[:10]}; pass --split "
+                             f"one of them, or --src {root_hint}")
+
+
 def list_imagenet(root: str | Path, split: str = "train") -> Listing:
     """ImageNet ``split`` ("train" or "val") under ``root``; see the module docstring for layouts."""
     root = Path(root)
     folder = root / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"ImageNet split folder {folder} does not exist")
+        raise _missing_split(root, folder, "ImageNet split folder", "the root that holds train/ and val/")
     files, rejects = _files(folder)
     in_class_folders = [p for p in files if p.parent != folder]
     wnids = imagenet_classes(root, {p.parent.name for p in in_class_folders})
@@ -151,7 +164,8 @@ def list_ade20k(root: str | Path, split: str = "training") -> Listing:
         root = root / "ADEChallengeData2016"
     images_dir, ann_dir = root / "images" / split, root / "annotations" / split
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"ADE20K images folder {images_dir} does not exist")
+        raise _missing_split(root / "images" if (root / "images").is_dir() else root, images_dir,
+                             "ADE20K images folder", "the ADEChallengeData2016 folder (or its parent)")
     names = []
     info = root / "objectInfo150.txt"
     if info.is_file():

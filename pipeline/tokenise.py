@@ -43,6 +43,7 @@ from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
+from storage.cli import UserError, run_cli
 from storage.codec import CODEC_NAMES, DEFAULT_CODEC, TokenCodec, fit_codec
 from storage.manifest import DatasetMeta, write_manifest
 from storage.shard import Sample, ShardInfo, ShardWriter, View, shard_is_complete, shard_name
@@ -264,8 +265,10 @@ def run(cfg: JobConfig) -> dict:
     started = time.perf_counter()
     listing = list_source(cfg)
     if not listing.items:
-        raise SystemExit(f"no usable images under {cfg.src} ({cfg.dataset}, split {cfg.split}); "
-                         f"{len(listing.rejects)} files rejected")
+        raise UserError(no_images_message(cfg, listing))
+    if cfg.tokenizer and not sio.exists(cfg.tokenizer):
+        raise UserError(f"--tokenizer {cfg.tokenizer} does not exist; pass a tokenizer checkpoint (an earlier "
+                        f"job's <out>/tokenizer.pt), or leave --tokenizer out to fit a k-means one")
     tokenizer, ckpt, how = get_tokenizer(cfg, listing.items)
     log.info("tokenizer: %s (fingerprint %s...)", how, tokenizer.fingerprint[:12])
     print(f"tokenizer: {how}; fingerprint {tokenizer.fingerprint[:16]}...", file=sys.stderr)
@@ -274,6 +277,16 @@ def run(cfg: JobConfig) -> dict:
     shards = plan(cfg, listing.items)
     records = run_shards(cfg, shards, ckpt, codec, tokenizer.fingerprint)
     return finish(cfg, listing, meta, records, started, how)
+
+
+def no_images_message(cfg: JobConfig, listing: Listing) -> str:
+    """Why nothing can be tokenised (the first reject's reason), after writing every reason to ``rejects.jsonl``."""
+    url = sio.join(cfg.split_dir, "rejects.jsonl")
+    rejects = sorted((asdict(r) for r in listing.rejects), key=lambda r: r["path"])
+    sio.write_bytes_atomic(url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    first = f", e.g. {rejects[0]['path']}: {rejects[0]['reason']}" if rejects else ""
+    return (f"no usable images under {cfg.src} ({cfg.dataset}, split {cfg.split}): {len(rejects)} files "
+            f"rejected{first}; every reason is in {url}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
@@ -312,6 +325,11 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The job as a command; a mistake is one ``error:`` line and exit code 1 (``storage.cli.run_cli``)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = run(parse_args(argv))
     print(json.dumps(report, indent=2))

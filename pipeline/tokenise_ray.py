@@ -13,7 +13,9 @@ errors (OSError, connection errors) are retried by Ray; bad images never raise, 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -85,16 +87,27 @@ def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, digest: str, 
     return write_shard(cfg, make_codec(spec), fingerprint, index, list(parts), digest)
 
 
-def _init_ray(cfg) -> bool:
-    """Connect to (or start) Ray; returns whether this call started it."""
+def _init_ray(cfg) -> str | None:
+    """Connect to (or start) Ray; returns the temp dir of the local instance this call started, else None.
+
+    A local instance lives under its own ``/tmp/vqpt-tok-<pid>-*`` (removed by ``_stop_ray``), never
+    ``/tmp/ray``: a job leaves no ``session_*`` of its own behind."""
     if ray.is_initialized():
-        return False
+        return None
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
+        return ""
+    temp_dir = tempfile.mkdtemp(prefix=f"vqpt-tok-{os.getpid()}-", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir)
+    return temp_dir
+
+
+def _stop_ray(started: str | None) -> None:
+    if started is not None:
+        ray.shutdown()
+    if started:
+        shutil.rmtree(started, ignore_errors=True)
 
 
 def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, codec: TokenCodec,
@@ -158,6 +171,5 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         for i in todo:  # steady-state time (after Ray and the actors are up), for benchmarks
             records[i]["tokenise_s"] = time.perf_counter() - t0
     finally:
-        if started_ray:
-            ray.shutdown()
+        _stop_ray(started_ray)
     return [records[i] for i in range(len(shards))]

@@ -13,12 +13,18 @@ A config file has these sections (every key optional except ``data.train``)::
 
 Overrides are ``section.key=value`` strings whose value is parsed as YAML (``optim.lr=3e-4``,
 ``augment=null``, ``optim.betas=[0.9,0.95]``). Unknown sections or keys are errors that list the
-valid ones, so a typo never silently trains the default.
+valid ones, so a typo never silently trains the default. Every number has its range (``RANGES``),
+checked here, before any rank or DeepSpeed starts; an error names ``section.key`` (``ConfigError``,
+a ValueError). YAML aliases and anchors are refused (an alias bomb expands a small file into gigabytes)
+and a config file is at most ``MAX_CONFIG_BYTES``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,13 +32,21 @@ import yaml
 
 from pretrain.objectives import make_config
 
-__all__ = ["RunConfig", "DataConfig", "OptimConfig", "EngineConfig", "TrainConfig", "load_config", "apply_overrides"]
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "EngineConfig", "TrainConfig", "load_config", "apply_overrides",
+           "ConfigError", "RANGES", "MAX_CONFIG_BYTES"]
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed or out of range; the message names ``section.key``."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """out: run directory (checkpoints/, log.jsonl, tb/, backbone.pt). steps: optimizer steps in all.
-    save_every: checkpoint period in steps (0: only at the end). stop_at: end the process after this
+    save_every: checkpoint period in steps (0: only at the end, so 0 is allowed; the issue's ">= 1" would
+    remove that mode). keep_checkpoints: the newest N kept (>= 1). stop_at: end the process after this
     step as if interrupted (the schedule still spans ``steps``), for staged runs and resume tests.
     trace_samples: each rank appends the sample positions of every batch to
     ``samples_rank<R>.jsonl`` (to audit or compare data order)."""
@@ -56,7 +70,9 @@ class DataConfig:
     input: "tokens" (shards, ``storage.stream``) or "pixels" (``train`` is an ImageNet-layout split
     folder of images, decoded by ``pretrain.pixels`` at ``resolution`` px; a pixel-stem baseline).
     sources: instead of ``train``, datasets to mix, ``[{url, proportion | repeat | choose}, ...]``
-    (``storage.stream.Source``). cache_dir, cache_limit: the node's shard cache (bytes or "20gb")."""
+    (``storage.stream.Source``). cache_dir, cache_limit: the node's shard cache (bytes or "20gb").
+    allow_tokenizer_mismatch: train on tokens of another tokenizer than the ``--init`` backbone's or
+    the resumed checkpoint's (refused by default: the token ids would mean other things)."""
 
     train: str = ""
     tokenizer: str | None = None
@@ -70,6 +86,7 @@ class DataConfig:
     sources: tuple = ()
     cache_dir: str | None = None
     cache_limit: str | int = "8gib"
+    allow_tokenizer_mismatch: bool = False
 
     def __post_init__(self) -> None:
         from storage.fetch import parse_size
@@ -135,8 +152,58 @@ class TrainConfig:
         return asdict(self)
 
 
+def _at_least(low: float, none_ok: bool = False) -> tuple[Callable[[object], bool], str]:
+    rule = f">= {low:g}" + (" or null" if none_ok else "")
+    return (lambda v: (none_ok and v is None) or (v is not None and v >= low)), rule
+
+
+def _positive(none_ok: bool = False) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: (none_ok and v is None) or (v is not None and v > 0)), "> 0" + (" or null" if none_ok else "")
+
+
+# section -> key -> (check, rule as said in the error)
+RANGES: dict[str, dict[str, tuple[Callable[[object], bool], str]]] = {
+    "run": {"seed": _at_least(0), "steps": _at_least(1), "log_every": _at_least(1), "save_every": _at_least(0),
+            "keep_checkpoints": _at_least(1), "stop_at": _at_least(1, none_ok=True)},
+    "data": {"batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_window": _at_least(1),
+             "partitions": _at_least(1), "prefetch_shards": _at_least(0), "resolution": _at_least(1)},
+    "optim": {"lr": _positive(none_ok=True), "blr": _positive(), "weight_decay": _at_least(0), "eps": _positive(),
+              "warmup_steps": _at_least(0), "min_lr": _at_least(0), "grad_clip": _at_least(0),
+              "grad_accum": _at_least(1),
+              "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+              "betas": (lambda v: len(v) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in v),
+                        "two numbers in [0, 1)")},
+}
+
+
+def check_ranges(cfg: TrainConfig, where: str) -> None:
+    """Raise ConfigError naming ``section.key`` for the first value outside ``RANGES``; warn on odd schedules."""
+    for section, rules in RANGES.items():
+        values = asdict(getattr(cfg, section))
+        for key, (ok, rule) in rules.items():
+            value = values[key]
+            try:
+                good = bool(ok(value))
+            except TypeError:
+                good = False
+            if not good:
+                raise ConfigError(f"{where}: {section}.{key} must be {rule}, got {value!r}; fix it in the "
+                                  f"config file or override it ({section}.{key}=...)")
+    if cfg.optim.warmup_steps >= cfg.run.steps:
+        warnings.warn(f"{where}: optim.warmup_steps ({cfg.optim.warmup_steps}) >= run.steps ({cfg.run.steps}): "
+                      "the learning rate never leaves its warm-up", stacklevel=2)
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); here it is the float everyone means."""
+    """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); here it is the float everyone means.
+    Aliases are refused: configs are small and an alias bomb ("billion laughs") would expand without bound."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases are not "
+                              "allowed in configs; write the value out")
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -147,8 +214,11 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str):
-    """YAML with ``1e-3`` read as a float."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    """YAML with ``1e-3`` read as a float; aliases raise ConfigError, other YAML errors ConfigError too."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}") from err
 
 
 _TYPED = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "engine": EngineConfig}
@@ -160,7 +230,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
         path, text = item.split("=", 1)
         value = parse_yaml(text) if text else None
         keys = path.strip().split(".")
@@ -191,13 +261,42 @@ def build_config(raw: dict, where: str = "config") -> TrainConfig:
     cfg = TrainConfig(**kwargs)
     if not cfg.data.train and not cfg.data.sources:
         raise ValueError(f"{where}: data.train (a manifest URL or split directory) or data.sources is required")
-    if cfg.run.steps < 1:
-        raise ValueError(f"{where}: run.steps must be >= 1, got {cfg.run.steps}")
+    check_ranges(cfg, where)
+    _check_free_sections(cfg, where)
     if cfg.objective.get("name") == "segment":  # token-only geometry would move tokens but not label maps
         from pretrain.objectives.segment import check_augment
 
         check_augment(cfg.augment)
     return cfg
+
+
+def _check_free_sections(cfg: TrainConfig, where: str) -> None:
+    """Unknown keys and wrong types in ``model``, ``objective`` and ``augment`` (their dataclasses' own
+    checks), so that they too fail here rather than in the ranks."""
+    from pretrain.objectives import _registry
+    from pretrain.vit import PRESETS, ViTConfig
+
+    for name, section in (("model", cfg.model), ("objective", cfg.objective), ("augment", cfg.augment)):
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{where}: section {name!r} must be a mapping, got {section!r}")
+    model = dict(cfg.model)
+    preset = model.pop("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"{where}: model.preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"grid", "vocab_size"}
+    unknown = sorted(set(model) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) model.{unknown[0]} ...; valid keys: {sorted(fields)}")
+    objective = dict(cfg.objective)
+    name = objective.pop("name", "mtm")
+    registry = _registry()
+    if name not in registry:
+        raise ConfigError(f"{where}: objective.name must be one of {sorted(registry)}, got {name!r}")
+    make_config(registry[name][0], objective, f"{where}: section 'objective'")
+    if cfg.augment is not None and cfg.data.input == "tokens":
+        from pretrain.augment import TokenAugConfig
+
+        make_config(TokenAugConfig, {"num_classes": 1000, **cfg.augment}, f"{where}: section 'augment'")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -207,7 +306,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        raw = parse_yaml(p.read_text()) or {}
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is {p.stat().st_size:,} bytes; configs are at most "
+                              f"{MAX_CONFIG_BYTES:,} (is it the right file?)")
+        try:
+            raw = parse_yaml(p.read_text()) or {}
+        except ConfigError as err:
+            raise ConfigError(f"config file {p}: {err}") from err
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {p}: the top level must be a mapping of sections")
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
     return build_config(apply_overrides(raw, list(overrides)), str(path or "config"))

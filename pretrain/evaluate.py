@@ -9,6 +9,9 @@ masks drawn from fixed seeds (``--passes`` draws). Runs in one process (CPU, or
 ``--device cuda``); the split is read in storage order. Segmentation checkpoints: mIoU, pixel
 accuracy and per-class IoU over the split's label maps (``--mode whole|slide``, ``--window``, ``--stride``;
 ``pretrain.objectives.segment.evaluate_segmentation``).
+
+A checkpoint evaluated on tokens of another tokenizer than it was trained on is refused, naming both
+fingerprints (``pretrain.provenance``); ``--allow-tokenizer-mismatch`` for the deliberate case.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pretrain.metrics import topk_accuracy
 from pretrain.objectives import load_objective
 from pretrain.objectives.classify import Classify
 from pretrain.objectives.segment import Segment, evaluate_segmentation
+from pretrain.provenance import check_identity, identity_of_meta
 from pretrain.train import resolve_manifest
+from storage.cli import run_cli
 from storage.stream import TokenStream
 
 __all__ = ["evaluate", "main"]
@@ -43,13 +48,18 @@ def eval_stream(client: dict, data: str, batch_size: int):
 
 @torch.no_grad()
 def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, device: str = "cpu",
-             mode: str = "whole", window: int | None = None, stride: int | None = None) -> dict:
+             mode: str = "whole", window: int | None = None, stride: int | None = None,
+             allow_tokenizer_mismatch: bool = False) -> dict:
     """Metrics of the checkpoint's objective on the split at ``data`` (manifest URL or split directory).
 
-    ``mode``, ``window``, ``stride``: segmentation inference (``Segment.predict``), ignored otherwise."""
+    ``mode``, ``window``, ``stride``: segmentation inference (``Segment.predict``), ignored otherwise.
+    Raises ``TokenizerMismatch`` when the split's tokens are not those the checkpoint was trained on."""
     objective, client = load_objective(ckpt)
-    objective = objective.to(device).eval()
     stream = eval_stream(client, data, batch_size)
+    if isinstance(stream, TokenStream):
+        check_identity(client.get("tokens"), identity_of_meta(stream.manifest.meta), f"checkpoint {ckpt}",
+                       f"the evaluation data {data}", allow_tokenizer_mismatch)
+    objective = objective.to(device).eval()
     result: dict = {"ckpt": str(ckpt), "data": data, "step": int(client["step"]), "objective": client["objective"]}
     if isinstance(objective, Segment):
         return {**result, **evaluate_segmentation(objective, stream, device, mode, window, stride)}
@@ -87,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("whole", "slide"), default="whole", help="segmentation inference")
     p.add_argument("--window", type=int, help="slide: window side in tokens (default: the training grid)")
     p.add_argument("--stride", type=int, help="slide: stride in tokens (default: window * 2 // 3)")
-    args = p.parse_args(argv)
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="evaluate although the data was made by another tokenizer than the checkpoint's")
+    return run_cli(lambda a: _main(p.parse_args(a)), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     result = evaluate(args.ckpt, args.data, args.batch_size, args.passes, args.device, args.mode, args.window,
-                      args.stride)
+                      args.stride, args.allow_tokenizer_mismatch)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -189,17 +189,14 @@ def safe_load(path: str | os.PathLike, map_location=None) -> object:
 
 
 def _ds_model_file(ckpt_dir: Path, tag: str | None) -> Path:
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{ckpt_dir}: no 'latest' file naming the checkpoint tag (pass --tag)")
-        tag = latest.read_text().strip()
-        if not tag:
-            raise ValueError(f"{latest} is empty")
-    path = ckpt_dir / tag / DS_MODEL_FILE
-    if not path.is_file() and any((ckpt_dir / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
-        raise ValueError(f"{ckpt_dir / tag}: a ZeRO-3 checkpoint (weights partitioned over zero_pp_rank_* files); "
-                         f"consolidate it with {ckpt_dir / 'zero_to_fp32.py'} and save the encoder with save_backbone, "
+    from pretrain.provenance import checkpoint_tag_dir
+
+    tag_dir = checkpoint_tag_dir(ckpt_dir, tag)
+    path = tag_dir / DS_MODEL_FILE
+    if not path.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raise ValueError(f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over zero_pp_rank_* files); "
+                         f"consolidate it with {tag_dir.parent / 'zero_to_fp32.py'} and save the encoder with "
+                         "save_backbone, "
                          "or export the run's backbone.pt")
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed model states not found: {path}")
@@ -250,7 +247,8 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
         raise FileNotFoundError(f"checkpoint not found: {path}")
     file = path if path.is_file() else _ds_model_file(path, tag)
     ckpt = safe_load(file)
-    info: dict = {"source": str(path), "global_steps": None}
+    info: dict = {"source": str(path), "global_steps": None,
+                  "tokens": ckpt.get("tokens") if isinstance(ckpt, dict) else None}
     if path.is_file() and isinstance(ckpt, dict) and "model" in ckpt and "vit_config" in ckpt:
         info["kind"], state, raw_cfg = "backbone", ckpt["model"], ckpt["vit_config"]
     elif isinstance(ckpt, dict) and "module" in ckpt:
@@ -336,7 +334,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str = "timm", t
         summary.update(keys=len(state), dropped=dropped, timm_model=timm_model_name(model.cfg),
                        timm_kwargs=timm_create_kwargs(model.cfg))
     else:
-        extra = {"source": str(ckpt)}
+        extra = {"source": str(ckpt), "tokens": info["tokens"]}  # the token identity travels with the weights
         if info.get("global_steps") is not None:
             extra["global_steps"] = int(info["global_steps"])
         save_backbone(out, model, extra)
@@ -380,13 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from storage.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = export(args.ckpt, args.out, args.format, tag=args.tag, prefix=args.prefix)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(summary)
+    _print_summary(export(args.ckpt, args.out, args.format, tag=args.tag, prefix=args.prefix))
     return 0
 
 

@@ -29,10 +29,12 @@ __all__ = ["main"]
 TASKS = {"classify": "classify", "segment": "segment"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """pretrain.train's arguments for a fine-tuning run (``--task`` etc. become objective overrides).
+    ``--help`` works without ``--task``."""
     p = argparse.ArgumentParser(prog="deepspeed --module pretrain.finetune", description=__doc__.split("\n\n")[0],
                                 add_help=False)
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream task")
+    p.add_argument("--task", choices=sorted(TASKS), help="the downstream task (required)")
     p.add_argument("--init", default="", help="pre-trained backbone.pt or checkpoints directory ('' = scratch)")
     p.add_argument("--linear-probe", action="store_true", help="train only the head")
     p.add_argument("-h", "--help", action="store_true")
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         print("\nThe remaining arguments are pretrain.train's:\n")
         train.parse_args(["--help"])
+    if args.task is None:
+        p.error(f"--task is required ({' or '.join(sorted(TASKS))})")
     extra = [f"objective.name={TASKS[args.task]}", f"objective.init={json.dumps(args.init)}"]
     if args.linear_probe:
         if args.task != "classify":
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         extra.append("objective.linear_probe=true")
     targs = train.parse_args(rest)
     targs.overrides = list(targs.overrides) + extra
-    return train.run(targs)
+    return targs
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train.launched_main(lambda a: train.run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

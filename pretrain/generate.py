@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pretrain.generate``; mistakes are one ``error:`` line (``storage.cli.run_cli``)."""
+    from storage.cli import run_cli
+
+    return run_cli(lambda a: bool(generate_grid(parse_args(a))) and 0, argv)
+
+
+def generate_grid(args: argparse.Namespace) -> Path:
+    """Generate ``args.n`` images from the checkpoint and save them as one PNG grid; returns its path."""
     model = load_objective(args.ckpt)
     if not hasattr(model, "predict_tokens"):
         raise ValueError(f"{args.ckpt}: not an ADDP checkpoint (got {type(model).__name__})")
@@ -147,4 +155,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

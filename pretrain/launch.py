@@ -6,7 +6,9 @@
 On a machine without CUDA the ranks are CPU processes (``DS_ACCELERATOR=cpu``, ``--num_accelerators``);
 with CUDA, one rank per GPU (``--num_gpus``). A fresh master port per launch, and the launcher's
 CPU all-reduce buffers in /dev/shm (``deepspeed_allreduce_buffer_*_<port>_*``) are removed whatever
-the outcome. The command is an argument list, never a shell string.
+the outcome. The command is an argument list, never a shell string. For the trainers
+(``pretrain.train``, ``pretrain.finetune``) the arguments and config are checked here first
+(``preflight``), so a mistake is one line in seconds instead of after the ranks' start-up.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["deepspeed_executable", "deepspeed_command", "shm_buffers", "run_deepspeed", "ROOT"]
+__all__ = ["deepspeed_executable", "deepspeed_command", "shm_buffers", "run_deepspeed", "preflight", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +48,27 @@ def shm_buffers(port: int) -> list[Path]:
     return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
+def preflight(module: str, args: Sequence[str]) -> None:
+    """Parse a trainer's arguments and validate its config (ConfigError etc.); other modules: nothing."""
+    if module == "pretrain.train":
+        from pretrain.train import config_from_args, parse_args
+    elif module == "pretrain.finetune":
+        from pretrain.finetune import parse_args
+        from pretrain.train import config_from_args
+    else:
+        return
+    config_from_args(parse_args([str(a) for a in args]))
+
+
 def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | None = None,
                   timeout: float | None = None, cpu: bool | None = None, env: dict | None = None,
                   capture: bool = False) -> subprocess.CompletedProcess:
     """Launch ``module`` on ``ranks`` processes and wait. Output goes to ``log`` (a file) when given,
-    else is captured (``capture``) or inherited. Returns the CompletedProcess (check ``returncode``)."""
+    else is captured (``capture``) or inherited. Returns the CompletedProcess (check ``returncode``).
+    A trainer's bad arguments or config raise here, before any process starts (``preflight``)."""
     from vqpt.local_s3 import free_port
 
+    preflight(module, args)
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     port = free_port()
     cmd = deepspeed_command(module, args, ranks, port, cpu)

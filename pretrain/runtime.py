@@ -8,6 +8,11 @@ Checkpoint layout (``<out>/checkpoints``)::
     stepNNNNNNN/                    DeepSpeed's files (model, optimizer, scheduler; client state:
                                     step, vit_config, objective, config)
     stepNNNNNNN/stream_rank<R>.json that rank's ``StreamLoader.state_dict()``
+    stepNNNNNNN/tokens.json         the token identity of the data (``pretrain.provenance``)
+
+Exit: ``install_exit_cleanup`` makes a launched rank remove its launch's /dev/shm all-reduce
+buffers on every exit path (normal, exception, SIGTERM from the launcher when a peer failed,
+SIGINT), and ``exit_launched`` ends a launched rank without the gloo teardown abort (DESIGN.md).
 
 Checkpoints are read back with ``torch.load(weights_only=True)`` (``use_safe_checkpoint_loading``):
 DeepSpeed's default engine unpickles arbitrary objects, which a checkpoint from elsewhere must
@@ -16,10 +21,12 @@ never be allowed to do.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -30,10 +37,12 @@ import torch.distributed as dist
 
 from pretrain.augment import TokenAugConfig, TokenAugment
 from pretrain.objectives import DataSpec, make_config
+from pretrain.provenance import checkpoint_tag_dir, write_identity
 from storage import io as sio
 
 __all__ = ["init_distributed", "set_threads", "build_augment", "use_safe_checkpoint_loading", "save_checkpoint",
-           "load_checkpoint", "RunLog", "Window", "mean_over_ranks", "shutdown"]
+           "load_checkpoint", "RunLog", "Window", "mean_over_ranks", "shutdown", "remove_shm_buffers",
+           "install_exit_cleanup", "exit_launched"]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -70,6 +79,41 @@ def _shm_buffer() -> Path:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('LOCAL_RANK', '0')}")
     return Path("/dev/shm") / name
+
+
+def remove_shm_buffers() -> None:
+    """Delete every local rank's /dev/shm all-reduce buffer of this launch (its master address and port).
+
+    Safe at any time after the run's last collective: a mapped buffer stays valid for a rank that
+    still has it open. Called on every exit path, so a failed run leaves nothing behind either."""
+    if "MASTER_PORT" not in os.environ:
+        return
+    prefix = _shm_buffer().name.rsplit("_", 1)[0] + "_"
+    for path in Path("/dev/shm").glob(prefix + "*"):
+        path.unlink(missing_ok=True)
+
+
+def _on_signal(signum, frame) -> None:
+    remove_shm_buffers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def install_exit_cleanup() -> None:
+    """In a launched rank: remove the launch's /dev/shm buffers at exit, on SIGTERM and on SIGINT."""
+    atexit.register(remove_shm_buffers)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+
+
+def exit_launched(rc: int) -> None:
+    """End a launched rank with ``rc``: buffers removed, output flushed, no interpreter teardown."""
+    remove_shm_buffers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.collect()
+    os._exit(rc)
 
 
 def shutdown() -> None:
@@ -136,6 +180,8 @@ def save_checkpoint(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: 
     tag = _tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})
     (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
+    if rank == 0:
+        write_identity(ckpt_dir / tag, client.get("tokens"))
     dist.barrier()
     if rank == 0 and keep > 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
@@ -149,7 +195,7 @@ def load_checkpoint(engine, loader, where: str, rank: int) -> int:
     """Restore engine and stream from ``where`` (checkpoints dir with ``latest``, or a tag dir); returns the step."""
     path = Path(where)
     if (path / "latest").is_file():
-        ckpt_dir, tag = path, (path / "latest").read_text().strip()
+        ckpt_dir, tag = path, checkpoint_tag_dir(path).name
     elif path.is_dir() and path.name.startswith("step"):
         ckpt_dir, tag = path.parent, path.name
     else:

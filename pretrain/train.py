@@ -22,16 +22,22 @@ samples, the same randomness and hence the same losses as a run that never stopp
 Outputs in ``run.out``: ``log.jsonl`` (one record per ``log_every`` steps: loss, lr, samples/s,
 data-wait fraction, the objective's metrics), ``tb/`` (TensorBoard), ``checkpoints/``,
 ``backbone.pt`` (the encoder alone, ``pretrain.export`` format), ``config.yaml`` (as resolved).
+Checkpoints and ``backbone.pt`` record the data's token identity (``pretrain.provenance``); ``--resume``
+and a fine-tuning ``--init`` on tokens of another tokenizer are refused unless
+``--allow-tokenizer-mismatch``.
+
+Errors: a bad config is refused by ``load_config`` before DeepSpeed starts; any user mistake is one
+``error:`` line (``storage.cli``); a failed or interrupted rank removes its launch's /dev/shm buffers.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,15 +47,18 @@ import yaml
 
 from pretrain import runtime
 from pretrain.augment import BatchSeededAugment
-from pretrain.config import TrainConfig, load_config
+from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.objectives import DataSpec, Objective, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
+from pretrain.provenance import TokenizerMismatch, check_identity, identity_of_checkpoint, identity_of_meta
 from pretrain.vit import ViTConfig, vit_config
+from storage.cli import run_cli
 from storage.manifest import manifest_url, read_manifest
 from storage.mix import source_from_dict
 from storage.stream import StreamLoader, TokenStream
 
-__all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed"]
+__all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed", "config_from_args", "launched_main",
+           "check_tokens"]
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -127,10 +136,39 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def check_tokens(cfg: TrainConfig, resume: str | None) -> dict | None:
+    """The training data's token identity, after checking that the ``objective.init`` backbone and the
+    checkpoint to resume were trained on tokens of the same tokenizer (TokenizerMismatch otherwise)."""
+    if cfg.data.input != "tokens":
+        return None
+    identity = identity_of_meta(read_manifest(resolve_manifest(cfg.data.train)).meta)
+    allow = cfg.data.allow_tokenizer_mismatch
+    where = f"the training data {cfg.data.train}"
+    init = cfg.objective.get("init")
+    if init and Path(init).exists():
+        check_identity(identity_of_checkpoint(init), identity, f"the --init backbone {init}", where, allow)
+    if cfg.objective.get("name") == "addp":  # its frozen parts must belong to the data's tokens too
+        predictor, tokenizer = cfg.objective.get("predictor"), cfg.objective.get("tokenizer")
+        if predictor and Path(predictor).exists():
+            check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where,
+                           allow)
+        if tokenizer and Path(tokenizer).is_file():
+            from pipeline.tokenizer import load_tokenizer
+
+            made = {**identity, "tokenizer_fingerprint": load_tokenizer(tokenizer).fingerprint}
+            check_identity(made, identity, f"the ADDP tokenizer {tokenizer}", where, allow)
+    if resume is not None:
+        ckpt = Path(resume or Path(cfg.run.out) / "checkpoints")
+        if (ckpt / "latest").is_file() or ckpt.name.startswith("step"):
+            check_identity(identity_of_checkpoint(ckpt), identity, f"the checkpoint to resume {ckpt}", where, allow)
+    return identity
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run (or continue) pre-training under ``cfg``; returns the rank's summary (last metrics, timings)."""
     import deepspeed
 
+    tokens = check_tokens(cfg, resume)  # before any process group: a refusal costs seconds
     rank, world = runtime.init_distributed()
     runtime.set_threads()
     out = Path(cfg.run.out)
@@ -190,11 +228,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             runtime.save_checkpoint(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
                                     {"vit_config": asdict(vit), "encoder_config": asdict(objective.encoder.cfg),
                                      "objective": name, "config": cfg.to_dict(),
-                                     "num_classes": spec.num_classes})
+                                     "num_classes": spec.num_classes, "tokens": tokens})
     if rank == 0 and step > 0:
         from pretrain.export import save_backbone
 
-        save_backbone(out / "backbone.pt", engine.module.encoder, {"objective": name, "step": step})
+        save_backbone(out / "backbone.pt", engine.module.encoder, {"objective": name, "step": step, "tokens": tokens})
     log.close()
     if trace is not None:
         trace.close()
@@ -220,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from the latest checkpoint in <out>/checkpoints, or from CKPT "
                         "(a checkpoints directory or one stepNNNNNNN directory)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="train although --init or --resume was trained on tokens of another tokenizer")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, values in YAML syntax (e.g. optim.lr=3e-4 engine.zero_stage=2)")
@@ -227,27 +267,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
+    return launched_main(lambda a: run(parse_args(a)), argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train with parsed command-line arguments (``parse_args``); exits the process when launched."""
+def launched_main(body, argv: list[str] | None) -> int:
+    """Run ``body(argv)`` as a command: one-line errors (``storage.cli.run_cli``); in a launched rank,
+    /dev/shm buffers removed on every exit path and the process ended without interpreter teardown.
+    Mistakes every rank makes alike (config, tokenizer mismatch) are reported by rank 0 alone."""
+    launched = "RANK" in os.environ
+    if launched:
+        runtime.install_exit_cleanup()
+    quiet = (ConfigError, TokenizerMismatch) if os.environ.get("RANK", "0") != "0" else ()
+    try:
+        rc = run_cli(body, argv, quiet=quiet)
+    except SystemExit as stop:  # argparse: --help, usage errors
+        if not launched:
+            raise
+        rc = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # a bug: its traceback, then the same clean exit
+        if not launched:
+            raise
+        traceback.print_exc()
+        rc = 1
+    if launched:
+        runtime.exit_launched(rc)
+    return rc
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The validated config of parsed arguments (flags become overrides). ``--resume`` directly followed by
+    an override (``--resume run.steps=50``) is read as ``--resume`` plus that override."""
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = ""
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.train"), (args.out, "run.out"), (args.steps, "run.steps")):
         if flag is not None:
             overrides.append(f"{key}={json.dumps(flag)}")
-    cfg = load_config(args.config, overrides)
-    launched = "RANK" in os.environ
-    summary = train(cfg, args.resume)
-    runtime.shutdown()
+    if args.allow_tokenizer_mismatch:
+        overrides.append("data.allow_tokenizer_mismatch=true")
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with parsed command-line arguments (``parse_args``); returns 0."""
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg, args.resume)
+        runtime.shutdown()
+    finally:
+        runtime.remove_shm_buffers()
     if summary.get("rank") == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}), flush=True)
-    if launched:
-        # torch + gloo can abort while freeing at interpreter exit (DESIGN.md); all state is written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        gc.collect()
-        os._exit(0)
     return 0
 
 

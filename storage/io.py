@@ -28,9 +28,18 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, Permissi
 _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec")
 
 
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and VQPT_S3_ENDPOINT for a "
+                    "non-AWS endpoint")
+
+
+def is_credentials_error(err: BaseException) -> bool:
+    """botocore's "no credentials" errors: retrying cannot help, the user must supply credentials."""
+    return bool({cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"})
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether ``err`` looks like passing network or server trouble (worth a retry)."""
-    if isinstance(err, PERMANENT_ERRORS):
+    if isinstance(err, PERMANENT_ERRORS) or is_credentials_error(err):
         return False
     if isinstance(err, OSError | TimeoutError | ConnectionError):
         return True
@@ -124,6 +133,8 @@ def with_retries(
         try:
             return fn()
         except Exception as err:
+            if is_credentials_error(err):
+                raise PermissionError(f"{what}: no S3 credentials found; {CREDENTIALS_HELP}") from err
             if not is_transient(err):
                 raise
             if attempt == retries:
@@ -159,11 +170,26 @@ def read_range(url: str, start: int, end: int, storage_options: dict | None = No
                         retries=retries)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by the set-and-restore dance."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> None:
     """Write ``data`` so that readers see either nothing or all of it.
 
-    Local: a temp file in the same directory, fsync, then ``os.replace``. S3: one complete PUT
-    (S3 never exposes a partial object).
+    Local: a temp file in the same directory, fsync, then ``os.replace``; the file gets the mode a
+    plain ``open()`` would give (0666 less the umask), not the temp file's private 0600, so datasets
+    can be shared between users. S3: one complete PUT (S3 never exposes a partial object).
     """
     proto = protocol_of(url)
     if proto == "file":
@@ -172,6 +198,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

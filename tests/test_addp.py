@@ -235,7 +235,8 @@ def test_built_from_paths_and_reloaded(tok, predictor, tmp_path, monkeypatch):
     assert isinstance(loaded, ADDP) and client["objective"] == "addp"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    out = gen.main(["--ckpt", str(tmp_path / "addp"), "--steps", "3", "--n", "2", "--out", str(tmp_path / "g.png")])
+    out = gen.generate_grid(gen.parse_args(["--ckpt", str(tmp_path / "addp"), "--steps", "3", "--n", "2",
+                                            "--out", str(tmp_path / "g.png")]))
     assert Image.open(out).size == (2 * 32, 1 * 32)
 
 
@@ -267,8 +268,8 @@ def test_generate_writes_grid_and_is_seeded(tok, predictor, tmp_path, monkeypatc
     monkeypatch.setattr(gen, "load_objective", lambda ckpt: model)
 
     def run(seed: int, name: str) -> np.ndarray:
-        out = gen.main(["--ckpt", "unused", "--steps", "4", "--n", "5", "--out", str(tmp_path / name),
-                        "--seed", str(seed), "--batch-size", "3"])
+        out = gen.generate_grid(gen.parse_args(["--ckpt", "unused", "--steps", "4", "--n", "5", "--out",
+                                                str(tmp_path / name), "--seed", str(seed), "--batch-size", "3"]))
         img = Image.open(out)
         assert img.format == "PNG" and img.size == (3 * 32, 2 * 32)  # ceil(sqrt(5)) = 3 columns, 2 rows
         return np.asarray(img)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def quickstart_run(tmp_path_factory):
     """The reduced quickstart: every stage of the default one (generated data, local Ray cluster and
     S3 endpoint, four tokenisation jobs, 2-rank MTM, classification and segmentation fine-tuning), few steps."""
+    from pretrain.launch import shm_buffers
+
     out = tmp_path_factory.mktemp("qs")
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # another run's, if any
     assert main(["quickstart", "--out", str(out), "--per-class", "8", "--depth", "1", "--pretrain-steps", "4",
                  "--finetune-steps", "4", "--segment-steps", "2"]) == 0
-    (out / "shm_left.json").write_text(json.dumps(
-        sorted(str(p) for p in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before)))
+    ports = [json.loads(p.read_text())["master_port"] for p in sorted((out / "runs").glob("*/launcher.json"))]
+    assert len(ports) == 3  # pre-training, classification, segmentation
+    (out / "shm_left.json").write_text(json.dumps(sorted(str(p) for port in ports for p in shm_buffers(port))))
     return out
 
 
@@ -47,9 +50,25 @@ def test_quickstart_runs_the_whole_journey_and_stops_everything(quickstart_run):
     assert report["classify"]["val_images"] == report["storage"]["val"]["written"]
     from vqpt.local_ray import _pids_mentioning
 
-    assert not _pids_mentioning("/tmp/vqpt-ray-"), "a Ray process of the quickstart is still running"
+    # only this process's clusters (/tmp/vqpt-ray-<pid>-*): another quickstart may run on the machine
+    assert not _pids_mentioning(f"/tmp/vqpt-ray-{os.getpid()}-"), "a Ray process of the quickstart is still running"
+    assert not list(Path("/tmp").glob(f"vqpt-ray-{os.getpid()}-*")), "the quickstart left its Ray temp dir"
     left = json.loads((quickstart_run / "shm_left.json").read_text())
     assert not left, f"the quickstart's DeepSpeed ranks left /dev/shm buffers: {left}"
+
+
+def test_quickstart_tokens_outlive_its_s3_server_and_the_next_commands_use_them(quickstart_run, capsys):
+    from vqpt.quickstart import QuickstartConfig, next_commands
+
+    store = quickstart_run / "store"
+    for split in ("imagenet/train", "imagenet/val", "ade20k/training", "ade20k/validation"):
+        assert main(["verify", str(store / split)]) == 0, split
+    capsys.readouterr()
+    assert main(["inspect", str(store / "ade20k" / "training")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["labelmap"]["names"].startswith("151 names: other, ")  # summarised, not 151 names
+    text = next_commands(quickstart_run, store, QuickstartConfig(out=str(quickstart_run)))
+    assert f"inspect {store}/imagenet/train" in text and f"--init {quickstart_run}/runs/mtm/checkpoints" in text
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +101,13 @@ def test_help_is_helpful():
     out = subprocess.run([sys.executable, "-m", "vqpt.cli", "tokenise", "--help"], capture_output=True, text=True,
                          check=True)
     assert "--dataset" in out.stdout and "--views" in out.stdout and "rejects.jsonl" in out.stdout
+    for command in ("inspect", "verify"):
+        out = subprocess.run([sys.executable, "-m", "vqpt.cli", command, "--help"], capture_output=True, text=True,
+                             check=True)
+        assert "SPLIT" in out.stdout and "manifest.parquet" in out.stdout and "s3://" in out.stdout, command
+    out = subprocess.run([sys.executable, "-m", "pretrain.finetune", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True)  # no --task needed to read the help
+    assert "--task" in out.stdout and "--init" in out.stdout and "--config" in out.stdout
 
 
 def test_storage_bench_runs_on_a_small_folder(tmp_path):

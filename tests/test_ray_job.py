@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.manifest import read_manifest
-from vqpt.local_s3 import free_port
+from vqpt.local_ray import LocalRayCluster, _pids_mentioning
 from vqpt.quickstart import generate_imagenet_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,20 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def head_node(tmp_path):
-    port, dashboard = free_port(), free_port()
-    # Ray 2.60 enables token auth on clusters: give the head node and the client one fresh token
-    token = secrets.token_hex(32)
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    temp = Path("/tmp") / f"vqpt-ray-{os.getpid()}"  # Ray's socket paths must stay short
-    cmd = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+def head_node():
+    """A real head node of this test's own (stopped by its PIDs and temp dir: other Ray instances on the
+    machine are left alone, never ``ray stop --force``)."""
+    cluster = LocalRayCluster(num_cpus=2)
+    with cluster:
+        yield cluster.address, cluster.env
+    assert not _pids_mentioning(str(cluster.temp_dir)), "a process of the test's Ray cluster is still running"
+    assert not cluster.temp_dir.exists()
 
 
 def test_ray_job_submit_tokenises_a_folder(head_node, tmp_path):
@@ -51,3 +42,22 @@ def test_ray_job_submit_tokenises_a_folder(head_node, tmp_path):
     manifest = read_manifest(str(out / "train"))
     report = json.loads((out / "train" / "report.json").read_text())
     assert manifest.num_samples == report["written"] == 30 and len(manifest.shards) == 4
+
+
+def test_two_local_clusters_at_once_each_run_a_job_and_leave_nothing():
+    """Two quickstart-style clusters started together: both are ready only once they accept jobs, and
+    each one's stop removes its own processes and temp dir."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vqpt.local_ray import submit_job
+
+    def one(i: int) -> tuple[str, Path]:
+        with LocalRayCluster(num_cpus=1) as cluster:
+            logs = submit_job(cluster, [sys.executable, "-c", f"print('job {i} ran')"], on_line=lambda _: None)
+        return logs, cluster.temp_dir
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(2)))
+    for i, (logs, temp_dir) in enumerate(results):
+        assert f"job {i} ran" in logs
+        assert not _pids_mentioning(str(temp_dir)) and not temp_dir.exists()

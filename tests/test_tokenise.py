@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def test_killed_job_rerun_gives_the_uninterrupted_shard_set(tmp_path, capsys):
     src = shared_data_dir("imagenette") / "val"
     straight = tmp_path / "straight"
     assert main(_job(straight, src, "folder", "--shard-size", "8", "--num-cpus", "2")) == 0
+    assert not list(Path("/tmp").glob(f"vqpt-tok-{os.getpid()}-*")), "the job's local Ray left its temp dir"
     ckpt = str(straight / "tokenizer.pt")
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline.tokenise",
@@ -113,6 +115,8 @@ def test_killed_job_rerun_gives_the_uninterrupted_shard_set(tmp_path, capsys):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for left in Path("/tmp").glob(f"vqpt-tok-{proc.pid}-*"):  # a killed job cannot remove its Ray temp dir
+        shutil.rmtree(left, ignore_errors=True)
     done_before = len(list(progress.glob("*.json")))
     assert 5 <= done_before < 50, "the job was not killed mid-way"
     assert not (killed / "train" / "manifest.parquet").exists()

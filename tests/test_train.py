@@ -117,5 +117,6 @@ def test_bad_override_is_a_clear_error(token_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs/mtm_vit_tiny.yaml"),
                            "--data", str(token_data), "--out", str(tmp_path / "x"), "optim.learning_rate=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "learning_rate" in proc.stderr and "valid keys" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "learning_rate" in proc.stderr and "valid keys" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from pretrain.config import apply_overrides, load_config, parse_yaml
+from pretrain.config import MAX_CONFIG_BYTES, ConfigError, apply_overrides, load_config, parse_yaml
 from pretrain.objectives import OBJECTIVES, DataSpec, build_objective
 from pretrain.optim import base_lr, deepspeed_config, lr_at, param_groups
 from pretrain.train import parse_args, step_seed
@@ -114,3 +115,40 @@ def test_layer_decay_scales_lr_by_depth():
     assert by_name[id(named["cls_token"])]["weight_decay"] == 0.0
     assert by_name[id(named["cls_token"])]["lr"] == pytest.approx(0.125e-3)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("override", [
+    "optim.grad_accum=0", "run.log_every=0", "run.stop_at=-1", "run.stop_at=0", "optim.warmup_steps=-1",
+    "run.save_every=-5", "run.keep_checkpoints=0", "data.prefetch_shards=-1", "data.batch_size=0",
+    "data.num_workers=-1", "optim.lr=0", "optim.eps=-1.0", "optim.layer_decay=1.5", "optim.betas=[0.9,1.5]",
+    "run.seed=-1", "data.partitions=0", "optim.grad_clip=-1", "run.steps=0"])
+def test_out_of_range_values_are_refused_naming_section_and_key(override):
+    key, value = override.split("=")
+    first = re.escape(value.split(",")[0].strip("["))
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} must be .*got .?{first}"):
+        load_config(ROOT / "configs" / "mtm_vit_tiny.yaml", ["data.train=x", override])
+
+
+def test_free_sections_are_checked_before_launch():
+    path = ROOT / "configs" / "mtm_vit_tiny.yaml"
+    with pytest.raises(ValueError, match=r"objective.*mask_ratoi"):
+        load_config(path, ["data.train=x", "objective.mask_ratoi=0.5"])
+    with pytest.raises(ConfigError, match=r"model.dept"):
+        load_config(path, ["data.train=x", "model.dept=3"])
+    with pytest.raises(ConfigError, match=r"objective.name must be one of"):
+        load_config(path, ["data.train=x", "objective.name=mae"])
+    with pytest.warns(UserWarning, match="warmup_steps"):
+        load_config(path, ["data.train=x", "run.steps=10", "optim.warmup_steps=10"])
+
+
+def test_yaml_aliases_and_huge_files_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("\n".join(lines) + "\ndata:\n  train: x\n  tokenizer: *i\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: YAML alias \*a at line 2"):
+        load_config(bomb)
+    big = tmp_path / "big.yaml"
+    big.write_text("run:\n  steps: 1\n" + "#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="configs are at most"):
+        load_config(big)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
+
+from storage.cli import run_cli
+from vqpt.quickstart import QuickstartConfig
 
 EPILOG = """examples:
   vqpt quickstart                              # generated data -> tokens -> S3 -> pre-train -> fine-tune
@@ -15,7 +19,20 @@ EPILOG = """examples:
   vqpt verify runs/quickstart/store/imagenet/train   # re-read every shard: hashes and decoding
 
 S3: the endpoint comes from $VQPT_S3_ENDPOINT (or $AWS_ENDPOINT_URL), credentials from the
-usual AWS environment variables or profile; nothing secret is ever printed."""
+usual AWS environment variables or profile; nothing secret is ever printed.
+Mistakes are reported in one line (error: ...); --debug or VQPT_DEBUG=1 shows the traceback."""
+
+SPLIT_HELP = ("a dataset split: its directory or manifest.parquet, as a path, file:// or s3:// URL "
+              "(e.g. runs/quickstart/store/imagenet/train)")
+
+
+def _summarise_labelmap(labelmap: dict | None) -> dict | None:
+    """The label-map description with its class names cut to a count and the first few."""
+    if not labelmap or "names" not in labelmap:
+        return labelmap
+    names = list(labelmap["names"])
+    shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+    return {**{k: v for k, v in labelmap.items() if k != "names"}, "names": f"{len(names)} names: {shown}"}
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -36,7 +53,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "codec": meta.codec.name,
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "classes": len(meta.class_names),
-        "labelmap": meta.labelmap,
+        "labelmap": _summarise_labelmap(meta.labelmap),
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -71,15 +88,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from vqpt.quickstart import QuickstartConfig, run
+    from vqpt.quickstart import run
 
     run(QuickstartConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func")}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vqpt.quickstart import QuickstartConfig
-
     d = QuickstartConfig()
     ap = argparse.ArgumentParser(prog="vqpt", description="Vision datasets as VQ tokens: store, stream, pre-train.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,19 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ranks", type=int, default=d.ranks, help="DeepSpeed ranks (CPU processes, or GPUs)")
     q.add_argument("--cpus", type=int, default=d.cpus, help="CPUs of the local Ray cluster")
     q.set_defaults(func=_quickstart)
-    i = sub.add_parser("inspect", help="summarise a dataset split (manifest URL or split directory)")
-    i.add_argument("url")
+    i = sub.add_parser("inspect", help="summarise a dataset split (manifest URL or split directory)",
+                       description="Print a dataset split's manifest summary as JSON: samples, shards, bytes, grid, "
+                                   "K, codec, tokenizer fingerprint, classes, label maps.")
+    i.add_argument("url", metavar="SPLIT", help=SPLIT_HELP)
     i.set_defaults(func=_inspect)
     sub.add_parser("tokenise", help="the Ray tokenisation job (same flags as python -m pipeline.tokenise)",
                    add_help=False)
-    v = sub.add_parser("verify", help="re-read every shard of a split: size, sha256, decoding, counts")
-    v.add_argument("url")
+    v = sub.add_parser("verify", help="re-read every shard of a split: size, sha256, decoding, counts",
+                       description="Re-read every shard of a split and check it against the manifest (sha256, "
+                                   "decoding, sample counts); exits 1 naming each bad shard.")
+    v.add_argument("url", metavar="SPLIT", help=SPLIT_HELP)
     v.set_defaults(func=_verify)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["tokenise"]:  # its own parser: `vqpt tokenise --help` shows the job's flags
         from pipeline.tokenise import main as tokenise_main
 
@@ -126,5 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``vqpt ...``; a mistake is one ``error:`` line and exit code 1 (``storage.cli.run_cli``)."""
+    return run_cli(_main, argv)
+
+
+def entry() -> None:
+    """The console script: ``main()``, then leave without running C++ static destructors.
+
+    ``vqpt`` loads pyarrow and, for training commands, torch; when the interpreter exits after an
+    error, their thread pools' destructors at process teardown can hit ``std::terminate``
+    ("terminate called without an active exception", rc -6), the same teardown race as gloo's
+    (DESIGN.md). Everything is flushed and written by then, so the process ends with ``os._exit``."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,9 +11,12 @@ Stages (each prints its progress):
 4. MTM pre-training of a ViT-Tiny on the streamed train shards, 2 DeepSpeed ranks;
 5. classification fine-tuning from that backbone, evaluated on val (top-1 / top-5);
 6. ADE20K segmentation fine-tuning from the same backbone, evaluated (mIoU, pixel accuracy);
-7. the report: storage, throughput, accuracy (``<out>/report.json``).
+7. the report: storage, throughput, accuracy (``<out>/report.json``), and the next commands to try.
 
-Nothing is left running: the Ray cluster, the S3 server and the DeepSpeed ranks all stop.
+Nothing is left running: the Ray cluster, the S3 server and the DeepSpeed ranks all stop. The
+tokens outlive the local S3 server: its bucket is saved to ``<out>/store`` (the layout of
+``--store dir``), which the printed next commands read. When a stage fails, the Ray cluster's
+logs are kept in ``<out>/ray-logs`` (path printed).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.launch import ROOT, run_deepspeed
+from storage import io as sio
+from storage.cli import UserError
 from storage.manifest import read_manifest
 from vqpt.local_ray import LocalRayCluster, submit_job
 from vqpt.local_s3 import LocalS3
@@ -36,6 +40,7 @@ from vqpt.sample_data import generate_ade20k, generate_imagenet, generate_imagen
 
 __all__ = ["QuickstartConfig", "run", "generate_imagenet_folder"]
 
+ROOT = Path(__file__).resolve().parents[1]
 _S3_ENV = ("VQPT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
@@ -99,16 +104,20 @@ def _tokenise(ray_cluster, env: dict, dataset: str, src: str, split: str, out: s
     submit_job(ray_cluster, argv, env={**env, "PYTHONPATH": str(ROOT)}, on_line=_relay)
     print(flush=True)
     report_url = f"{out.rstrip('/')}/{split}/report.json"
-    from storage import io as sio
-
     return json.loads(sio.read_bytes(report_url))
 
 
 def _train(module: str, args: list[str], out: Path, cfg: QuickstartConfig, env: dict) -> list[dict]:
-    """A launcher run (progress bar of rank 0 on the terminal); returns its log records."""
+    """A launcher run (progress bar of rank 0 on the terminal); returns its log records. ``out/launcher.json``
+    records its master port (the /dev/shm buffers of a launch are named by it)."""
+    from pretrain.launch import run_deepspeed
+
     proc = run_deepspeed(module, [*args, "--out", str(out)], ranks=cfg.ranks, env=env)
+    port = int(proc.args[proc.args.index("--master_port") + 1])  # which /dev/shm buffers were this launch's
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launcher.json").write_text(json.dumps({"module": module, "master_port": port, "rc": proc.returncode}))
     if proc.returncode != 0:
-        raise SystemExit(f"quickstart: {module} failed (rc {proc.returncode}); its output is above")
+        raise UserError(f"quickstart: {module} failed (rc {proc.returncode}), its output is above")
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
@@ -134,7 +143,8 @@ def run(cfg: QuickstartConfig) -> dict:
         print(f"    generated an ImageNet-layout folder: {imagenet}")
     missing = [f"{imagenet}/{split}" for split in ("train", "val") if not (Path(imagenet) / split).is_dir()]
     if missing:
-        raise SystemExit(f"quickstart: --imagenet needs train/ and val/ class folders; missing {missing}")
+        raise UserError(f"quickstart: --imagenet needs train/ and val/ class folders, missing {missing}; pass "
+                        f"the root that holds them")
     if ade20k is None:
         shutil.rmtree(out / "ade20k", ignore_errors=True)
         ade20k = str(generate_ade20k(out / "ade20k", train=max(8, cfg.per_class // 2), val=8))
@@ -148,7 +158,7 @@ def run(cfg: QuickstartConfig) -> dict:
     stage(f"object store ({cfg.store}) and a local Ray cluster ({cfg.cpus} CPUs)")
     with object_store(cfg, out) as (store_url, env):
         inet, ade = f"{store_url}/imagenet", f"{store_url}/ade20k"
-        with LocalRayCluster(num_cpus=cfg.cpus) as ray_cluster:
+        with LocalRayCluster(num_cpus=cfg.cpus, logs_dir=out / "ray-logs") as ray_cluster:
             print(f"    Ray job server {ray_cluster.address}; shards go to {store_url}")
             stage("tokenisation jobs through Ray's job API (ImageNet train fits the tokenizer)")
             tok = {"train": _tokenise(ray_cluster, env, "imagenet", imagenet, "train", inet, cfg)}
@@ -186,12 +196,45 @@ def run(cfg: QuickstartConfig) -> dict:
         print(f"    validation mIoU {100 * seg_eval['miou']:.1f} %, pixel accuracy "
               f"{100 * seg_eval['pixel_accuracy']:.1f} % ({seg_eval['samples']} images)")
         manifests = {split: read_manifest(url) for split, url in data.items()}
+        saved = save_store(store_url, out / "store") if cfg.store == "s3" else out / "store"
     stage("report")
     report = _report(cfg, listings, tok, manifests, pre, cls, cls_eval, seg, seg_eval, store_url,
                      time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report, out / "report.json")
+    print(next_commands(out, saved, cfg))
     return report
+
+
+def save_store(store_url: str, local: Path) -> Path:
+    """Copy every object under ``store_url`` (the quickstart's bucket) to the folder ``local``; returns it."""
+    fs = sio.filesystem(store_url)
+    root = store_url.split("://", 1)[1].rstrip("/")
+    shutil.rmtree(local, ignore_errors=True)
+    for key in fs.find(root):
+        sio.write_bytes_atomic(str(local / key[len(root) + 1:]), sio.read_bytes(f"s3://{key}"))
+    return local
+
+
+def next_commands(out: Path, store: Path, cfg: QuickstartConfig) -> str:
+    """Commands that work as printed on the quickstart's outputs (absolute paths)."""
+    bin_dir = Path(sys.executable).parent
+    ds = f"DS_ACCELERATOR=cpu {bin_dir / 'deepspeed'} --num_accelerators {cfg.ranks}"
+    train, runs = f"{store}/imagenet/train", out / "runs"
+    return "\n".join([
+        f"\n  next (the tokens are saved in {store}):",
+        f"    {bin_dir / 'vqpt'} inspect {train}",
+        f"    {bin_dir / 'vqpt'} verify {store}/ade20k/training",
+        f"    {bin_dir / 'python'} -c \"from storage.stream import TokenStream; "
+        f"print(next(iter(TokenStream('{train}', 4)))['tokens'].shape)\"",
+        f"    {ds} --module pretrain.train --config {ROOT}/configs/mtm_vit_tiny.yaml --data {train} "
+        f"--out {runs}/mtm-more model.depth={cfg.depth} objective.decoder_dim=128 objective.decoder_heads=4 "
+        "data.batch_size=32 run.steps=50",
+        f"    {ds} --module pretrain.finetune --task classify --init {runs}/mtm/checkpoints --config "
+        f"{ROOT}/configs/finetune_cls_tiny.yaml --data {train} --out {runs}/classify-more model.depth={cfg.depth} "
+        "data.batch_size=32 run.steps=50",
+        f"    {bin_dir / 'python'} -m pretrain.evaluate --ckpt {runs}/classify/checkpoints --data "
+        f"{store}/imagenet/val"])
 
 
 def _rate(records: list[dict]) -> float:

@@ -115,19 +115,17 @@ def load_objective(ckpt: str, tag: str | None = None) -> tuple[Objective, dict]:
 
     ``ckpt``: a run's ``checkpoints`` directory (tag from ``latest`` unless given) or one
     ``stepNNNNNNN`` directory. Read with ``torch.load(weights_only=True)`` (``pretrain.export.safe_load``).
-    The client state has ``step``, ``objective``, ``vit_config`` and ``config`` (the resolved YAML).
+    The client state has ``step``, ``objective``, ``vit_config``, ``config`` (the resolved YAML) and,
+    when recorded, ``tokens`` (the data's token identity, ``pretrain.provenance``).
     """
-    from pathlib import Path
-
     from pretrain.export import safe_load
+    from pretrain.provenance import checkpoint_tag_dir
 
-    path = Path(ckpt)
-    if tag is None and (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-    tag_dir = path / tag if tag is not None else path
+    tag_dir = checkpoint_tag_dir(ckpt, tag)
     file = tag_dir / "mp_rank_00_model_states.pt"
     if not file.is_file():
-        raise FileNotFoundError(f"no trainer checkpoint at {tag_dir} (expected {file.name})")
+        raise FileNotFoundError(f"no trainer checkpoint at {tag_dir} (expected {file.name}); pass a run's "
+                                "checkpoints directory")
     state = safe_load(file)
     vit = ViTConfig(**state["vit_config"])
     # "init" (fine-tuning's starting backbone) is not needed: the weights come from the checkpoint.
@@ -136,5 +134,6 @@ def load_objective(ckpt: str, tag: str | None = None) -> tuple[Objective, dict]:
                     num_classes=int(state.get("num_classes", 0)))
     objective = build_objective(state["objective"], options, vit, data)
     objective.load_state_dict({k: v.float() for k, v in state["module"].items()})
-    client = {k: v for k, v in state.items() if k in ("step", "objective", "vit_config", "config", "num_classes")}
+    client = {k: v for k, v in state.items()
+              if k in ("step", "objective", "vit_config", "config", "num_classes", "tokens")}
     return objective.eval(), client
