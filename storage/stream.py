@@ -199,7 +199,8 @@ class TokenStream(IterableDataset):
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
         url = self.manifest.shard_url(s)
         try:
-            return _concat_blocks(decode_shard(fetcher.get(s), self.manifest.codec(), url), url)
+            blocks = decode_shard(fetcher.get(s), self.manifest.codec(), url, self.manifest.expect(s))
+            return _concat_blocks(blocks, url)
         except ShardError as err:
             if self.on_error == "raise":
                 raise

@@ -1,0 +1,81 @@
+"""Hostile input (issue 16): crafted shards and manifests must give one named error with bounded
+memory and time, ``on_error="skip"`` must skip them (counted and listed), and ``vqpt verify``
+must exit 1 naming the shard. All cases run in one subprocess (tests/hostile_probe.py), which
+measures each case's peak RSS above its own baseline."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hostile import BAD_SHARD, CASES, SHARD_SIZE, VALID, N, build_case, write_base
+from tests.hostile_probe import CONTROL
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_MB = 500  # acceptance: under 500 MB above the reader's baseline
+CASE_SECONDS = 20  # generous: each case takes well under a second here
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("hostile")
+    listing = []
+    for case in CASES:
+        build_case(case, base / case.name)
+        listing.append({"name": case.name, "dir": str(base / case.name)})
+    for name, build in VALID.items():
+        write_base(base / f"valid_{name}")
+        build(base / f"valid_{name}")
+        listing.append({"name": f"valid_{name}", "dir": str(base / f"valid_{name}")})
+    listing.append({"name": "control", "dir": CONTROL})
+    (base / "cases.json").write_text(json.dumps(listing))
+    subprocess.run([sys.executable, "-m", "tests.hostile_probe", str(base / "cases.json"), str(base / "out.json")],
+                   cwd=ROOT, check=True, timeout=300)
+    return json.loads((base / "out.json").read_text())
+
+
+def _bounded(result: dict) -> None:
+    assert result["peak_mb"] < PEAK_MB, f"peak {result['peak_mb']:.0f} MB above baseline"
+    assert result["seconds"] < CASE_SECONDS, f"took {result['seconds']:.1f} s"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_case_is_a_named_error_with_bounded_memory(case, probed):
+    result = probed[case.name]
+    _bounded(result)
+    raised, skipped, verify = result["raise"], result["skip"], result["verify"]
+    assert "error" in raised, f"read without error: {raised}"
+    err = raised["error"]
+    assert "\n" not in err["message"]
+    assert re.search(case.error, err["message"]), err["message"]
+    if case.level == "manifest":
+        assert err["type"] == "ManifestError" and "manifest.parquet" in err["message"]
+        assert skipped["error"]["type"] == "ManifestError"
+        assert verify.get("rc") == 1 or verify["error"]["type"] == "ManifestError"  # issue 15 makes it rc 1
+        return
+    assert err["type"] == "ShardError"
+    bad = [BAD_SHARD] if case.level == "shard" else [f"shard-{i:06d}.tar" for i in range(N // SHARD_SIZE)]
+    assert err["url"].endswith(bad[0]), err["url"]
+    assert "error" not in skipped, skipped
+    assert skipped["samples"] == N - SHARD_SIZE * len(bad)
+    assert sorted(Path(u).name for u in skipped["skipped"]) == bad
+    assert verify["rc"] == 1 and f"{N // SHARD_SIZE - len(bad)}/{N // SHARD_SIZE} shards ok" in verify["stdout"]
+    for name in bad:
+        assert re.search(rf"{name}: .*{case.error}", verify["stderr"]), verify["stderr"]
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_valid_datasets_read_and_verify(name, probed):
+    result = probed[f"valid_{name}"]
+    _bounded(result)
+    assert result["raise"] == {"samples": N, "skipped": {}}
+    assert result["verify"]["rc"] == 0, result["verify"]
+
+
+def test_the_peak_measurement_sees_an_allocation(probed):
+    assert 190 < probed["control"]["peak_mb"] < PEAK_MB, probed["control"]
