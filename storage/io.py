@@ -99,6 +99,10 @@ def is_transient(err: BaseException) -> bool:
         return status in (408, 429)
     if isinstance(err, OSError):
         return err.errno not in _PERMANENT_ERRNOS
+    return _from_network_library(err)
+
+
+def _from_network_library(err: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(err).__mro__)
 
 
@@ -201,7 +205,8 @@ def with_retries(
     """Call ``fn`` until it succeeds; transient errors are retried with exponential backoff.
 
     Only network-like errors are retried (``is_transient``); missing files, permissions and
-    programming errors are raised at once. After ``retries`` failed retries, or when the next
+    programming errors are raised at once (a network library's own permanent error, such as an
+    HTTP 403, as an ``OSError`` naming ``what``). After ``retries`` failed retries, or when the next
     attempt would start after ``deadline_s`` seconds from the first, the last error is raised
     as an ``OSError`` naming ``what``.
     """
@@ -212,7 +217,9 @@ def with_retries(
             return fn()
         except Exception as err:
             if not is_transient(err):
-                raise
+                if isinstance(err, OSError) or not _from_network_library(err):
+                    raise
+                raise OSError(f"{what}: {type(err).__name__}: {err}") from err  # e.g. HTTP 403: one OSError type
             spent = time.monotonic() - start
             if attempt == retries or (deadline_s is not None and spent + delay >= deadline_s):
                 raise OSError(f"{what}: failed after {attempt + 1} attempts: {type(err).__name__}: {err} "
