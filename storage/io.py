@@ -10,6 +10,7 @@ from code or logs: the endpoint from ``VQPT_S3_ENDPOINT`` (else ``AWS_ENDPOINT_U
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,8 +28,8 @@ import fsspec.asyn
 log = logging.getLogger("vqpt.storage")
 
 # Errors that mean "the data is not there / not allowed": retrying will not help.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                     NotADirectoryError)
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, PermissionError,
+                                                     IsADirectoryError, NotADirectoryError)
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
                      errno.ENXIO, errno.EINVAL}
 # Libraries whose exceptions are network trouble (they do not all derive from OSError).
@@ -321,6 +322,61 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     deadline = time.monotonic() + deadline_s
     with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data), f"writing {url}",
                  retries=retries, deadline_s=deadline_s)
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; True if this call created it.
+
+    Atomic: of concurrent callers exactly one gets True, and readers see all of ``data`` or
+    nothing. Local: a complete temp file hard-linked into place (``link`` fails if the name
+    exists). S3: a PUT with ``If-None-Match: *`` (a conditional put).
+    """
+    proto = protocol_of(url)
+    if proto == "file":
+        path = _path(url)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if proto != "s3":
+        raise ValueError(f"cannot create {url} exclusively: only paths and s3:// URLs support it")
+    fs = filesystem(url, storage_options)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    try:
+        with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data, mode="create"),
+                     f"creating {url}", retries=retries, deadline_s=deadline_s)
+    except FileExistsError:
+        return False
+    except OSError as err:  # s3fs maps a 412 without its Condition field to a generic EINVAL error
+        if "Precondition" in str(err) or "412" in str(err):
+            return False
+        raise
+    return True
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete the object at ``url`` if it exists."""
+    if protocol_of(url) == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_path(url))
+        return
+    fs = filesystem(url, storage_options)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(lambda: _bounded_call(fs, "rm_file", deadline, url, _path(url)), f"removing {url}",
+                     deadline_s=deadline_s)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:

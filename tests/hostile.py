@@ -245,3 +245,22 @@ def build_case(case: Case, split_dir: Path) -> None:
     write_base(split_dir, case.codec)
     case.build(split_dir)
 
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A greyscale PNG whose header declares ``width`` x ``height`` (its pixel data is a few bytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def load_labelled(image: str, labelmap: str) -> str:
+    """What the tokenise job's loader makes of an image and its label map (for the probe)."""
+    from pipeline.readers import LoadedItem, SourceItem, load_item
+
+    got = load_item(SourceItem("k", image, -1, labelmap))
+    return "loaded" if isinstance(got, LoadedItem) else f"reject: {got.reason}"

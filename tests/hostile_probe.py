@@ -1,7 +1,8 @@
 """Reads crafted datasets in one process and reports, per dataset, what each reader did and its
 peak memory above its baseline: ``python -m tests.hostile_probe cases.json results.json``.
 
-cases.json: [{"name", "dir"}] (dir ``CONTROL``: allocate 200 MB, to show the measurement works).
+cases.json: [{"name", "dir"}] (dir ``CONTROL``: allocate 200 MB, to show the measurement works;
+``CALL`` + JSON: call a function, e.g. the tokenise job's item loader on a label-map bomb).
 For each: a TokenStream (on_error="raise", then "skip") reads the
 whole split, then ``vqpt verify`` runs in-process. Peak RSS is the kernel's VmHWM, reset before
 each case through /proc/self/clear_refs, so a case's peak is its own.
@@ -16,6 +17,7 @@ import sys
 import time
 
 CONTROL = "<control: allocate 200 MB>"
+CALL = "<call>"  # "<call>" + JSON [target, *args]: run ``module:function(*args)`` instead of the readers
 
 
 def _rss_kb(field: str) -> int:
@@ -62,6 +64,17 @@ def _control() -> dict:
     return {"sum": int(block[::4096].sum())}
 
 
+def _call(target: str, *args: str) -> dict:
+    """``module:function(*args)``: its result (a string) or its error."""
+    import importlib
+
+    module, name = target.split(":")
+    try:
+        return {"result": getattr(importlib.import_module(module), name)(*args)}
+    except Exception as err:
+        return {"error": _error(err)}
+
+
 def probe(split_dir: str) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -69,6 +82,8 @@ def probe(split_dir: str) -> dict:
     start = time.monotonic()
     if split_dir == CONTROL:
         result = _control()
+    elif split_dir.startswith(CALL):
+        result = _call(*json.loads(split_dir[len(CALL):]))
     else:
         result = {"raise": _stream(split_dir, "raise"), "skip": _stream(split_dir, "skip"),
                   "verify": _verify(split_dir)}

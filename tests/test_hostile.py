@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.hostile import BAD_SHARD, CASES, SHARD_SIZE, VALID, N, build_case, write_base
-from tests.hostile_probe import CONTROL
+from tests.hostile import BAD_SHARD, CASES, SHARD_SIZE, VALID, N, build_case, png_declaring, write_base
+from tests.hostile_probe import CALL, CONTROL
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_MB = 500  # acceptance: under 500 MB above the reader's baseline
 CASE_SECONDS = 20  # generous: each case takes well under a second here
+LABELMAP_BOMBS = (20000, 100000)  # sides of ADE20K label maps the tokenise job must reject, not die on
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,12 @@ def probed(tmp_path_factory) -> dict:
         build(base / f"valid_{name}")
         listing.append({"name": f"valid_{name}", "dir": str(base / f"valid_{name}")})
     listing.append({"name": "control", "dir": CONTROL})
+    image = base / "ade.jpg"
+    Image.new("RGB", (40, 30)).save(image)
+    for side in LABELMAP_BOMBS:
+        bomb = png_declaring(base / f"ade_{side}.png", side, side)
+        listing.append({"name": f"labelmap_bomb_{side}", "dir": CALL + json.dumps(
+            ["tests.hostile:load_labelled", str(image), str(bomb)])})
     (base / "cases.json").write_text(json.dumps(listing))
     subprocess.run([sys.executable, "-m", "tests.hostile_probe", str(base / "cases.json"), str(base / "out.json")],
                    cwd=ROOT, check=True, timeout=300)
@@ -79,3 +87,11 @@ def test_valid_datasets_read_and_verify(name, probed):
 
 def test_the_peak_measurement_sees_an_allocation(probed):
     assert 190 < probed["control"]["peak_mb"] < PEAK_MB, probed["control"]
+
+
+@pytest.mark.parametrize("side", LABELMAP_BOMBS)
+def test_tokenise_loader_rejects_a_label_map_bomb(side, probed):
+    result = probed[f"labelmap_bomb_{side}"]
+    _bounded(result)
+    assert re.fullmatch(rf"reject: label map \S*ade_{side}\.png.*({side} x {side}, image is 30 x 40|"
+                        "could be decompression bomb DOS attack.)", result["result"]), result
