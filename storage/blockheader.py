@@ -68,8 +68,8 @@ class BlockHeader:
     n: int
     keys: list[str]
     labels: list[int]
-    image_size: list[tuple[int, ...]]
-    crop_box: list[tuple[int, ...]]
+    image_size: list[list[int]]
+    crop_box: list[list[int]]
     grids: list[tuple[int, int]]
     views: list[list[ViewMeta]]
     token_bytes: int
@@ -123,6 +123,26 @@ def _ints(value: Any, field: str, length: int, lo: int = -_INT64, hi: int = _INT
     return tuple(_int(v, f"{field}[{i}]", lo, hi) for i, v in enumerate(_list(value, field, length)))
 
 
+def _column(value: Any, field: str, n: int, width: int | None = None, lo: int = -_INT64,
+            hi: int = _INT64 - 1) -> list:
+    """``n`` entries, each an int in [lo, hi] (``width`` None) or a list of ``width`` such ints.
+
+    Checks the whole column at once and only walks it entry by entry, to name the first bad one,
+    when something is wrong (the common case costs a few C-level passes, not a call per value).
+    """
+    rows = _list(value, field, n)
+    flat = rows if width is None else [v for r in rows if type(r) is list and len(r) == width for v in r]
+    if (len(flat) == n * (width or 1) and all(type(v) is int for v in flat)
+            and (not flat or lo <= min(flat) and max(flat) <= hi)):
+        return rows
+    for i, r in enumerate(rows):
+        if width is None:
+            _int(r, f"{field}[{i}]", lo, hi)
+        else:
+            _ints(r, f"{field}[{i}]", width, lo, hi)
+    raise AssertionError("unreachable: the column check failed but no entry is bad")
+
+
 def _show(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, int | float | str | bool | None) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
@@ -174,16 +194,24 @@ def parse_header(raw: Any, offset: int, block_len: int, expect: ShardExpect | No
             raise ValueError(f"{name}: missing from the header")
     n = _int(raw["n"], "n", 1, min(max_samples, MAX_BLOCK_SAMPLES))
     keys = _list(raw["keys"], "keys", n)
-    for i, k in enumerate(keys):
-        if not isinstance(k, str) or not 0 < len(k) <= MAX_KEY_CHARS:
-            raise ValueError(f"keys[{i}]: {_show(k)} is not a string of 1..{MAX_KEY_CHARS} characters")
+    if not all(type(k) is str and 0 < len(k) <= MAX_KEY_CHARS for k in keys):
+        i, k = next((i, k) for i, k in enumerate(keys) if not (type(k) is str and 0 < len(k) <= MAX_KEY_CHARS))
+        raise ValueError(f"keys[{i}]: {_show(k)} is not a string of 1..{MAX_KEY_CHARS} characters")
     hi = _INT64 - 1 if expect.num_classes is None else expect.num_classes - 1
-    labels = [_int(v, f"labels[{i}]", -1, hi) for i, v in enumerate(_list(raw["labels"], "labels", n))]
-    image_size = [_ints(v, f"image_size[{i}]", 2, 0) for i, v in enumerate(_list(raw["image_size"], "image_size", n))]
-    crop_box = [_ints(v, f"crop_box[{i}]", 4) for i, v in enumerate(_list(raw["crop_box"], "crop_box", n))]
-    grids = [_grid(v, f"grids[{i}]", expect) for i, v in enumerate(_list(raw["grids"], "grids", n))]
-    views = []
+    labels = _column(raw["labels"], "labels", n, None, -1, hi)
+    image_size = _column(raw["image_size"], "image_size", n, 2, 0)
+    crop_box = _column(raw["crop_box"], "crop_box", n, 4)
+    raw_grids = _list(raw["grids"], "grids", n)
+    want = None if expect.grid is None else list(expect.grid)
+    if want is not None and all(g == want and type(g[0]) is int and type(g[1]) is int for g in raw_grids):
+        grids = [tuple(expect.grid)] * n  # the common case: every grid is the manifest's
+    else:
+        grids = [_grid(v, f"grids[{i}]", expect) for i, v in enumerate(raw_grids)]
+    views: list[list[ViewMeta]] = []
     for i, vs in enumerate(_list(raw["views"], "views", n)):
+        if not vs and type(vs) is list:
+            views.append([])
+            continue
         if len(_list(vs, f"views[{i}]")) > MAX_VIEWS:
             raise ValueError(f"views[{i}]: {len(vs)} views, the cap is {MAX_VIEWS}")
         views.append([_view(v, f"views[{i}][{j}]", expect) for j, v in enumerate(vs)])
@@ -192,7 +220,8 @@ def parse_header(raw: Any, offset: int, block_len: int, expect: ShardExpect | No
     method = raw["labelmap_method"]
     if method not in LABELMAP_METHODS:
         raise ValueError(f"labelmap_method: {_show(method)} is not one of {LABELMAP_METHODS}")
-    labelmaps = [_labelmap(v, f"labelmaps[{i}]", expect) for i, v in enumerate(_list(raw["labelmaps"], "labelmaps", n))]
+    raw_maps = _list(raw["labelmaps"], "labelmaps", n)
+    labelmaps = [None if v is None else _labelmap(v, f"labelmaps[{i}]", expect) for i, v in enumerate(raw_maps)]
     header = BlockHeader(n, keys, labels, image_size, crop_box, grids, views, token_bytes, method, labelmaps, offset)
     tokens = sum(header.counts)
     if tokens > MAX_BLOCK_TOKENS:

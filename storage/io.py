@@ -240,10 +240,11 @@ def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url
         raise TimeoutError(f"{url}: no time left before the deadline")
     if not getattr(fs, "async_impl", False):
         return getattr(fs, name)(*args, **kwargs)
+    start = time.monotonic()
     try:
         return fsspec.asyn.sync(fs.loop, getattr(fs, "_" + name), *args, timeout=left, **kwargs)
-    except fsspec.exceptions.FSTimeoutError as err:
-        raise TimeoutError(f"{url}: no complete answer within {left:.0f} s") from err
+    except fsspec.exceptions.FSTimeoutError as err:  # the deadline, or a connect / read time-out
+        raise TimeoutError(f"{url}: timed out after {time.monotonic() - start:.0f} s") from err
 
 
 def _read_local(path: str, max_bytes: int | None, root: str | None) -> bytes:

@@ -95,3 +95,26 @@ def test_tokenise_loader_rejects_a_label_map_bomb(side, probed):
     _bounded(result)
     assert re.fullmatch(rf"reject: label map \S*ade_{side}\.png.*({side} x {side}, image is 30 x 40|"
                         "could be decompression bomb DOS attack.)", result["result"]), result
+
+
+def test_without_a_manifest_absolute_caps_bound_a_block(tmp_path):
+    """``unpack_block`` (plain webdataset use) has no manifest: the absolute caps still hold."""
+    from storage.blockheader import read_header
+    from storage.shard import unpack_block
+    from tests.hostile import block_of, blocks_of, huge_labelmap, zstd_stream
+
+    manifest = write_base(tmp_path)
+    codec = manifest.codec()
+    block = blocks_of(tmp_path)[0]
+    header, offset = read_header(block)
+    payload = block[offset:]
+    assert len(unpack_block(block, codec)) == 4
+    bombs = {
+        r"grids\[0\]\[0\]: 4096 is outside \[1, 1024\]": block_of(header | {"grids": [[4096, 4096]] * 4}, payload),
+        r"labelmaps\[0\]\.shape\[0\]: 16384 is outside \[1, 8192\]": block_of(*huge_labelmap(header, payload)),
+        r"header: inflates to more than 33554432 bytes": block_of(zstd_stream(40 << 20), payload),
+        r"n: 65537 is outside \[1, 65536\]": block_of(header | {"n": 65537}, payload),
+    }
+    for error, crafted in bombs.items():
+        with pytest.raises(ValueError, match=error):
+            unpack_block({"vqb": crafted}, codec)
