@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import zstandard
 
 from storage import io as sio
 from storage.blockheader import MAX_GRID_SIDE, MAX_LABELMAP_SIDE, ShardExpect
@@ -214,8 +215,12 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
         raise ManifestError(f"manifest {url}: no '{META_KEY.decode()}' metadata (not a vqpt manifest)")
     try:
         meta = DatasetMeta.from_json(raw_meta.decode())
-    except ManifestError as err:
+    except (ManifestError, UnicodeDecodeError) as err:
         raise ManifestError(f"manifest {url}: {err}") from err
+    try:
+        make_codec(meta.codec)  # built now: a bad codec model is the manifest's error, not a shard's
+    except (ValueError, zstandard.ZstdError) as err:
+        raise ManifestError(f"manifest {url}: codec: {err}") from err
     missing = [n for n in _SCHEMA.names if n not in table.column_names]
     if missing:
         raise ManifestError(f"manifest {url}: missing columns {missing}")

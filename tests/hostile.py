@@ -191,6 +191,8 @@ CASES: list[Case] = [
     Case("manifest_key_8mb", _big_key(8 << 20), r"first_key.*8388608 characters", level="manifest"),
     Case("manifest_key_130mb", _big_key(130 << 20), r"inflate to \d+ bytes, the cap", level="manifest"),
     Case("manifest_grid_4096", lambda d: set_meta(d, grid=[4096, 4096]), r"grid: \[4096, 4096\]", level="manifest"),
+    Case("manifest_codec_model_damaged", lambda d: set_meta(d, codec={"name": "rans", "vocab_size": 64, "params": {
+        "counts": "AAAA", "fingerprint": 1}}), r"codec: rans: counts param", level="manifest"),
     Case("manifest_is_dev_zero", _manifest_to_dev_zero, r"is a device, not a regular file", level="manifest"),
     # malformed headers: named errors, never TypeError / KeyError / OverflowError
     Case("n_is_float", field("n", 2.5), r"\bn: 2\.5 is not an integer"),
