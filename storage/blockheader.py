@@ -95,10 +95,13 @@ def read_header(data: bytes, max_samples: int = MAX_BLOCK_SAMPLES) -> tuple[Any,
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data[8 : 8 + header_len])) as reader:
             text = reader.read(cap + 1)
-        if len(text) > cap:
-            raise ValueError(f"header: inflates to more than {cap} bytes (the cap for {max_samples} samples)")
+    except zstandard.ZstdError as err:
+        raise ValueError(f"header: unreadable zstd JSON: {err}") from err
+    if len(text) > cap:
+        raise ValueError(f"header: inflates to more than {cap} bytes (the cap for {max_samples} samples)")
+    try:  # ValueError covers bad JSON, bad UTF-8 and integers over Python's digit limit
         header = json.loads(text)
-    except (zstandard.ZstdError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:
         raise ValueError(f"header: unreadable zstd JSON: {err}") from err
     return header, 8 + header_len
 

@@ -208,6 +208,10 @@ CASES: list[Case] = [
     Case("token_bytes_overrun", field("token_bytes", 1 << 40), r"token_bytes: 1099511627776 is outside"),
     Case("labelmap_method_unknown", field("labelmap_method", "gif"), r"labelmap_method: \"gif\" is not one of"),
     Case("header_is_a_list", edit_block(lambda h, p: ([1, 2, 3], p)), r"header: list is not an object"),
+    Case("header_json_nested_50k_deep", edit_block(lambda h, p: (zstandard.ZstdCompressor().compress(
+        b"[" * 50_000 + b"]" * 50_000), p)), r"header: unreadable zstd JSON: .*recursion"),
+    Case("header_int_of_10k_digits", edit_block(lambda h, p: (zstandard.ZstdCompressor().compress(
+        b'{"n": ' + b"9" * 10_000 + b"}"), p)), r"header: unreadable zstd JSON: .*digits"),
     Case("header_not_zstd", edit_block(lambda h, p: (b"garbage!" * 4, p)), r"header: unreadable zstd JSON"),
     Case("bad_magic", lambda d: set_shard(d, shard_of([b"XXXX" + b.removeprefix(BLOCK_MAGIC) for b in blocks_of(d)])),
          r"magic: not a vqpt block"),
