@@ -247,6 +247,19 @@ def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url
         raise TimeoutError(f"{url}: timed out after {time.monotonic() - start:.0f} s") from err
 
 
+async def _http_read_bounded(fs: fsspec.AbstractFileSystem, url: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of an HTTP(S) body, streamed: a server sending without end is cut off."""
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **fs.kwargs) as response:
+        fs._raise_not_found_for_status(response, url)
+        out = bytearray()
+        async for piece in response.content.iter_chunked(1 << 16):
+            out += piece
+            if len(out) >= limit:
+                break
+        return bytes(out[:limit])
+
+
 def _read_local(path: str, max_bytes: int | None, root: str | None) -> bytes:
     """A local regular file's bytes (at most ``max_bytes``), refusing paths that resolve outside ``root``."""
     real = os.path.realpath(path)
@@ -289,8 +302,18 @@ def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8, 
     def note(attempt: int, err: BaseException) -> None:
         log.warning("retrying read of %s (attempt %d): %s: %s", url, attempt + 1, type(err).__name__, err)
 
-    return with_retries(lambda: _bounded_call(fs, "cat_file", deadline, url, _path(url), **limits),
-                        f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s)
+    def attempt() -> bytes:
+        if max_bytes is not None and protocol_of(url) in ("http", "https"):  # servers may ignore Range
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{url}: no time left before the deadline")
+            try:
+                return fsspec.asyn.sync(fs.loop, _http_read_bounded, fs, url, max_bytes, timeout=left)
+            except fsspec.exceptions.FSTimeoutError as err:
+                raise TimeoutError(f"{url}: timed out") from err
+        return _bounded_call(fs, "cat_file", deadline, url, _path(url), **limits)
+
+    return with_retries(attempt, f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s)
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> None:

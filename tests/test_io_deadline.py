@@ -112,3 +112,50 @@ def test_only_retryable_errors_are_retried(status, retried):
     with status_server(status) as (url, hits), pytest.raises(OSError):
         sio.read_bytes(f"{url}/x.tar", retries=2)
     assert len(hits) == (3 if retried else 1), hits
+
+
+@contextmanager
+def endless_server(total: int):
+    """Answers every GET with 200 and no Content-Length, then sends up to ``total`` bytes (or until the
+    client hangs up)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+            piece = b"\0" * (1 << 20)
+            try:
+                for _ in range(total // len(piece)):
+                    self.wfile.write(piece)
+            except OSError:  # the reader stopped reading: what the test wants
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def test_an_endless_http_body_is_cut_at_the_cap():
+    with endless_server(1 << 30) as url:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset this process's peak RSS
+        base = _rss_mb("VmRSS")
+        with pytest.raises(ManifestError, match=f"manifest {url}/m.parquet: over 67108864 bytes"):
+            TokenStream(f"{url}/m.parquet", 4)
+        assert sio.read_bytes(f"{url}/shard.tar", max_bytes=1000) == b"\0" * 1000
+        assert _rss_mb("VmHWM") - base < 500
