@@ -2,7 +2,8 @@
 
 A reader only lists (it opens no image); ``load_item`` decodes one item or says why it cannot
 be used. Listings are sorted by ``key`` (the path relative to the dataset root, without
-extension), so shard i of a tokenisation job always holds the same images.
+extension; with it where two files share a stem), so shard i of a tokenisation job always
+holds the same images, and keys are unique.
 
 ImageNet: ``train/<wnid>/*.JPEG``; ``val/`` either in class folders or flat with a labels file:
 ``LOC_val_solution.csv`` (Kaggle), ``val.txt`` / ``val_labels.txt`` (``<file> <index>``), or the
@@ -19,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,25 @@ def _files(folder: Path) -> tuple[list[Path], list[Reject]]:
 
 def _key(root: Path, path: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
+
+
+def unique_keys(items: list[SourceItem], root: Path) -> tuple[list[SourceItem], list[Reject]]:
+    """Items sorted by key, every key distinct. Files sharing a stem (``dup.jpg``, ``dup.png``) are
+    both kept, keyed by their relative path with its extension; a key still taken (``dup.jpg.png``
+    against ``dup.jpg``) rejects the later file, naming the earlier one."""
+    by_key: dict[str, list[SourceItem]] = {}
+    for it in items:
+        by_key.setdefault(it.key, []).append(it)
+    rekeyed = [replace(it, key=Path(it.path).relative_to(root).as_posix()) if len(group) > 1 else it
+               for group in by_key.values() for it in group]
+    kept: dict[str, SourceItem] = {}
+    rejects = []
+    for it in sorted(rekeyed, key=lambda it: (it.key, it.path)):
+        if it.key in kept:
+            rejects.append(Reject(it.path, f"key {it.key!r} is already used by {kept[it.key].path}"))
+        else:
+            kept[it.key] = it
+    return list(kept.values()), rejects
 
 
 def imagenet_classes(root: Path, present: Iterable[str] = ()) -> list[str]:
@@ -153,7 +173,8 @@ def list_imagenet(root: str | Path, split: str = "train") -> Listing:
             rejects.append(Reject(str(p), "no label: not in a class folder and not in any labels file"))
             continue
         items.append(SourceItem(_key(root, p), str(p), label))
-    return Listing(sorted(items, key=lambda it: it.key), wnids, rejects)
+    items, dups = unique_keys(items, root)
+    return Listing(items, wnids, rejects + dups)
 
 
 def list_ade20k(root: str | Path, split: str = "training") -> Listing:
@@ -179,7 +200,8 @@ def list_ade20k(root: str | Path, split: str = "training") -> Listing:
             rejects.append(Reject(str(p), f"no annotation {ann}"))
             continue
         items.append(SourceItem(_key(root, p), str(p), -1, str(ann)))
-    return Listing(sorted(items, key=lambda it: it.key), names, rejects)
+    items, dups = unique_keys(items, root)
+    return Listing(items, names, rejects + dups)
 
 
 def list_folder(root: str | Path) -> Listing:
@@ -193,7 +215,8 @@ def list_folder(root: str | Path) -> Listing:
     classes = sorted({p.relative_to(root).parts[0] for p in files}) if labelled else []
     items = [SourceItem(_key(root, p), str(p), classes.index(p.relative_to(root).parts[0]) if labelled else -1)
              for p in files]
-    return Listing(sorted(items, key=lambda it: it.key), classes, rejects)
+    items, dups = unique_keys(items, root)
+    return Listing(items, classes, rejects + dups)
 
 
 @dataclass
@@ -214,11 +237,15 @@ def load_item(item: SourceItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedI
         labelmap = None
         if item.labelmap is not None:
             with Image.open(item.labelmap) as lm:
+                if lm.size != (image.width, image.height):  # checked before its pixels are inflated
+                    return Reject(item.path, f"label map {item.labelmap} is {lm.size[1]} x {lm.size[0]}, "
+                                             f"image is {image.height} x {image.width}")
                 labelmap = np.array(lm)
-            if labelmap.ndim != 2 or labelmap.shape != (image.height, image.width):
-                return Reject(item.path, f"label map {item.labelmap} is {labelmap.shape}, image is "
-                                         f"{(image.height, image.width)}")
+            if labelmap.ndim != 2:
+                return Reject(item.path, f"label map {item.labelmap} has shape {labelmap.shape}, not (H, W)")
         return LoadedItem(item, image, labelmap)
+    except Image.DecompressionBombError as err:  # PIL's own limit (not a ValueError)
+        return Reject(item.path, f"label map {item.labelmap}: {err}")
     except PermissionError as err:
         return Reject(item.path, f"unreadable: permission denied ({err.strerror})")
     except FileNotFoundError:

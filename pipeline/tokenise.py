@@ -16,6 +16,7 @@ Output (``--out`` is the dataset root)::
     <out>/tokenizer.pt                 the tokenizer used (reused by later runs and splits)
     <out>/<split>/shard-000000.tar ... each written atomically
     <out>/<split>/_progress/*.json     one record per finished shard (what a re-run skips)
+    <out>/<split>/_writer.lock         while a job runs: its lease (one writer per split)
     <out>/<split>/manifest.parquet     written last
     <out>/<split>/rejects.jsonl        every file not used, with the reason
     <out>/<split>/report.json          counts, bytes/image, wall time
@@ -41,6 +42,7 @@ import numpy as np
 
 from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
+from pipeline.splitlock import SplitBusy, SplitLock
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
 from storage.cli import UserError, run_cli
@@ -50,6 +52,7 @@ from storage.shard import Sample, ShardInfo, ShardWriter, View, shard_is_complet
 
 log = logging.getLogger("vqpt.tokenise")
 DEFAULT_SPLITS = {"imagenet": "train", "ade20k": "training", "folder": "train"}
+MAX_PROGRESS_BYTES = 64 << 20  # a progress record lists its shard's rejects: ~100 bytes each
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,10 @@ def fit_sample(items: Sequence[SourceItem], n: int, seed: int) -> list[SourceIte
 
 def get_tokenizer(cfg: JobConfig, items: Sequence[SourceItem]) -> tuple[Tokenizer, bytes, str]:
     """(tokenizer, its checkpoint bytes, how it was obtained): --tokenizer, else the dataset's own
-    ``tokenizer.pt`` from an earlier run, else a k-means tokenizer fitted on a sample of ``items``."""
+    ``tokenizer.pt`` from an earlier run, else a k-means tokenizer fitted on a sample of ``items``.
+
+    ``<out>/tokenizer.pt`` is created once, atomically: when two jobs (say two splits) fit one at
+    the same time, the first to create it wins and the other uses the winner's."""
     saved = sio.join(cfg.out, "tokenizer.pt")
     if cfg.tokenizer:
         data = sio.read_bytes(cfg.tokenizer)
@@ -124,13 +130,15 @@ def get_tokenizer(cfg: JobConfig, items: Sequence[SourceItem]) -> tuple[Tokenize
     tokenizer = load_tokenizer(data)
     if tokenizer.resolution != cfg.resolution:
         raise ValueError(f"the tokenizer takes {tokenizer.resolution} px images but --resolution is {cfg.resolution}")
-    if not sio.exists(saved):
-        sio.write_bytes_atomic(saved, data)
-    elif cfg.tokenizer:
-        kept = load_tokenizer(sio.read_bytes(saved)).fingerprint
-        if kept != tokenizer.fingerprint:
-            raise ValueError(f"{saved} holds another tokenizer ({kept[:12]}...) than --tokenizer "
-                             f"({tokenizer.fingerprint[:12]}...): one dataset root, one tokenizer; use another --out")
+    if not sio.create_exclusive(saved, data):  # there already (an earlier run, or a job running beside this one)
+        kept_data = sio.read_bytes(saved)
+        kept = load_tokenizer(kept_data)
+        if kept.fingerprint != tokenizer.fingerprint:
+            if cfg.tokenizer:
+                raise ValueError(f"{saved} holds another tokenizer ({kept.fingerprint[:12]}...) than --tokenizer "
+                                 f"({tokenizer.fingerprint[:12]}...): one dataset root, one tokenizer; use another "
+                                 "--out")
+            tokenizer, data, how = kept, kept_data, f"reused from {saved} (created meanwhile by another job)"
     return tokenizer, data, how
 
 
@@ -185,12 +193,19 @@ def finished_record(cfg: JobConfig, index: int, fingerprint: str, digest: str = 
     url = progress_url(cfg, index)
     if not sio.exists(url):
         return None
-    record = json.loads(sio.read_bytes(url))
-    if record.get("fingerprint") != fingerprint or record.get("items", "") != digest:
+    try:
+        record = json.loads(sio.read_bytes(url, max_bytes=MAX_PROGRESS_BYTES))
+        if record.get("fingerprint") != fingerprint or record.get("items", "") != digest:
+            return None
+        if record["info"] is None:
+            return record
+        return record if shard_is_complete(cfg.split_dir, ShardInfo(**record["info"])) else None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged record: the shard is re-done
+        log.warning("progress record %s is damaged (%s: %s); shard %d will be written again",
+                    url, type(err).__name__, err, index)
+        print(f"warning: progress record {url} is damaged ({type(err).__name__}); shard {index} will be written "
+              "again", file=sys.stderr)
         return None
-    if record["info"] is None:
-        return record
-    return record if shard_is_complete(cfg.split_dir, ShardInfo(**record["info"])) else None
 
 
 def build_codec(cfg: JobConfig, tokenizer: Tokenizer, items: Sequence[SourceItem]) -> TokenCodec:
@@ -269,14 +284,16 @@ def run(cfg: JobConfig) -> dict:
     if cfg.tokenizer and not sio.exists(cfg.tokenizer):
         raise UserError(f"--tokenizer {cfg.tokenizer} does not exist; pass a tokenizer checkpoint (an earlier "
                         f"job's <out>/tokenizer.pt), or leave --tokenizer out to fit a k-means one")
-    tokenizer, ckpt, how = get_tokenizer(cfg, listing.items)
-    log.info("tokenizer: %s (fingerprint %s...)", how, tokenizer.fingerprint[:12])
-    print(f"tokenizer: {how}; fingerprint {tokenizer.fingerprint[:16]}...", file=sys.stderr)
-    codec = build_codec(cfg, tokenizer, listing.items)
-    meta = dataset_meta(cfg, listing, tokenizer, codec, how)
-    shards = plan(cfg, listing.items)
-    records = run_shards(cfg, shards, ckpt, codec, tokenizer.fingerprint)
-    return finish(cfg, listing, meta, records, started, how)
+    with SplitLock(cfg.split_dir) as lock:  # one writer per split: a second job refuses, naming this one
+        tokenizer, ckpt, how = get_tokenizer(cfg, listing.items)
+        log.info("tokenizer: %s (fingerprint %s...)", how, tokenizer.fingerprint[:12])
+        print(f"tokenizer: {how}; fingerprint {tokenizer.fingerprint[:16]}...", file=sys.stderr)
+        codec = build_codec(cfg, tokenizer, listing.items)
+        meta = dataset_meta(cfg, listing, tokenizer, codec, how)
+        shards = plan(cfg, listing.items)
+        records = run_shards(cfg, shards, ckpt, codec, tokenizer.fingerprint)
+        lock.check()
+        return finish(cfg, listing, meta, records, started, how)
 
 
 def no_images_message(cfg: JobConfig, listing: Listing) -> str:
@@ -331,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = run(parse_args(argv))
+    try:
+        report = run(parse_args(argv))
+    except SplitBusy as err:
+        raise UserError(str(err)) from None
     print(json.dumps(report, indent=2))
     return 0
 

@@ -42,6 +42,7 @@ from storage.errors import StorageError
 CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans", "zstd2d")
 DEFAULT_CODEC = "zstd2d"  # smallest on real tokens, and fast to decode (bench/storage.py)
 MAX_VOCAB = 65536
+MAX_DECODE_TOKENS = 1 << 26  # most tokens one decode call returns (128 MiB as uint16): bounds every codec
 
 
 class CodecError(StorageError):
@@ -140,6 +141,8 @@ class TokenCodec:
     def decode(self, data: bytes, count: int) -> np.ndarray:
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
             raise ValueError(f"count must be a non-negative int, got {count!r}")
+        if count > MAX_DECODE_TOKENS:
+            raise CodecError(f"{self.name}: {count} tokens asked for, the cap per call is {MAX_DECODE_TOKENS}")
         out = self._decode(data, int(count))
         if out.shape != (count,):
             raise CodecError(f"{self.name}: decoded {out.size} tokens, expected {count}")
@@ -229,11 +232,15 @@ class SeitCodec(TokenCodec):
 
     def _decode(self, data: bytes, count: int) -> np.ndarray:
         inflater = zlib.decompressobj(wbits=31)  # gzip container; checks CRC32 and length
+        cap = count * ((self.vocab_size - 1) // 255 + 1)  # the longest stream ``count`` ids can make
         try:
-            raw = inflater.decompress(data)
+            raw = inflater.decompress(data, cap + 1)  # bounded: a gzip bomb stops here
         except zlib.error as exc:
             raise CodecError(f"seit: gzip stream is corrupt: {exc}") from exc
-        if not inflater.eof or inflater.unused_data:
+        if len(raw) > cap:
+            raise CodecError(f"seit: gzip stream inflates past {cap} bytes, the most {count} tokens with "
+                             f"K={self.vocab_size} can take")
+        if not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
             raise CodecError("seit: gzip stream is truncated or followed by extra bytes")
         stream = np.frombuffer(raw, dtype=np.uint8)
         ends = np.flatnonzero(stream != 255)

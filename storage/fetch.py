@@ -186,11 +186,13 @@ class ShardFetcher:
             if data is not None:
                 return data
         try:
-            data = sio.read_bytes(url, self.storage_options, retries=self.retries)
+            data = sio.read_bytes(url, self.storage_options, retries=self.retries, max_bytes=info.bytes + 1,
+                                  root=self.manifest.root)
         except OSError as err:
             raise ShardError(url, f"cannot be read: {err}") from err
         if len(data) != info.bytes:
-            raise ShardError(url, f"has {len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)")
+            got = f"more than {info.bytes}" if len(data) > info.bytes else str(len(data))
+            raise ShardError(url, f"has {got} bytes, the manifest says {info.bytes} (truncated or replaced)")
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
             raise ShardError(url, f"sha256 {digest[:12]}... does not match the manifest's {info.sha256[:12]}... "

@@ -10,22 +10,76 @@ from code or logs: the endpoint from ``VQPT_S3_ENDPOINT`` (else ``AWS_ENDPOINT_U
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import posixpath
+import stat
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 log = logging.getLogger("vqpt.storage")
 
 # Errors that mean "the data is not there / not allowed": retrying will not help.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, PermissionError,
+                                                     IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                     errno.ENXIO, errno.EINVAL}
 # Libraries whose exceptions are network trouble (they do not all derive from OSError).
 _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec")
+# Exceptions of those libraries that are the caller's fault, not the network's.
+_PERMANENT_NAMES = {"ParamValidationError", "NoCredentialsError", "PartialCredentialsError", "InvalidURL",
+                    "NoRegionError", "UnknownServiceError", "InvalidConfigError", "NonRetryableError"}
+
+
+class UnsafePath(PermissionError):
+    """A local read refused: the path leaves the dataset root or is not a regular file."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Network time limits in seconds: per connection attempt, per read, and for a whole call
+    with its retries. From ``$VQPT_IO_CONNECT_TIMEOUT_S`` (10), ``$VQPT_IO_READ_TIMEOUT_S`` (30),
+    ``$VQPT_IO_DEADLINE_S`` (110): a server that accepts and never answers is an error naming
+    the URL within two minutes."""
+
+    connect_s: float = 10.0
+    read_s: float = 30.0
+    deadline_s: float = 110.0
+
+    @classmethod
+    def from_env(cls) -> Timeouts:
+        values = {}
+        for name, var in (("connect_s", "VQPT_IO_CONNECT_TIMEOUT_S"), ("read_s", "VQPT_IO_READ_TIMEOUT_S"),
+                          ("deadline_s", "VQPT_IO_DEADLINE_S")):
+            text = os.environ.get(var)
+            if text:
+                try:
+                    values[name] = float(text)
+                except ValueError:
+                    raise ValueError(f"${var}={text!r} is not a number of seconds") from None
+                if not values[name] > 0:
+                    raise ValueError(f"${var}={text!r} must be > 0 seconds")
+        return cls(**values)
+
+
+def _status_of(err: BaseException) -> int | None:
+    """The HTTP status an exception carries (aiohttp ``status``, botocore ``response``), if any."""
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    return None
 
 
 CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and VQPT_S3_ENDPOINT for a "
@@ -38,11 +92,27 @@ def is_credentials_error(err: BaseException) -> bool:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Whether ``err`` looks like passing network or server trouble (worth a retry)."""
+    """Whether ``err`` looks like passing network or server trouble (worth a retry).
+
+    Not retried: missing objects, permissions, bad requests (HTTP 4xx other than 408 and 429),
+    configuration and programming errors. Retried: time-outs, refused or reset connections,
+    HTTP 5xx, 408 and 429, and other network-library errors.
+    """
     if isinstance(err, PERMANENT_ERRORS) or is_credentials_error(err):
         return False
-    if isinstance(err, OSError | TimeoutError | ConnectionError):
+    if isinstance(err, TimeoutError | ConnectionError | fsspec.exceptions.FSTimeoutError):
         return True
+    if any(cls.__name__ in _PERMANENT_NAMES for cls in type(err).__mro__):
+        return False
+    status = _status_of(err)
+    if status is not None and 400 <= status < 500:
+        return status in (408, 429)
+    if isinstance(err, OSError):
+        return err.errno not in _PERMANENT_ERRNOS
+    return _from_network_library(err)
+
+
+def _from_network_library(err: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(err).__mro__)
 
 
@@ -69,15 +139,34 @@ def s3_storage_options() -> dict[str, Any]:
 _FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
+def _with_timeouts(proto: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus connect and read time-outs (``Timeouts.from_env``) where not given."""
+    t = Timeouts.from_env()
+    if proto == "s3":
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", t.connect_s)
+        config.setdefault("read_timeout", t.read_s)
+        return {**options, "config_kwargs": config}
+    if proto in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s))
+        return {**options, "client_kwargs": client}
+    return options
+
+
 def filesystem(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for ``url``, one per process and option set (safe across fork).
 
     ``storage_options`` go to the fsspec filesystem (for s3: ``client_kwargs``, ``config_kwargs``,
-    ``anon``, ...); for s3, ``retries`` sets s3fs's own inner retry count (default 5).
+    ``anon``, ...); for s3, ``retries`` sets s3fs's own inner retry count (default 5). Connect
+    and read time-outs (``Timeouts``) are added where the options do not set them.
     """
     proto = protocol_of(url)
     options = dict(s3_storage_options() if proto == "s3" else {})
     options.update(storage_options or {})
+    options = _with_timeouts(proto, options)
     cache_key = (proto, repr(sorted(options.items())), os.getpid())
     fs = _FS_CACHE.get(cache_key)
     if fs is None:
@@ -121,14 +210,18 @@ def with_retries(
     backoff_s: float = 0.25,
     max_backoff_s: float = 4.0,
     on_retry: Callable[[int, BaseException], None] | None = None,
+    deadline_s: float | None = None,
 ) -> Any:
     """Call ``fn`` until it succeeds; transient errors are retried with exponential backoff.
 
     Only network-like errors are retried (``is_transient``); missing files, permissions and
-    programming errors are raised at once. After ``retries`` failed
-    retries the last error is raised as an ``OSError`` naming ``what``.
+    programming errors are raised at once (a network library's own permanent error, such as an
+    HTTP 403, as an ``OSError`` naming ``what``). After ``retries`` failed retries, or when the next
+    attempt would start after ``deadline_s`` seconds from the first, the last error is raised
+    as an ``OSError`` naming ``what``.
     """
     delay = backoff_s
+    start = time.monotonic()
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -136,9 +229,13 @@ def with_retries(
             if is_credentials_error(err):
                 raise PermissionError(f"{what}: no S3 credentials found; {CREDENTIALS_HELP}") from err
             if not is_transient(err):
-                raise
-            if attempt == retries:
-                raise OSError(f"{what}: failed after {retries + 1} attempts: {type(err).__name__}: {err}") from err
+                if isinstance(err, OSError) or not _from_network_library(err):
+                    raise
+                raise OSError(f"{what}: {type(err).__name__}: {err}") from err  # e.g. HTTP 403: one OSError type
+            spent = time.monotonic() - start
+            if attempt == retries or (deadline_s is not None and spent + delay >= deadline_s):
+                raise OSError(f"{what}: failed after {attempt + 1} attempts: {type(err).__name__}: {err} "
+                              f"({spent:.0f} s)") from err
             if on_retry is not None:
                 on_retry(attempt, err)
             time.sleep(delay)
@@ -146,17 +243,88 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8) -> bytes:
-    """The whole object at ``url``; transient errors retried (see ``with_retries``)."""
+def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url: str, *args: Any,
+                  **kwargs: Any) -> Any:
+    """``fs.<name>(*args)``, cut off at the monotonic time ``deadline`` where the filesystem is async."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{url}: no time left before the deadline")
+    if not getattr(fs, "async_impl", False):
+        return getattr(fs, name)(*args, **kwargs)
+    start = time.monotonic()
+    try:
+        return fsspec.asyn.sync(fs.loop, getattr(fs, "_" + name), *args, timeout=left, **kwargs)
+    except fsspec.exceptions.FSTimeoutError as err:  # the deadline, or a connect / read time-out
+        raise TimeoutError(f"{url}: timed out after {time.monotonic() - start:.0f} s") from err
+
+
+async def _http_read_bounded(fs: fsspec.AbstractFileSystem, url: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of an HTTP(S) body, streamed: a server sending without end is cut off."""
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **fs.kwargs) as response:
+        fs._raise_not_found_for_status(response, url)
+        out = bytearray()
+        async for piece in response.content.iter_chunked(1 << 16):
+            out += piece
+            if len(out) >= limit:
+                break
+        return bytes(out[:limit])
+
+
+def _read_local(path: str, max_bytes: int | None, root: str | None) -> bytes:
+    """A local regular file's bytes (at most ``max_bytes``), refusing paths that resolve outside ``root``."""
+    real = os.path.realpath(path)
+    if root is not None:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise UnsafePath(errno.EACCES, f"resolves to {real}, outside the dataset root {real_root} "
+                                           "(a symlink out of the dataset?)", path)
+    # O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: the checked path is the one opened
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a directory" if stat.S_ISDIR(mode) else "a socket or other special file"
+        raise UnsafePath(errno.EINVAL, f"is {kind}, not a regular file", path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if max_bytes is None else f.read(max_bytes)
+
+
+def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8, *, max_bytes: int | None = None,
+               root: str | None = None) -> bytes:
+    """The object at ``url`` (at most ``max_bytes`` of it); transient errors retried (``with_retries``).
+
+    Local: only a regular file is read (a FIFO, device or directory raises ``UnsafePath``), and
+    with ``root`` (a directory) the path must resolve inside it (no symlink out). Remote: connect
+    and read time-outs and an overall deadline (``Timeouts``); errors name the URL.
+    """
     if protocol_of(url) == "file":
-        with open(_path(url), "rb") as f:
-            return f.read()
+        return _read_local(_path(url), max_bytes, None if root is None else _path(root))
     fs = filesystem(url, storage_options)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    limits = {} if max_bytes is None else {"start": 0, "end": max_bytes}
 
     def note(attempt: int, err: BaseException) -> None:
         log.warning("retrying read of %s (attempt %d): %s: %s", url, attempt + 1, type(err).__name__, err)
 
-    return with_retries(lambda: fs.cat_file(_path(url)), f"reading {url}", retries=retries, on_retry=note)
+    def attempt() -> bytes:
+        if max_bytes is not None and protocol_of(url) in ("http", "https"):  # servers may ignore Range
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{url}: no time left before the deadline")
+            try:
+                return fsspec.asyn.sync(fs.loop, _http_read_bounded, fs, url, max_bytes, timeout=left)
+            except fsspec.exceptions.FSTimeoutError as err:
+                raise TimeoutError(f"{url}: timed out") from err
+        return _bounded_call(fs, "cat_file", deadline, url, _path(url), **limits)
+
+    return with_retries(attempt, f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s)
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict | None = None, retries: int = 8) -> bytes:
@@ -212,7 +380,65 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     if proto in ("http", "https"):
         raise ValueError(f"cannot write to {url}: http(s) URLs are read-only; use a path or s3://")
     fs = filesystem(url, storage_options)
-    with_retries(lambda: fs.pipe_file(_path(url), data), f"writing {url}", retries=retries)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data), f"writing {url}",
+                 retries=retries, deadline_s=deadline_s)
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; True if this call created it.
+
+    Atomic: of concurrent callers exactly one gets True, and readers see all of ``data`` or
+    nothing. Local: a complete temp file hard-linked into place (``link`` fails if the name
+    exists). S3: a PUT with ``If-None-Match: *`` (a conditional put).
+    """
+    proto = protocol_of(url)
+    if proto == "file":
+        path = _path(url)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if proto != "s3":
+        raise ValueError(f"cannot create {url} exclusively: only paths and s3:// URLs support it")
+    fs = filesystem(url, storage_options)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    try:
+        with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data, mode="create"),
+                     f"creating {url}", retries=retries, deadline_s=deadline_s)
+    except FileExistsError:
+        return False
+    except OSError as err:  # s3fs maps a 412 without its Condition field to a generic EINVAL error
+        if "Precondition" in str(err) or "412" in str(err):
+            return False
+        raise
+    return True
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete the object at ``url`` if it exists."""
+    if protocol_of(url) == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_path(url))
+        return
+    fs = filesystem(url, storage_options)
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(lambda: _bounded_call(fs, "rm_file", deadline, url, _path(url)), f"removing {url}",
+                     deadline_s=deadline_s)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -220,7 +446,10 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     if protocol_of(url) == "file":
         return os.path.exists(_path(url))
     fs = filesystem(url, storage_options)
-    return bool(with_retries(lambda: fs.exists(_path(url)), f"checking {url}"))
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    return bool(with_retries(lambda: _bounded_call(fs, "exists", deadline, url, _path(url)), f"checking {url}",
+                             deadline_s=deadline_s))
 
 
 def register_webdataset_s3() -> None:

@@ -65,9 +65,9 @@ def decode_labelmap(data: bytes, shape: tuple[int, int], method: str = "zstd") -
         return np.frombuffer(raw, dtype=np.uint8).reshape(h, w).copy()
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode != "L" or img.size != (w, h):
+            if img.mode != "L" or img.size != (w, h):  # checked before the pixels are inflated
                 raise CodecError(f"label map: PNG is {img.mode} {img.size[::-1]}, expected L ({h}, {w})")
+            img.load()
             return np.array(img, dtype=np.uint8)
     except CodecError:
         raise

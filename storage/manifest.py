@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import zstandard
 
 from storage import io as sio
+from storage.blockheader import MAX_GRID_SIDE, MAX_LABELMAP_SIDE, ShardExpect
 from storage.codec import CodecSpec, TokenCodec, make_codec
 from storage.errors import FingerprintMismatch, ManifestError
 from storage.shard import Sample, ShardInfo, ShardWriter
@@ -31,6 +34,10 @@ from storage.shard import Sample, ShardInfo, ShardWriter
 FORMAT_VERSION = 1
 META_KEY = b"vqpt.meta"
 MANIFEST_NAME = "manifest.parquet"
+MAX_MANIFEST_BYTES = 64 << 20  # caps: a manifest of 500,000 shards is ~100 MB inflated
+MAX_MANIFEST_INFLATED = 128 << 20
+MAX_MANIFEST_ROWS = 1 << 20
+MAX_MANIFEST_STRING = 4096  # urls and keys (sample keys are at most MAX_KEY_CHARS)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SCHEMA = pa.schema(
     [
@@ -68,6 +75,25 @@ class DatasetMeta:
         d["codec"] = json.loads(self.codec.to_json())
         return json.dumps(d, sort_keys=True)
 
+    def check(self) -> None:
+        """ManifestError naming the field whose value is out of range (grid, K, resolution, label maps)."""
+        if len(self.grid) != 2 or not all(1 <= g <= MAX_GRID_SIDE for g in self.grid):
+            raise ManifestError(f"grid: {list(self.grid)} is not two sides in 1..{MAX_GRID_SIDE}")
+        if self.vocab_size != self.codec.vocab_size:
+            raise ManifestError(f"vocab_size: {self.vocab_size} disagrees with the codec's K={self.codec.vocab_size}")
+        if self.resolution < 1:
+            raise ManifestError(f"resolution: {self.resolution} is not a positive number of pixels")
+        if self.labelmap is None:
+            return
+        lm = self.labelmap
+        if not isinstance(lm, dict):
+            raise ManifestError(f"labelmap: {type(lm).__name__} is not an object")
+        side, classes = lm.get("resolution"), lm.get("classes")
+        if side is not None and not (type(side) is int and 1 <= side <= MAX_LABELMAP_SIDE):
+            raise ManifestError(f"labelmap.resolution: {side!r} is not an int in 1..{MAX_LABELMAP_SIDE}")
+        if classes is not None and not (type(classes) is int and 0 <= classes <= 255):
+            raise ManifestError(f"labelmap.classes: {classes!r} is not an int in 0..255")
+
     @classmethod
     def from_json(cls, text: str) -> DatasetMeta:
         try:
@@ -75,7 +101,7 @@ class DatasetMeta:
             version = int(d.get("format_version", -1))
             if version != FORMAT_VERSION:
                 raise ManifestError(f"manifest format_version {version} is not supported (expected {FORMAT_VERSION})")
-            return cls(
+            meta = cls(
                 split=str(d["split"]),
                 codec=CodecSpec.from_json(json.dumps(d["codec"])),
                 tokenizer_fingerprint=str(d["tokenizer_fingerprint"]),
@@ -87,6 +113,8 @@ class DatasetMeta:
                 extra=dict(d.get("extra", {})),
                 format_version=version,
             )
+            meta.check()
+            return meta
         except (KeyError, TypeError, IndexError, ValueError) as err:
             if isinstance(err, ManifestError):
                 raise
@@ -133,6 +161,14 @@ class Manifest:
     def codec(self) -> TokenCodec:
         return make_codec(self.meta.codec)
 
+    def expect(self, i: int) -> ShardExpect:
+        """What shard ``i`` must hold according to this manifest (checked by ``decode_shard``)."""
+        meta, info = self.meta, self.shards[i]
+        lm = meta.labelmap or {}
+        return ShardExpect(samples=info.samples, grid=meta.grid, num_classes=len(meta.class_names) or None,
+                           labelmap_side=lm.get("resolution"), labelmap_classes=lm.get("classes"),
+                           first_key=info.first_key, last_key=info.last_key)
+
 
 def manifest_url(split_dir: str) -> str:
     """The manifest URL inside a split directory."""
@@ -166,22 +202,25 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
     if not url.endswith(".parquet"):
         url = manifest_url(url)
     try:
-        data = sio.read_bytes(url, storage_options)
+        data = sio.read_bytes(url, storage_options, max_bytes=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as err:
         raise ManifestError(f"manifest {url}: not found (was the tokenisation job finished?)") from err
     except OSError as err:
         raise ManifestError(f"manifest {url}: cannot be read: {err}") from err
-    try:
-        table = pq.read_table(io.BytesIO(data), use_threads=False)  # pyarrow 26: threaded reads can abort at exit
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ManifestError(f"manifest {url}: not a readable parquet file: {err}") from err
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest {url}: over {MAX_MANIFEST_BYTES} bytes (the cap); not a vqpt manifest")
+    table = _bounded_table(data, url)
     raw_meta = (table.schema.metadata or {}).get(META_KEY)
     if raw_meta is None:
         raise ManifestError(f"manifest {url}: no '{META_KEY.decode()}' metadata (not a vqpt manifest)")
     try:
         meta = DatasetMeta.from_json(raw_meta.decode())
-    except ManifestError as err:
+    except (ManifestError, UnicodeDecodeError) as err:
         raise ManifestError(f"manifest {url}: {err}") from err
+    try:
+        make_codec(meta.codec)  # built now: a bad codec model is the manifest's error, not a shard's
+    except (ValueError, zstandard.ZstdError) as err:
+        raise ManifestError(f"manifest {url}: codec: {err}") from err
     missing = [n for n in _SCHEMA.names if n not in table.column_names]
     if missing:
         raise ManifestError(f"manifest {url}: missing columns {missing}")
@@ -212,6 +251,37 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
             f"{expected_fingerprint[:16]}...: these tokens come from another tokenizer"
         )
     return Manifest(url=url, meta=meta, shards=tuple(shards))
+
+
+def _bounded_table(data: bytes, url: str) -> pa.Table:
+    """The manifest's table, refusing before it is inflated one whose declared sizes are over the caps.
+
+    String columns are read dictionary-encoded so that a repeated huge value is measured once,
+    before it is expanded into rows.
+    """
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        md = parquet.metadata
+        if md.num_rows > MAX_MANIFEST_ROWS:
+            raise ManifestError(f"manifest {url}: rows: {md.num_rows} shards, the cap is {MAX_MANIFEST_ROWS}")
+        inflated = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+        if inflated > MAX_MANIFEST_INFLATED:
+            raise ManifestError(f"manifest {url}: columns inflate to {inflated} bytes, the cap is "
+                                f"{MAX_MANIFEST_INFLATED}")
+        strings = [f.name for f in parquet.schema_arrow if pa.types.is_string(f.type)]
+        table = pq.read_table(io.BytesIO(data), use_threads=False,  # pyarrow 26: threaded reads can abort at exit
+                              read_dictionary=strings)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ManifestError(f"manifest {url}: not a readable parquet file: {err}") from err
+    for name in strings:
+        for chunk in table.column(name).chunks:
+            values = chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk
+            longest = pc.max(pc.binary_length(values)).as_py() or 0
+            if longest > MAX_MANIFEST_STRING:
+                raise ManifestError(f"manifest {url}: column {name!r} holds a value of {longest} characters, "
+                                    f"the cap is {MAX_MANIFEST_STRING}")
+    return table.cast(pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+                                 for f in table.schema], metadata=table.schema.metadata))
 
 
 def write_split(split_dir: str, samples: Sequence[Sample], meta: DatasetMeta, shard_size: int = 4096,

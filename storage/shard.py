@@ -33,11 +33,11 @@ import numpy as np
 import zstandard
 
 from storage import io as sio
+from storage.blockheader import BLOCK_MAGIC, MAX_BLOCK_SAMPLES, ShardExpect, parse_header, read_header
 from storage.codec import TokenCodec
 from storage.errors import ShardError
 from storage.labelmap import decode_labelmap, encode_labelmap
 
-BLOCK_MAGIC = b"VQB1"
 BLOCK_EXT = "vqb"
 Box = tuple[int, int, int, int]
 
@@ -151,37 +151,24 @@ def pack_block(samples: Sequence[Sample], codec: TokenCodec, labelmap_method: st
     return b"".join([BLOCK_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, token_bytes, *maps])
 
 
-def _block_header(data: bytes) -> tuple[dict, int]:
-    if len(data) < 8 or data[:4] != BLOCK_MAGIC:
-        raise ValueError("not a vqpt block (bad magic)")
-    (header_len,) = struct.unpack_from("<I", data, 4)
-    if 8 + header_len > len(data):
-        raise ValueError("block truncated inside its header")
-    try:
-        header = json.loads(zstandard.ZstdDecompressor().decompress(data[8 : 8 + header_len]))
-    except (zstandard.ZstdError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"block header unreadable: {err}") from err
-    return header, 8 + header_len
+def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = None,
+                 max_samples: int = MAX_BLOCK_SAMPLES) -> Block:
+    """Decode one block's bytes into columns. Raises ValueError naming the malformed field.
 
-
-def decode_block(data: bytes, codec: TokenCodec) -> Block:
-    """Decode one block's bytes into columns. Raises ValueError saying what is malformed."""
-    header, offset = _block_header(data)
+    The header is checked before any payload is decoded (``storage.blockheader``): sizes against
+    absolute caps and ``expect`` (the manifest's grid, classes, label-map size), the sample
+    count against ``max_samples``; token ids against K by the codec; label-map values against
+    ``expect.labelmap_classes``. Memory is bounded by what the checked header declares.
+    """
+    raw, offset = read_header(data, max_samples)
+    header = parse_header(raw, offset, len(data), expect, max_samples)
+    n, grids = header.n, header.grids
+    counts = header.counts
+    token_end = offset + header.token_bytes
     try:
-        n = int(header["n"])
-        grids = [tuple(g) for g in header["grids"]]
-        views_meta = header["views"]
-        counts = [h * w for h, w in grids] + [v["grid"][0] * v["grid"][1] for vs in views_meta for v in vs]
-        token_end = offset + int(header["token_bytes"])
-        maps_meta = header["labelmaps"]
-        method = header["labelmap_method"]
-        if len(header["keys"]) != n or len(grids) != n:
-            raise ValueError(f"header columns disagree with n={n}")
-    except (KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"block header missing or malformed field: {err!r}") from err
-    if token_end > len(data):
-        raise ValueError("block truncated inside its token payload")
-    ids = codec.decode(data[offset:token_end], int(sum(counts)))
+        ids = codec.decode(data[offset:token_end], int(sum(counts)))
+    except ValueError as err:
+        raise ValueError(f"token payload: {err}") from err
     bounds = np.cumsum([0, *counts])
     main_total = int(bounds[n])
     if len(set(grids)) == 1:
@@ -190,31 +177,34 @@ def decode_block(data: bytes, codec: TokenCodec) -> Block:
         tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
     views: list[tuple[View, ...]] = []
     k = n
-    for vs in views_meta:
+    for vs in header.views:
         row = []
         for v in vs:
-            row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v["grid"]), tuple(v["box"]), bool(v["flip"])))
+            row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v.grid), v.box, v.flip))
             k += 1
         views.append(tuple(row))
     labelmaps: list[np.ndarray | None] = []
     pos = token_end
-    for meta in maps_meta:
+    top = None if expect is None else expect.labelmap_classes
+    for i, meta in enumerate(header.labelmaps):
         if meta is None:
             labelmaps.append(None)
             continue
-        shape, length = tuple(meta[0]), int(meta[1])
-        if pos + length > len(data):
-            raise ValueError("block truncated inside a label map")
-        labelmaps.append(decode_labelmap(data[pos : pos + length], shape, method))
+        shape, length = meta
+        try:
+            labelmap = decode_labelmap(data[pos : pos + length], shape, header.labelmap_method)
+        except ValueError as err:
+            raise ValueError(f"labelmaps[{i}]: {err}") from err
+        if top is not None and labelmap.size and int(labelmap.max()) > top:
+            raise ValueError(f"labelmaps[{i}]: value {int(labelmap.max())} is over the manifest's {top} classes")
+        labelmaps.append(labelmap)
         pos += length
-    if pos != len(data):
-        raise ValueError(f"block has {len(data) - pos} trailing bytes")
     return Block(
-        keys=list(header["keys"]),
+        keys=header.keys,
         tokens=tokens,
-        labels=np.asarray(header["labels"], dtype=np.int64),
-        image_size=np.asarray(header["image_size"], dtype=np.int64).reshape(n, 2),
-        crop_box=np.asarray(header["crop_box"], dtype=np.int64).reshape(n, 4),
+        labels=np.asarray(header.labels, dtype=np.int64),
+        image_size=np.asarray(header.image_size, dtype=np.int64).reshape(n, 2),
+        crop_box=np.asarray(header.crop_box, dtype=np.int64).reshape(n, 4),
         labelmaps=labelmaps,
         views=views,
     )
@@ -289,15 +279,42 @@ def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
         raise ShardError(url, f"not a readable tar (truncated or corrupt): {err}") from err
 
 
-def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>") -> list[Block]:
-    """All blocks of a shard, decoded. Errors name the shard and member."""
-    blocks = []
+def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
+                 expect: ShardExpect | None = None) -> list[Block]:
+    """All blocks of a shard, decoded. Errors are ShardError naming the shard, member and field.
+
+    With ``expect`` (``Manifest.expect(i)``), the shard must hold exactly ``expect.samples``
+    samples in all, each block is checked against the manifest before it is decoded (grid,
+    classes, label-map size), and the first and last keys must be the manifest's.
+    """
+    blocks: list[Block] = []
+    left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
     for name, payload in iter_block_bytes(data, url):
+        if left == 0:
+            raise ShardError(url, f"member {name}: n: more samples than the manifest's {expect.samples}")  # type: ignore[union-attr]
         try:
-            blocks.append(decode_block(payload, codec))
-        except ValueError as err:
+            block = decode_block(payload, codec, expect, min(left, MAX_BLOCK_SAMPLES))
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:  # last resort: name the shard
             raise ShardError(url, f"member {name}: {err}") from err
+        blocks.append(block)
+        if expect is not None and expect.samples is not None:
+            left -= len(block)
+    if expect is not None:
+        _check_against_manifest(blocks, expect, url)
     return blocks
+
+
+def _check_against_manifest(blocks: list[Block], expect: ShardExpect, url: str) -> None:
+    got = sum(len(b) for b in blocks)
+    if expect.samples is not None and got != expect.samples:
+        raise ShardError(url, f"samples: holds {got} samples, the manifest says {expect.samples}")
+    if not blocks:
+        raise ShardError(url, "holds no blocks")
+    first, last = blocks[0].keys[0], blocks[-1].keys[-1]
+    if expect.first_key is not None and first != expect.first_key:
+        raise ShardError(url, f"first_key: {first[:80]!r} is not the manifest's {expect.first_key[:80]!r}")
+    if expect.last_key is not None and last != expect.last_key:
+        raise ShardError(url, f"last_key: {last[:80]!r} is not the manifest's {expect.last_key[:80]!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,4 +377,5 @@ def shard_is_complete(split_dir: str, info: ShardInfo, storage_options: dict | N
     url = sio.join(split_dir, info.url)
     if not sio.exists(url, storage_options):
         return False
-    return hashlib.sha256(sio.read_bytes(url, storage_options)).hexdigest() == info.sha256
+    data = sio.read_bytes(url, storage_options, max_bytes=info.bytes + 1)
+    return len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256

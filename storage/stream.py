@@ -125,6 +125,7 @@ class TokenStream(IterableDataset):
         self.counts = source_counts(self.sources, [m.num_samples for m in self.manifests], epoch_size)
         self._shards = [(m.shard_url(i), info) for m in self.manifests for i, info in enumerate(m.shards)]
         self._shard_source = np.repeat(np.arange(len(self.manifests)), [len(m.shards) for m in self.manifests])
+        self._shard_local = [i for m in self.manifests for i in range(len(m.shards))]  # index in its manifest
         self._plan: tuple[int, MixEpoch, EpochOrder] | None = None
         self.batch_size = batch_size
         self.order = OrderConfig(seed=seed, partitions=partitions, window=shuffle_window, shuffle=shuffle)
@@ -232,7 +233,9 @@ class TokenStream(IterableDataset):
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
         url, info = self._shards[s]
         try:
-            return _concat_blocks(decode_shard(fetcher.get(s), self.manifests[self._shard_source[s]].codec(), url), url)
+            m = self.manifests[self._shard_source[s]]
+            blocks = decode_shard(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s]))
+            return _concat_blocks(blocks, url)
         except ShardError as err:
             if self.on_error == "raise":
                 raise

@@ -1,0 +1,239 @@
+"""A block's header, read with bounded memory and checked field by field before anything is allocated.
+
+``read_header`` inflates the zstd JSON header under a byte cap; ``parse_header`` turns the JSON
+into a typed ``BlockHeader``, checking every field's type and range against absolute caps and,
+when given, against ``ShardExpect`` (what the manifest says the shard holds). Every error is a
+ValueError whose message starts with the field at fault (``grids[3]: ...``); ``storage.shard``
+adds the shard and block names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from storage.labelmap import LABELMAP_METHODS
+
+BLOCK_MAGIC = b"VQB1"
+
+# Absolute caps, whatever a manifest says (a block that exceeds one is refused before allocation).
+MAX_HEADER_BYTES = 16 << 20  # compressed header
+MAX_HEADER_JSON = 32 << 20  # inflated header JSON
+HEADER_JSON_PER_SAMPLE = 16 << 10  # inflated header bytes allowed per sample (keys <= 1 KiB, views, ...)
+MAX_BLOCK_SAMPLES = 1 << 16
+MAX_KEY_CHARS = 1024
+MAX_GRID_SIDE = 1024
+MAX_VIEWS = 64
+MAX_BLOCK_TOKENS = 1 << 26  # tokens of all grids of a block (128 MiB as uint16)
+MAX_LABELMAP_SIDE = 8192
+MAX_LABELMAP_PIXELS = 1 << 26  # pixels of all label maps of a block, when the manifest gives no size
+_INT64 = 1 << 63
+
+
+@dataclass(frozen=True)
+class ShardExpect:
+    """What the manifest says a shard holds; a block that disagrees is an error.
+
+    samples: samples in the shard. grid: (h, w) of every token grid (views included).
+    num_classes: labels must be in [-1, num_classes). labelmap_side: label maps are at most
+    this many pixels on each side; labelmap_classes: their values are at most this.
+    first_key, last_key: the shard's first and last sample keys. None: not checked.
+    """
+
+    samples: int | None = None
+    grid: tuple[int, int] | None = None
+    num_classes: int | None = None
+    labelmap_side: int | None = None
+    labelmap_classes: int | None = None
+    first_key: str | None = None
+    last_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ViewMeta:
+    grid: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """A checked header. ``counts``: tokens per grid, main grids first, then every view's grid."""
+
+    n: int
+    keys: list[str]
+    labels: list[int]
+    image_size: list[list[int]]
+    crop_box: list[list[int]]
+    grids: list[tuple[int, int]]
+    views: list[list[ViewMeta]]
+    token_bytes: int
+    labelmap_method: str
+    labelmaps: list[tuple[tuple[int, int], int] | None]
+    offset: int  # where the token payload starts in the block
+
+    @property
+    def counts(self) -> list[int]:
+        return [h * w for h, w in self.grids] + [v.grid[0] * v.grid[1] for vs in self.views for v in vs]
+
+
+def read_header(data: bytes, max_samples: int = MAX_BLOCK_SAMPLES) -> tuple[Any, int]:
+    """(header JSON value, payload offset). Inflates at most the cap for ``max_samples`` samples."""
+    if len(data) < 8 or data[:4] != BLOCK_MAGIC:
+        raise ValueError("magic: not a vqpt block")
+    (header_len,) = struct.unpack_from("<I", data, 4)
+    if header_len > MAX_HEADER_BYTES:
+        raise ValueError(f"header_len: {header_len} bytes is over the cap of {MAX_HEADER_BYTES}")
+    if 8 + header_len > len(data):
+        raise ValueError(f"header_len: {header_len} bytes overruns the {len(data)}-byte block")
+    cap = min(MAX_HEADER_JSON, 4096 + HEADER_JSON_PER_SAMPLE * max_samples)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data[8 : 8 + header_len])) as reader:
+            text = reader.read(cap + 1)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"header: unreadable zstd JSON: {err}") from err
+    if len(text) > cap:
+        raise ValueError(f"header: inflates to more than {cap} bytes (the cap for {max_samples} samples)")
+    try:  # ValueError covers bad JSON, bad UTF-8 and integers over Python's digit limit
+        header = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"header: unreadable zstd JSON: {err}") from err
+    return header, 8 + header_len
+
+
+def _int(value: Any, field: str, lo: int = -_INT64, hi: int = _INT64 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: {_show(value)} is not an integer")
+    if not lo <= value <= hi:
+        raise ValueError(f"{field}: {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _list(value: Any, field: str, length: int | None = None) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{field}: {_show(value)} is not a list")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{field}: {len(value)} entries, expected {length}")
+    return value
+
+
+def _ints(value: Any, field: str, length: int, lo: int = -_INT64, hi: int = _INT64 - 1) -> tuple[int, ...]:
+    return tuple(_int(v, f"{field}[{i}]", lo, hi) for i, v in enumerate(_list(value, field, length)))
+
+
+def _column(value: Any, field: str, n: int, width: int | None = None, lo: int = -_INT64,
+            hi: int = _INT64 - 1) -> list:
+    """``n`` entries, each an int in [lo, hi] (``width`` None) or a list of ``width`` such ints.
+
+    Checks the whole column at once and only walks it entry by entry, to name the first bad one,
+    when something is wrong (the common case costs a few C-level passes, not a call per value).
+    """
+    rows = _list(value, field, n)
+    flat = rows if width is None else [v for r in rows if type(r) is list and len(r) == width for v in r]
+    if (len(flat) == n * (width or 1) and all(type(v) is int for v in flat)
+            and (not flat or lo <= min(flat) and max(flat) <= hi)):
+        return rows
+    for i, r in enumerate(rows):
+        if width is None:
+            _int(r, f"{field}[{i}]", lo, hi)
+        else:
+            _ints(r, f"{field}[{i}]", width, lo, hi)
+    raise AssertionError("unreachable: the column check failed but no entry is bad")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, int | float | str | bool | None) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _grid(value: Any, field: str, expect: ShardExpect) -> tuple[int, int]:
+    grid = _ints(value, field, 2)
+    if expect.grid is not None and grid != tuple(expect.grid):
+        raise ValueError(f"{field}: grid {list(grid)} disagrees with the manifest's {list(expect.grid)}")
+    return _ints(value, field, 2, 1, MAX_GRID_SIDE)  # type: ignore[return-value]
+
+
+def _view(value: Any, field: str, expect: ShardExpect) -> ViewMeta:
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: {_show(value)} is not an object")
+    for name in ("grid", "box", "flip"):
+        if name not in value:
+            raise ValueError(f"{field}.{name}: missing")
+    if not isinstance(value["flip"], bool):
+        raise ValueError(f"{field}.flip: {_show(value['flip'])} is not true/false")
+    return ViewMeta(_grid(value["grid"], f"{field}.grid", expect), _ints(value["box"], f"{field}.box", 4),  # type: ignore[arg-type]
+                    value["flip"])
+
+
+def _labelmap(value: Any, field: str, expect: ShardExpect) -> tuple[tuple[int, int], int] | None:
+    if value is None:
+        return None
+    entry = _list(value, field, 2)
+    side = MAX_LABELMAP_SIDE if expect.labelmap_side is None else expect.labelmap_side
+    shape = _ints(entry[0], f"{field}.shape", 2, 1, side)
+    return (shape[0], shape[1]), _int(entry[1], f"{field}.bytes", 0)
+
+
+def parse_header(raw: Any, offset: int, block_len: int, expect: ShardExpect | None = None,
+                 max_samples: int = MAX_BLOCK_SAMPLES) -> BlockHeader:
+    """Check every field of a header's JSON; ValueError naming the first field at fault.
+
+    ``max_samples``: most samples this block may hold (what is left of the shard's count).
+    Sizes are checked against ``block_len`` (declared payloads must fit inside the block), the
+    absolute caps of this module and ``expect``, so decoding allocates only what is bounded.
+    """
+    expect = expect or ShardExpect()
+    if not isinstance(raw, dict):
+        raise ValueError(f"header: {_show(raw)} is not an object")
+    fields = ("n", "keys", "labels", "image_size", "crop_box", "grids", "views", "token_bytes",
+              "labelmap_method", "labelmaps")
+    for name in fields:
+        if name not in raw:
+            raise ValueError(f"{name}: missing from the header")
+    n = _int(raw["n"], "n", 1, min(max_samples, MAX_BLOCK_SAMPLES))
+    keys = _list(raw["keys"], "keys", n)
+    if not all(type(k) is str and 0 < len(k) <= MAX_KEY_CHARS for k in keys):
+        i, k = next((i, k) for i, k in enumerate(keys) if not (type(k) is str and 0 < len(k) <= MAX_KEY_CHARS))
+        raise ValueError(f"keys[{i}]: {_show(k)} is not a string of 1..{MAX_KEY_CHARS} characters")
+    hi = _INT64 - 1 if expect.num_classes is None else expect.num_classes - 1
+    labels = _column(raw["labels"], "labels", n, None, -1, hi)
+    image_size = _column(raw["image_size"], "image_size", n, 2, 0)
+    crop_box = _column(raw["crop_box"], "crop_box", n, 4)
+    raw_grids = _list(raw["grids"], "grids", n)
+    want = None if expect.grid is None else list(expect.grid)
+    if want is not None and all(g == want and type(g[0]) is int and type(g[1]) is int for g in raw_grids):
+        grids = [tuple(expect.grid)] * n  # the common case: every grid is the manifest's
+    else:
+        grids = [_grid(v, f"grids[{i}]", expect) for i, v in enumerate(raw_grids)]
+    views: list[list[ViewMeta]] = []
+    for i, vs in enumerate(_list(raw["views"], "views", n)):
+        if not vs and type(vs) is list:
+            views.append([])
+            continue
+        if len(_list(vs, f"views[{i}]")) > MAX_VIEWS:
+            raise ValueError(f"views[{i}]: {len(vs)} views, the cap is {MAX_VIEWS}")
+        views.append([_view(v, f"views[{i}][{j}]", expect) for j, v in enumerate(vs)])
+    payload = block_len - offset
+    token_bytes = _int(raw["token_bytes"], "token_bytes", 0, payload)
+    method = raw["labelmap_method"]
+    if method not in LABELMAP_METHODS:
+        raise ValueError(f"labelmap_method: {_show(method)} is not one of {LABELMAP_METHODS}")
+    raw_maps = _list(raw["labelmaps"], "labelmaps", n)
+    labelmaps = [None if v is None else _labelmap(v, f"labelmaps[{i}]", expect) for i, v in enumerate(raw_maps)]
+    header = BlockHeader(n, keys, labels, image_size, crop_box, grids, views, token_bytes, method, labelmaps, offset)
+    tokens = sum(header.counts)
+    if tokens > MAX_BLOCK_TOKENS:
+        raise ValueError(f"grids: {tokens} tokens in one block, the cap is {MAX_BLOCK_TOKENS}")
+    map_bytes = sum(m[1] for m in labelmaps if m is not None)
+    if token_bytes + map_bytes != payload:
+        raise ValueError(f"token_bytes/labelmaps: payloads of {token_bytes} + {map_bytes} bytes, "
+                         f"the block holds {payload} after its header")
+    pixels = sum(m[0][0] * m[0][1] for m in labelmaps if m is not None)
+    if expect.labelmap_side is None and pixels > MAX_LABELMAP_PIXELS:
+        raise ValueError(f"labelmaps: {pixels} pixels in one block, the cap is {MAX_LABELMAP_PIXELS}")
+    return header
