@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,16 +89,25 @@ class ShardCache:
             self._pins.clear()
             self._closed = True
 
-    def get(self, sha256: str) -> bytes | None:
-        """The cached shard's verified bytes, pinned until ``release``; None if absent or damaged."""
+    def get(self, sha256: str, size: int | None = None) -> bytes | None:
+        """The cached shard's verified bytes, pinned until ``release``; None if absent or damaged.
+
+        Only a regular file (no symlink, FIFO or device) of at most ``size`` bytes is read."""
         path = self._path(sha256)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - kept open as the pin
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except (FileNotFoundError, OSError):
             return None
+        f = os.fdopen(fd, "rb")
         fcntl.flock(f, fcntl.LOCK_SH)
-        if os.fstat(f.fileno()).st_nlink == 0:  # evicted between open and lock
+        st = os.fstat(f.fileno())
+        if st.st_nlink == 0:  # evicted between open and lock
             f.close()
+            return None
+        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             return None
         data = f.read()
         if hashlib.sha256(data).hexdigest() != sha256:  # damaged on local disk: drop it, fetch again
@@ -162,12 +172,13 @@ class ShardCache:
 class ShardFetcher:
     """Gets shard bytes for one reader in the order it will need them, ``prefetch`` shards ahead.
 
-    ``shards[i]`` is (full URL, manifest row) of shard ``i``. ``get(i)`` returns its verified
+    ``shards[i]`` is (full URL, manifest row, dataset root) of shard ``i``; local reads stay inside
+    the root (no symlink out). ``get(i)`` returns its verified
     bytes or raises ShardError naming the shard: unreachable after retries, wrong size
     (truncated), or sha256 mismatch. With a cache, call ``release(i)`` once done with shard ``i``.
     """
 
-    def __init__(self, shards: Sequence[tuple[str, ShardInfo]], plan: Sequence[int], prefetch: int = 2,
+    def __init__(self, shards: Sequence[tuple[str, ShardInfo, str]], plan: Sequence[int], prefetch: int = 2,
                  retries: int = 8, cache: ShardCache | None = None, storage_options: dict | None = None):
         self.shards = shards
         self.plan = list(plan)
@@ -180,14 +191,14 @@ class ShardFetcher:
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.prefetch, 4)), thread_name_prefix="vqpt-fetch")
 
     def _fetch(self, i: int) -> bytes:
-        url, info = self.shards[i]
+        url, info, root = self.shards[i]
         if self.cache is not None:
-            data = self.cache.get(info.sha256)
+            data = self.cache.get(info.sha256, info.bytes)
             if data is not None:
                 return data
         try:
             data = sio.read_bytes(url, self.storage_options, retries=self.retries, max_bytes=info.bytes + 1,
-                                  root=self.manifest.root)
+                                  root=root)
         except OSError as err:
             raise ShardError(url, f"cannot be read: {err}") from err
         if len(data) != info.bytes:

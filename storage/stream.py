@@ -123,7 +123,7 @@ class TokenStream(IterableDataset):
         self.manifest = self.manifests[0]
         self._shard_sizes = [[s.samples for s in m.shards] for m in self.manifests]
         self.counts = source_counts(self.sources, [m.num_samples for m in self.manifests], epoch_size)
-        self._shards = [(m.shard_url(i), info) for m in self.manifests for i, info in enumerate(m.shards)]
+        self._shards = [(m.shard_url(i), info, m.root) for m in self.manifests for i, info in enumerate(m.shards)]
         self._shard_source = np.repeat(np.arange(len(self.manifests)), [len(m.shards) for m in self.manifests])
         self._shard_local = [i for m in self.manifests for i in range(len(m.shards))]  # index in its manifest
         self._plan: tuple[int, MixEpoch, EpochOrder] | None = None
@@ -231,7 +231,7 @@ class TokenStream(IterableDataset):
             fetcher.close()
 
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
-        url, info = self._shards[s]
+        url, info, _ = self._shards[s]
         try:
             m = self.manifests[self._shard_source[s]]
             blocks = decode_shard(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s]))
