@@ -162,7 +162,8 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
 
     ``name`` names its run folders (default: the arm); seeds other than 0 add ``_s<seed>``. ``pixels``
     (train, val) folders replace --train/--val for pixel arms (the equal-byte copies)."""
-    tag = (name or arm) + ("" if seed == 0 else f"_s{seed}")
+    seit = arm in ("token", "mtm", "m3i") and args.token_aug == "seit"
+    tag = (name or arm) + ("_seitaug" if seit else "") + ("" if seed == 0 else f"_s{seed}")
     sfx = "" if seed == 0 else f"_s{seed}"
     common = model_overrides(args, seed)
     if arm not in ("pixel", "addp"):  # token-stem encoders
@@ -185,7 +186,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
           f"optim.warmup_steps={max(1, args.finetune_steps // 10)}", *common, *extra]
     if arm in ("pixel", "token"):
         ft.append("optim.layer_decay=1.0")
-    if arm in ("token", "mtm", "m3i") and args.token_aug == "seit":
+    if seit:
         ft += SEIT_TOKEN_AUG
     train_data, val_data = tokens.train, tokens.val
     if arm == "pixel":
