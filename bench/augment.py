@@ -1,7 +1,7 @@
 """Augmentation benchmark: the whole token data path against the JPEG pipeline, and TokenAdapt agreement.
 
     python bench/augment.py --data ../shared/data/imagenette/val --json out/augment.json \
-        [--tokenizer CKPT] [--tokenadapt CKPT | --tokenadapt-minutes M]
+        [--tokenizer CKPT] [--tokenadapt CKPT | --tokenadapt-steps N | --tokenadapt-minutes M]
 
 In one run, on the images under --data (tokenised with --tokenizer, or a k-means tokenizer fitted
 on them):
@@ -77,7 +77,7 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, n
 
 def tokenadapt_agreement(args, folder) -> dict:
     """TokenAdapt vs naive agreement on held-out images: a given checkpoint, or one trained here for
-    ``--tokenadapt-minutes`` on the other images of --data."""
+    ``--tokenadapt-steps`` (or ``--tokenadapt-minutes``) on the other images of --data."""
     from pipeline.adapters import load_tokenadapt
     from pipeline.adapters.tokenadapt import TokenAdapt
     from pipeline.adapters.train_tokenadapt import evaluate, load_split, train
@@ -94,8 +94,8 @@ def tokenadapt_agreement(args, folder) -> dict:
     else:
         torch.manual_seed(0)
         model = TokenAdapt.for_tokenizer(tok)
-        stats = train(model, tok, images[train_idx], ids[train_idx], steps=0, minutes=args.tokenadapt_minutes,
-                      batch=32, lr=1e-3, seed=0)
+        stats = train(model, tok, images[train_idx], ids[train_idx], steps=args.tokenadapt_steps,
+                      minutes=args.tokenadapt_minutes, batch=32, lr=1e-3, seed=0)
     out = evaluate(model, tok, eval_images, eval_ids, seed=0, breakdown=False)
     return {**{k: v for k, v in out.items() if "agreement" in k}, "tokenadapt_train_images": len(train_idx),
             "tokenadapt_eval_images": len(eval_images), "tokenadapt_train_steps": stats.get("steps")}
@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--tokenizer", help="tokenizer checkpoint (default: fit k-means K=512 on --data)")
     ap.add_argument("--tokenadapt", help="a trained TokenAdapt checkpoint for this tokenizer")
-    ap.add_argument("--tokenadapt-minutes", type=float, default=5.0, help="train one this long when none is given")
+    ap.add_argument("--tokenadapt-steps", type=int, default=100,
+                    help="train one for this many steps when none is given (0: --tokenadapt-minutes only); a step "
+                         "budget keeps the result the same on a busy or a quiet machine (~5 min on 2 quiet cores)")
+    ap.add_argument("--tokenadapt-minutes", type=float, default=0.0, help="or a time budget (0: steps only)")
     ap.add_argument("--holdout", type=float, default=0.2,
                     help="share of --data held out of TokenAdapt training for its evaluation (seeded)")
     ap.add_argument("--val", help="evaluate TokenAdapt on these images instead (then it trains on all of --data)")
