@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.images import list_images  # noqa: E402
+from pipeline.images import list_images, load_rgb  # noqa: E402
 
 EXTENSION = {"jpeg": ".jpg", "webp": ".webp", "avif": ".avif"}
 SIDES = (8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 224, 256)
@@ -85,12 +85,17 @@ def _square(img: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box), np.float32)
 
 
-def _load(paths: list[Path]) -> list[Image.Image]:
-    out = []
+def _load(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[dict]]:
+    """Decode ``paths`` (``pipeline.images.load_rgb``: real-world quirks, bombs refused) -> (the paths
+    that decoded, their RGB images, [{"path", "reason"}] of those that did not)."""
+    kept, images, rejects = [], [], []
     for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+        try:
+            images.append(load_rgb(p))
+            kept.append(p)
+        except (OSError, ValueError) as err:
+            rejects.append({"path": str(p), "reason": str(err)})
+    return kept, images, rejects
 
 
 def measure(images: list[Image.Image], fmt: str, side: int, quality: int, resolution: int) -> Setting:
@@ -130,7 +135,9 @@ def best_setting(paths: list[Path], target: float, fmt: str, resolution: int, pr
     """The highest-PSNR setting of ``fmt`` within ``tolerance`` of ``target`` bytes/image on a seeded
     probe sample of ``paths``; None when the format cannot get that small."""
     rng = np.random.default_rng(seed)
-    sample = _load([paths[i] for i in sorted(rng.choice(len(paths), min(probe, len(paths)), replace=False))])
+    _, sample, _ = _load([paths[i] for i in sorted(rng.choice(len(paths), min(probe, len(paths)), replace=False))])
+    if not sample:
+        return None
     best = None
     for side in SIDES:
         if side > resolution:
@@ -148,12 +155,14 @@ def write_folder(src: Path, out: Path, setting: Setting, target: float | None = 
                  tolerance: float = 0.05) -> dict:
     """Re-encode every image under ``src`` (ImageNet layout kept) with ``setting``. With ``target``,
     the quality is re-bisected on the whole set when the probe's quality lands outside ``tolerance``.
-    Returns {"images", "bytes", "bytes_per_image", "setting"}; reused when ``out/equal_bytes.json`` exists."""
+    Returns {"images", "bytes", "bytes_per_image", "setting", "rejected": [{"path", "reason"}]} (files that
+    do not decode are left out and listed); reused when ``out/equal_bytes.json`` exists."""
     done = out / "equal_bytes.json"
     if done.exists():
         return json.loads(done.read_text())
-    paths = list_images(src)
-    images = _load(paths)
+    paths, images, rejects = _load(list_images(src))
+    if not images:
+        raise ValueError(f"{src}: no image decodes ({len(rejects)} rejected)")
     quality = setting.quality
     if target is not None and abs(mean_bytes(images, setting.fmt, setting.side, quality) - target) > tolerance * target:
         quality = bisect_quality(images, setting.fmt, setting.side, target) or quality
@@ -165,7 +174,7 @@ def write_folder(src: Path, out: Path, setting: Setting, target: float | None = 
         dst.write_bytes(data)
         total += len(data)
     info = {"images": len(paths), "bytes": total, "bytes_per_image": total / len(paths),
-            "setting": {**asdict(setting), "quality": quality}}
+            "setting": {**asdict(setting), "quality": quality}, "rejected": rejects}
     done.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -194,4 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from storage.cli import run_script
+
+    run_script(main)

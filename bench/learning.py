@@ -399,4 +399,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from storage.cli import run_script
+
+    run_script(main)

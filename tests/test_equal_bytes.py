@@ -61,3 +61,16 @@ def test_cli_refuses_an_unreachable_budget(folder: Path, tmp_path: Path, capsys)
     assert main(["--src", str(folder), "--out", str(tmp_path / "o"), "--bytes", "3", "--format", "jpeg"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no format") and "\n" not in err
+
+
+def test_undecodable_files_are_listed_not_lost(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    bad = next(src.rglob("*.JPEG"))
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    s = best_setting(paths(folder), 500.0, "jpeg", resolution=64, probe=12)
+    info = write_folder(src, tmp_path / "out", s)
+    assert info["images"] == 11 and [r["path"] for r in info["rejected"]] == [str(bad)]
+    assert bad.name in info["rejected"][0]["reason"]  # the reason names the file
