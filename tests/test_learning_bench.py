@@ -21,9 +21,9 @@ def test_learning_bench_runs_every_arm_on_any_roots(tmp_path):
 
     out = tmp_path / "learning.json"
     assert main(["--train", str(data / "train"), "--val", str(data / "val"), "--json", str(out),
-                 "--work", str(tmp_path / "work"), "--resolution", "32", "--vocab", "16", "--depth", "1",
-                 "--batch-size", "4", "--pretrain-steps", "2", "--finetune-steps", "2", "--equal-formats", "webp",
-                 "--frontier", "--pixel-budgets", "400", "--token-variants", "64:16"]) == 0
+                 "--work", str(tmp_path / "work"), "--resolution", "32", "--token-resolution", "32", "--vocab", "16",
+                 "--depth", "1", "--batch-size", "4", "--pretrain-steps", "2", "--finetune-steps", "2",
+                 "--equal-formats", "webp", "--frontier", "--pixel-budgets", "400", "--token-variants", "64:16"]) == 0
     result = json.loads(out.read_text())
     for arm in ("pixel", "token", "mtm", "m3i", "addp", "jpeg_equal"):
         assert 0.0 <= result[f"top1_{arm}"] <= 1.0, arm
