@@ -21,7 +21,8 @@ def points(result: dict) -> dict[str, list[tuple[float, float, str]]]:
             out["pixel"].append((run["bytes_per_image"], 100 * run["top1"], f"{fmt} {run['setting']['side']}px"))
     for arm in ("token", "mtm", "m3i", "addp"):
         if result.get(f"top1_{arm}") is not None:
-            label = f"{arm} (tokens)" if arm == "token" else arm.upper()
+            grid, k = result.get("token_grid"), result.get("budget", {}).get("vocab")
+            label = (f"{grid}x{grid} K={k}" if grid else "tokens") if arm == "token" else arm.upper()
             out[arm].append((result["bytes_per_image_token"], 100 * result[f"top1_{arm}"], label))
     for p in result.get("frontier", []):
         if p.get("reachable", True) and p.get("top1") is not None:
@@ -56,7 +57,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['train_images']} train / {result['val_images']} val images; "
                  f"{budget.get('finetune_steps')} fine-tune steps at {budget.get('resolution')} px", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
