@@ -352,6 +352,25 @@ def _umask() -> int:
     return mask
 
 
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """A temp file beside ``path`` holding all of ``data`` (fsynced), with the mode a plain ``open()``
+    would give (0666 less the umask, not mkstemp's private 0600); returns its path. Removed on failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> None:
     """Write ``data`` so that readers see either nothing or all of it.
 
@@ -362,15 +381,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     proto = protocol_of(url)
     if proto == "file":
         path = _path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        tmp = _complete_temp_file(path, data)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -396,14 +408,8 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None,
     proto = protocol_of(url)
     if proto == "file":
         path = _path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        tmp = _complete_temp_file(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)
             return True
         except FileExistsError:
