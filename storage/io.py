@@ -258,6 +258,15 @@ def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url
         raise TimeoutError(f"{url}: timed out after {time.monotonic() - start:.0f} s") from err
 
 
+def _remote(fs: fsspec.AbstractFileSystem, name: str, url: str, what: str, *args: Any, retries: int = 8,
+            **kwargs: Any) -> Any:
+    """``fs.<name>(path of url, *args)`` retried under one overall deadline (``Timeouts``)."""
+    deadline_s = Timeouts.from_env().deadline_s
+    deadline = time.monotonic() + deadline_s
+    return with_retries(lambda: _bounded_call(fs, name, deadline, url, _path(url), *args, **kwargs), what,
+                        retries=retries, deadline_s=deadline_s)
+
+
 async def _http_read_bounded(fs: fsspec.AbstractFileSystem, url: str, limit: int) -> bytes:
     """At most ``limit`` bytes of an HTTP(S) body, streamed: a server sending without end is cut off."""
     session = await fs.set_session()
@@ -391,11 +400,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         return
     if proto in ("http", "https"):
         raise ValueError(f"cannot write to {url}: http(s) URLs are read-only; use a path or s3://")
-    fs = filesystem(url, storage_options)
-    deadline_s = Timeouts.from_env().deadline_s
-    deadline = time.monotonic() + deadline_s
-    with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data), f"writing {url}",
-                 retries=retries, deadline_s=deadline_s)
+    _remote(filesystem(url, storage_options), "pipe_file", url, f"writing {url}", data, retries=retries)
 
 
 def create_exclusive(url: str, data: bytes, storage_options: dict | None = None, retries: int = 8) -> bool:
@@ -418,12 +423,9 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None,
             os.unlink(tmp)
     if proto != "s3":
         raise ValueError(f"cannot create {url} exclusively: only paths and s3:// URLs support it")
-    fs = filesystem(url, storage_options)
-    deadline_s = Timeouts.from_env().deadline_s
-    deadline = time.monotonic() + deadline_s
     try:
-        with_retries(lambda: _bounded_call(fs, "pipe_file", deadline, url, _path(url), data, mode="create"),
-                     f"creating {url}", retries=retries, deadline_s=deadline_s)
+        _remote(filesystem(url, storage_options), "pipe_file", url, f"creating {url}", data, retries=retries,
+                mode="create")
     except FileExistsError:
         return False
     except OSError as err:  # s3fs maps a 412 without its Condition field to a generic EINVAL error
@@ -439,23 +441,15 @@ def remove(url: str, storage_options: dict | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_path(url))
         return
-    fs = filesystem(url, storage_options)
-    deadline_s = Timeouts.from_env().deadline_s
-    deadline = time.monotonic() + deadline_s
     with contextlib.suppress(FileNotFoundError):
-        with_retries(lambda: _bounded_call(fs, "rm_file", deadline, url, _path(url)), f"removing {url}",
-                     deadline_s=deadline_s)
+        _remote(filesystem(url, storage_options), "rm_file", url, f"removing {url}")
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
     """Whether an object exists at ``url``."""
     if protocol_of(url) == "file":
         return os.path.exists(_path(url))
-    fs = filesystem(url, storage_options)
-    deadline_s = Timeouts.from_env().deadline_s
-    deadline = time.monotonic() + deadline_s
-    return bool(with_retries(lambda: _bounded_call(fs, "exists", deadline, url, _path(url)), f"checking {url}",
-                             deadline_s=deadline_s))
+    return bool(_remote(filesystem(url, storage_options), "exists", url, f"checking {url}"))
 
 
 def register_webdataset_s3() -> None:
