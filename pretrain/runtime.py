@@ -156,10 +156,10 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
         tokenizer = load_tokenizer(sio.read_bytes(url))
         if tokenizer.fingerprint != manifest.meta.tokenizer_fingerprint:
             raise ValueError(f"tokenizer {url} did not make the tokens of {manifest.url} (fingerprint differs)")
-        codebook = tokenizer.codebook
+        codebook, synonyms = tokenizer.codebook, getattr(tokenizer, "synonyms", None)  # SeiT's own lists
     else:
-        codebook = torch.zeros(spec.vocab_size, 1)
-    return TokenAugment(aug, codebook)
+        codebook, synonyms = torch.zeros(spec.vocab_size, 1), None
+    return TokenAugment(aug, codebook, synonyms)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
