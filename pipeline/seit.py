@@ -21,7 +21,8 @@ Streaming: the data file is inflated in ``chunk_bytes`` pieces and cut at the in
 memory is one shard of samples plus one chunk, whatever the file size; the index (8 bytes per image)
 and the labels (one int per image) are read whole. Output (``--out`` is the dataset root, as for
 ``vqpt tokenise``): ``<out>/tokenizer.pt`` (a ``CodebookTokenizer``: SeiT's codebook + synonyms,
-fingerprinted), ``<out>/<split>/shard-*.tar``, ``manifest.parquet`` (last) and ``report.json``.
+fingerprinted; with ``--vitvqgan CKPT`` the ViT-VQGAN restricted to that codebook instead, which can also
+encode and decode), ``<out>/<split>/shard-*.tar``, ``manifest.parquet`` (last) and ``report.json``.
 Sample keys are ``<split>/<index:08d>`` (SeiT's files carry no file names); grid (32, 32),
 resolution 256 (SeiT tokenised 256 px images), labels as given.
 
@@ -42,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import Tokenizer, load_tokenizer
 from pipeline.tokenizer.codebook import CodebookTokenizer
+from pipeline.tokenizer.vitvqgan import ViTVQGANTokenizer
 from storage import io as sio
 from storage.cli import UserError
 from storage.codec import DEFAULT_CODEC, fit_codec
@@ -223,6 +225,7 @@ class SeitImport:
     out: str
     index: str | None = None
     synonyms: str | None = None
+    vitvqgan: str | None = None
     split: str = "train"
     classes: int = 1000
     codec: str = DEFAULT_CODEC
@@ -231,12 +234,20 @@ class SeitImport:
     chunk_bytes: int = 4 << 20
 
 
-def _tokenizer_entry(cfg: SeitImport) -> CodebookTokenizer:
-    """SeiT's codebook (+ synonyms) as our tokenizer, written once to ``<out>/tokenizer.pt``."""
+def _tokenizer_entry(cfg: SeitImport) -> Tokenizer:
+    """SeiT's codebook (+ synonyms) as our tokenizer, written once to ``<out>/tokenizer.pt``: embedding-only,
+    or, with ``vitvqgan``, the ViT-VQGAN restricted to exactly these codes (it can then tokenise more data,
+    e.g. ADE20K, into the same ids under the same fingerprint)."""
     cb = read_codebook(cfg.codebook)
     syn = read_synonyms(cfg.synonyms, cb.shape[0]) if cfg.synonyms else None
-    tok = CodebookTokenizer(cb, resolution=RESOLUTION, grid=GRID, metric="cosine", synonyms=syn,
-                            source="SeiT codebook.ckpt (ViT-VQGAN subset)")
+    if cfg.vitvqgan:
+        tok: Tokenizer = ViTVQGANTokenizer.from_enhancing_checkpoint(cfg.vitvqgan, codebook=cb, synonyms=syn)
+        if tok.grid != GRID or tok.resolution != RESOLUTION:
+            raise UserError(f"--vitvqgan {cfg.vitvqgan} makes {tok.grid} ids at {tok.resolution} px; SeiT's tokens "
+                            f"are {GRID} at {RESOLUTION} px")
+    else:
+        tok = CodebookTokenizer(cb, resolution=RESOLUTION, grid=GRID, metric="cosine", synonyms=syn,
+                                source="SeiT codebook.ckpt (ViT-VQGAN subset)")
     url = sio.join(cfg.out, "tokenizer.pt")
     data = tok.to_bytes()
     if not sio.create_exclusive(url, data) and load_tokenizer(sio.read_bytes(url)).fingerprint != tok.fingerprint:
@@ -287,13 +298,14 @@ def import_seit(cfg: SeitImport) -> dict:
                        class_names=tuple(str(c) for c in range(cfg.classes)),
                        extra={"dataset": "seit", "source": {"tokens": cfg.tokens, "index": index_url,
                                                             "labels": cfg.labels, "codebook": cfg.codebook,
-                                                            "synonyms": cfg.synonyms}})
+                                                            "synonyms": cfg.synonyms, "vitvqgan": cfg.vitvqgan}})
     manifest = write_manifest(split_dir, meta, infos)
     seit_bytes = {"tokens": _size(cfg.tokens), "index": _size(index_url), "labels": _size(cfg.labels)}
     ours = sum(i.bytes for i in infos)
     report = {
         "images": n, "shards": len(infos), "manifest": manifest, "codec": codec.spec.name,
         "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+        "tokenizer": tok.kind,
         "synonyms_per_id": 0 if tok.synonyms is None else int(tok.synonyms.shape[1]),
         "seit_bytes": seit_bytes, "seit_bytes_per_image": sum(seit_bytes.values()) / max(1, n),
         "seit_token_bytes_per_image": seit_bytes["tokens"] / max(1, n),

@@ -175,3 +175,38 @@ def test_twenty_mtm_steps_on_the_imported_set(imported, tmp_path):
     losses = [r["loss"] for r in records]
     assert len(losses) == 20 and all(np.isfinite(losses))
     assert (tmp_path / "mtm" / "backbone.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_vitvqgan_entry_tokenises_ade20k_into_the_same_ids(tmp_path, tmp_path_factory):
+    """naver-ai/seit issue #3: SeiT's ImageNet tokens and ADE20K tokenised by the same ViT-VQGAN (restricted
+    to SeiT's codebook) share one tokenizer fingerprint, so one backbone serves both."""
+    import ray
+
+    from pipeline.tokenise import parse_args, run
+    from tests.conftest import shared_data_dir
+    from tests.test_vitvqgan import fresh_lightning_checkpoint
+
+    full = fresh_lightning_checkpoint(tmp_path / "vitvq.ckpt")["quantizer.embedding.weight"]  # 64 codes, 32x32
+    keep = torch.tensor([3, 60, 7, 22, 41, 0, 13, 38, 55, 19, 30, 9])
+    tokens, labels, _, _ = synthetic(n=20, seed=2)
+    p = write_seit_set(tmp_path / "seit", "imagenet1k-val", tokens % len(keep), labels, full[keep],
+                       {str(i): [(i + 1) % len(keep), (i + 2) % len(keep)] for i in range(len(keep))})
+    out = tmp_path / "store"
+    assert vqpt_main(["import-seit", "--tokens", p["tokens"], "--labels", p["labels"], "--codebook", p["codebook"],
+                      "--synonyms", p["synonyms"], "--vitvqgan", str(tmp_path / "vitvq.ckpt"), "--out", str(out),
+                      "--split", "val"]) == 0
+    tok = load_tokenizer(out / "tokenizer.pt")
+    assert tok.kind == "vitvqgan" and torch.equal(tok.parent_ids, keep) and tok.synonyms.shape == (12, 2)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    try:
+        run(parse_args(["--dataset", "ade20k", "--src", str(shared_data_dir("ade20k_sample")), "--split",
+                        "validation", "--out", str(out), "--tokenizer", str(out / "tokenizer.pt"), "--resolution",
+                        "256", "--batch-size", "4"]))
+    finally:
+        ray.shutdown()
+    ade, inet = read_manifest(str(out / "validation")), read_manifest(str(out / "val"))
+    assert ade.meta.tokenizer_fingerprint == inet.meta.tokenizer_fingerprint == tok.fingerprint
+    batch = next(iter(TokenStream(ade.url, batch_size=3, shuffle=False, partitions=1)))
+    assert batch["tokens"].shape == (3, 32, 32) and int(batch["tokens"].max()) < 12 and "labelmap" in batch

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, metavar="URL", help="<name>-label.txt")
     s.add_argument("--codebook", required=True, metavar="URL", help="codebook.ckpt (float (K, D) tensor)")
     s.add_argument("--synonyms", metavar="URL", help="synonyms.json (kept for synonym replacement)")
+    s.add_argument("--vitvqgan", metavar="PATH", help="the ViT-VQGAN weights (state dict, weights only): the "
+                   "tokenizer entry can then also encode (e.g. ADE20K) into the same ids (docs/seit.md)")
     s.add_argument("--out", required=True, metavar="URL", help="dataset root: a path, file:// or s3:// URL")
     s.add_argument("--split", default="train", help="split name (train, val)")
     s.add_argument("--classes", type=int, default=1000, help="number of classes (labels lie in 0..classes-1)")
