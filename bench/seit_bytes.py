@@ -60,11 +60,13 @@ def measure(name: str, tokens: np.ndarray, labels: np.ndarray, work: Path) -> di
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True, help="a folder of class subfolders of images")
     ap.add_argument("--json", type=Path, help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"--images {args.images} is not a directory; pass a folder of class subfolders")
     rng = np.random.default_rng(0)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,9 +78,13 @@ def main() -> None:
                           for k, v in row.items() if k.startswith("ours_"))
         print(f"{name} ({row['images']} images): SeiT files {row['seit_files_bytes_per_image']:.0f} B/image; "
               f"ours: {cells}")
+    out = {"K": K, "grid": [32, 32], "images_dir": str(args.images), "results": results}
     if args.json:
-        write_json(args.json, {"K": K, "grid": [32, 32], "images_dir": str(args.images), "results": results})
+        write_json(args.json, out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    from storage.cli import run_script
+
+    run_script(main)

@@ -165,6 +165,14 @@ def test_streaming_across_small_chunks_and_bad_inputs(tmp_path):
         import_seit(SeitImport(tokens=p["tokens"], labels=p["labels"], codebook=str(pickled), out=str(tmp_path / "o4")))
 
 
+def test_cli_mistakes_are_one_line(seit_set, tmp_path, capsys):
+    p = seit_set[4]
+    assert vqpt_main(["import-seit", "--tokens", str(tmp_path / "x.bin"), "--labels", p["labels"], "--codebook",
+                      p["codebook"], "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--tokens" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_twenty_mtm_steps_on_the_imported_set(imported, tmp_path):
     """The shipped MTM config (tiny ViT) for 20 steps on 2 ranks, with SeiT's synonyms in the augmentation."""

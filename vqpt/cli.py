@@ -9,6 +9,7 @@ import os
 import sys
 
 from storage.cli import run_cli
+from storage.codec import CODEC_NAMES, DEFAULT_CODEC
 from vqpt.quickstart import QuickstartConfig
 
 EPILOG = """examples:
@@ -144,20 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import-seit", help="convert SeiT's released token files into shards + manifest",
                        description="SeiT's tokens (naver-ai/seit releases: *-token.data.bin.gz, *-token.index.npy.gz, "
                                    "*-label.txt, codebook.ckpt, synonyms.json) -> <out>/tokenizer.pt (the codebook "
-                                   "as an embedding-only tokenizer) and <out>/<split>/ shards + manifest, streaming.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "as an embedding-only tokenizer) and <out>/<split>/ shards + manifest, streaming. "
+                                   "Formats and measurements: docs/seit.md.")
     s.add_argument("--tokens", required=True, metavar="URL", help="<name>-token.data.bin.gz")
-    s.add_argument("--index", metavar="URL", help="<name>-token.index.npy.gz (default: beside --tokens)")
+    s.add_argument("--index", metavar="URL", help="<name>-token.index.npy.gz (default: SeiT's name, beside --tokens)")
     s.add_argument("--labels", required=True, metavar="URL", help="<name>-label.txt")
-    s.add_argument("--codebook", required=True, metavar="URL", help="codebook.ckpt (float (K, D) tensor)")
+    s.add_argument("--codebook", required=True, metavar="URL", help="codebook.ckpt (one float (K, D) tensor)")
     s.add_argument("--synonyms", metavar="URL", help="synonyms.json (kept for synonym replacement)")
-    s.add_argument("--vitvqgan", metavar="PATH", help="the ViT-VQGAN weights (state dict, weights only): the "
-                   "tokenizer entry can then also encode (e.g. ADE20K) into the same ids (docs/seit.md)")
+    s.add_argument("--vitvqgan", metavar="PATH", help="the ViT-VQGAN weights (a state dict, loaded weights-only): the "
+                   "tokenizer entry can then also encode (e.g. ADE20K) into the same ids")
     s.add_argument("--out", required=True, metavar="URL", help="dataset root: a path, file:// or s3:// URL")
-    s.add_argument("--split", default="train", help="split name (train, val)")
-    s.add_argument("--classes", type=int, default=1000, help="number of classes (labels lie in 0..classes-1)")
-    s.add_argument("--codec", default="zstd2d", help="token codec of the shards")
-    s.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    s.add_argument("--split", default="train", help="split name (default: train)")
+    s.add_argument("--classes", type=int, default=1000, help="labels lie in 0..classes-1 (default: 1000)")
+    s.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES,
+                   help=f"token codec of the shards (default: {DEFAULT_CODEC})")
+    s.add_argument("--shard-size", type=int, default=4096, help="images per shard (default: 4096)")
     s.set_defaults(func=_import_seit)
     v = sub.add_parser("verify", help="re-read every shard of a split: size, sha256, decoding, counts",
                        description="Re-read every shard of a split and check it against the manifest (sha256, "
