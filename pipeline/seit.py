@@ -39,7 +39,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+import fsspec
 import numpy as np
 import torch
 
@@ -132,18 +134,21 @@ def write_seit_set(out_dir: str | Path, name: str, tokens: np.ndarray, labels: S
 
 
 # ---- reading --------------------------------------------------------------------------------------
-def _open(url: str):
-    """A binary file object for ``url`` (path, file://, s3://, http(s)://), read as it is consumed."""
-    fs = sio.filesystem(url)
+def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, the path it wants) for ``url``: a path, file://, s3:// or http(s)://."""
     proto = sio.protocol_of(url)
-    path = url if proto in ("http", "https") else url.split("://", 1)[1] if "://" in url else url
+    return sio.filesystem(url), url if proto in ("http", "https") else url.split("://", 1)[-1]
+
+
+def _open(url: str) -> IO[bytes]:
+    """A binary file object for ``url``, read as it is consumed (never whole)."""
+    fs, path = _fs_path(url)
     return fs.open(path, "rb")
 
 
 def _size(url: str) -> int:
-    fs = sio.filesystem(url)
-    proto = sio.protocol_of(url)
-    return int(fs.size(url if proto in ("http", "https") else url.split("://", 1)[1] if "://" in url else url))
+    fs, path = _fs_path(url)
+    return int(fs.size(path))
 
 
 def read_index(url: str) -> np.ndarray:
@@ -267,8 +272,11 @@ def import_seit(cfg: SeitImport) -> dict:
     if not sio.exists(index_url):
         raise UserError(f"index {index_url} does not exist; pass --index (SeiT's <name>-token.index.npy.gz)")
     tok = _tokenizer_entry(cfg)
+    fingerprint = tok.fingerprint  # hashes every weight: once
     starts, labels = read_index(index_url), read_labels(cfg.labels)
     n = len(starts) - 1
+    if n == 0:
+        raise UserError(f"{index_url} lists no images")
     if len(labels) != n:
         raise UserError(f"{cfg.labels} has {len(labels)} labels but the index lists {n} images")
     if n and (labels.min() < 0 or labels.max() >= cfg.classes):
@@ -285,15 +293,13 @@ def import_seit(cfg: SeitImport) -> dict:
         if codec is None and len(first) < 256:
             first.append(ids)
         if len(batch) == cfg.shard_size or i == n - 1:
-            if codec is None:  # rans: its frequency model comes from the first images
+            if codec is None:  # rans: its frequency model comes from the first shard's images (at most 256)
                 codec = fit_codec("rans", np.stack(first).reshape(-1), tok.vocab_size, grid=GRID)
             writer = writer or ShardWriter(split_dir, codec, cfg.block_size)
             infos.append(writer.write(len(infos), batch))
             print(f"import-seit: {i + 1}/{n} images, {len(infos)} shards", file=sys.stderr)
             batch = []
-    if codec is None:
-        raise UserError(f"{index_url} lists no images")
-    meta = DatasetMeta(split=cfg.split, codec=codec.spec, tokenizer_fingerprint=tok.fingerprint, grid=GRID,
+    meta = DatasetMeta(split=cfg.split, codec=codec.spec, tokenizer_fingerprint=fingerprint, grid=GRID,
                        vocab_size=tok.vocab_size, resolution=RESOLUTION,
                        class_names=tuple(str(c) for c in range(cfg.classes)),
                        extra={"dataset": "seit", "source": {"tokens": cfg.tokens, "index": index_url,
@@ -304,7 +310,7 @@ def import_seit(cfg: SeitImport) -> dict:
     ours = sum(i.bytes for i in infos)
     report = {
         "images": n, "shards": len(infos), "manifest": manifest, "codec": codec.spec.name,
-        "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+        "tokenizer_fingerprint": fingerprint, "vocab_size": tok.vocab_size,
         "tokenizer": tok.kind,
         "synonyms_per_id": 0 if tok.synonyms is None else int(tok.synonyms.shape[1]),
         "seit_bytes": seit_bytes, "seit_bytes_per_image": sum(seit_bytes.values()) / max(1, n),
