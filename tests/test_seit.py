@@ -218,3 +218,22 @@ def test_vitvqgan_entry_tokenises_ade20k_into_the_same_ids(tmp_path, tmp_path_fa
     assert ade.meta.tokenizer_fingerprint == inet.meta.tokenizer_fingerprint == tok.fingerprint
     batch = next(iter(TokenStream(ade.url, batch_size=3, shuffle=False, partitions=1)))
     assert batch["tokens"].shape == (3, 32, 32) and int(batch["tokens"].max()) < 12 and "labelmap" in batch
+
+
+def test_the_trainers_augmentation_draws_from_seits_synonym_lists(seit_set, imported):
+    """``pretrain.runtime.build_augment`` (what the trainer runs) loads ``tokenizer.pt`` beside the split,
+    checks its fingerprint and replaces ids only by members of SeiT's lists."""
+    from types import SimpleNamespace
+
+    from pretrain.objectives import DataSpec
+    from pretrain.runtime import build_augment
+
+    synonyms = seit_set[3]
+    manifest = read_manifest(str(imported / "train"))
+    cfg = SimpleNamespace(augment={"replace_p": 1.0, "synonym_k": 5, "rrc": False, "hflip_p": 0.0},
+                          data=SimpleNamespace(tokenizer=None))
+    aug = build_augment(cfg, manifest, DataSpec(grid=(32, 32), vocab_size=K))
+    assert aug.table.tolist() == [synonyms[str(i)] for i in range(K)]
+    ids = torch.from_numpy(seit_set[0][:2])
+    out = aug({"tokens": ids, "label": torch.zeros(2, dtype=torch.long)})["tokens"]
+    assert all(b in synonyms[str(a)] for a, b in zip(ids.reshape(-1).tolist(), out.reshape(-1).tolist()))
