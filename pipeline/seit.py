@@ -34,6 +34,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -196,7 +197,12 @@ def iter_seit(tokens_url: str, starts: np.ndarray, chunk_bytes: int = 4 << 20) -
 
 def read_codebook(url: str) -> torch.Tensor:
     """SeiT's ``codebook.ckpt``: one float tensor (K, D), loaded with ``weights_only=True``."""
-    cb = torch.load(io.BytesIO(sio.read_bytes(url, max_bytes=MAX_SIDE_FILE)), map_location="cpu", weights_only=True)
+    data = sio.read_bytes(url, max_bytes=MAX_SIDE_FILE)
+    try:
+        cb = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # pickled objects, or not a torch file
+        raise ValueError(f"{url}: not a tensor file loadable with weights_only=True (SeiT's codebook.ckpt is one "
+                         f"float (K, D) tensor; vqpt never unpickles objects): {type(err).__name__}") from None
     if isinstance(cb, dict) and len(cb) == 1:  # tolerate {"weight": tensor}
         cb = next(iter(cb.values()))
     if not isinstance(cb, torch.Tensor) or cb.ndim != 2 or not cb.is_floating_point():

@@ -161,8 +161,10 @@ def test_streaming_across_small_chunks_and_bad_inputs(tmp_path):
     buf = io.BytesIO()
     torch.save({"codebook": codebook, "note": object.__new__(SeitImport)}, buf)
     pickled.write_bytes(buf.getvalue())
-    with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported"):
+    with pytest.raises(ValueError, match="not a tensor file loadable with weights_only=True"):
         import_seit(SeitImport(tokens=p["tokens"], labels=p["labels"], codebook=str(pickled), out=str(tmp_path / "o4")))
+    with pytest.raises(ValueError, match="not a tensor file"):  # not a torch file at all
+        import_seit(SeitImport(tokens=p["tokens"], labels=p["labels"], codebook=p["labels"], out=str(tmp_path / "o5")))
 
 
 def test_cli_mistakes_are_one_line(seit_set, tmp_path, capsys):
