@@ -37,6 +37,7 @@ import json
 import pickle
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,10 @@ def iter_seit(tokens_url: str, starts: np.ndarray, chunk_bytes: int = 4 << 20) -
     i, base, buf = 0, 0, b""  # buf: inflated bytes from absolute offset ``base`` (less than one image + chunk)
     with _open(tokens_url) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
         while i < n:
-            chunk = f.read(chunk_bytes)
+            try:
+                chunk = f.read(chunk_bytes)
+            except (EOFError, zlib.error) as err:  # a cut or damaged gzip stream
+                raise ValueError(f"{tokens_url}: gzip stream is truncated or corrupt after image {i} ({err})") from None
             if not chunk:
                 raise ValueError(f"{tokens_url}: ends after {i} of {n} images (byte {base + len(buf)})")
             buf += chunk

@@ -157,6 +157,10 @@ def test_streaming_across_small_chunks_and_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="ends after 22 of 23 images"):
         import_seit(SeitImport(tokens=str(truncated), labels=p["labels"], codebook=p["codebook"],
                                out=str(tmp_path / "o3")))
+    truncated.write_bytes(Path(p["tokens"]).read_bytes()[:-200])  # the gzip file itself cut short
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        import_seit(SeitImport(tokens=str(truncated), labels=p["labels"], codebook=p["codebook"],
+                               out=str(tmp_path / "o3")))
     pickled = tmp_path / "pickled.ckpt"
     buf = io.BytesIO()
     torch.save({"codebook": codebook, "note": object.__new__(SeitImport)}, buf)
