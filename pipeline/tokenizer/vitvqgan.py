@@ -74,8 +74,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: holds pickled objects (SeiT's tokenizer.ckpt is a pickled module); re-save its "
-                         "state_dict() once (docs/seit.md) and load that") from err
+        raise ValueError(f"{path}: holds pickled Python objects (SeiT's tokenizer.ckpt is a pickled module, "
+                         "Lightning checkpoints may pickle hyper-parameters), which vqpt never loads; re-save its "
+                         "state dict once (docs/seit.md) and load that") from err
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: no state dict found")
