@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from pipeline.tokenizer import Tokenizer, load_tokenizer
-from pipeline.tokenizer.codebook import CodebookTokenizer
+from pipeline.tokenizer.codebook_only import CodebookTokenizer
 from pipeline.tokenizer.vitvqgan import ViTVQGANTokenizer
 from storage import io as sio
 from storage.cli import UserError
