@@ -147,3 +147,16 @@ def test_mtm_forward_runs_the_masked_only_path():
     n_masked = round(metrics["mask_ratio"].item() * 2 * 16)
     assert calls == [torch.Size([n_masked, 32])], "the head must see the masked patches only"
     assert model.head_bias.grad.abs().sum() > 0
+
+
+def test_bfloat16_hidden_with_float32_parameters_matches_the_full_path_loosely():
+    # DeepSpeed bf16 runs the head in bfloat16: logits in bf16, softmax in float32 on both paths.
+    hidden, table, bias, target = _inputs(45, seed=4)
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    ref = full_logits_loss(h16, table, bias, target, 0.1)
+    got = tied_head_cross_entropy(h16, table, bias, target, 0.1, chunk_rows=16)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss, atol=2e-2, rtol=1e-2)
+    for a, b in zip(_grads(got, h16, table, bias), _grads(ref, h16, table, bias), strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=5e-2)
