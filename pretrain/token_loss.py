@@ -2,13 +2,14 @@
 
 MTM and M3I score sub-token vectors against the whole codebook (K codes) and take cross-entropy on
 masked patches only. Scoring every position first materialises (B, h, w, K) logits, and autograd keeps
-two or three tensors of that size (logits, log-softmax, their gradient): 268 MB each for ViT-B's head
+two or three tensors of that size (logits, log-softmax, their gradient): 256 MiB each for ViT-B's head
 (K = 8192, 32 x 32 grid, batch 8, float32). Here the rows the loss uses are gathered first and scored
 ``chunk_rows`` at a time; each chunk's gradient with respect to its logits, ``(softmax - target) / R``,
 is folded into the gradients of the hidden vectors, table and bias at once, so no (R, K) tensor
 outlives its chunk and the backward pass only scales what the forward pass summed.
 
-Both functions return a ``TokenLoss``; ``full_logits_loss`` is the plain formula (every row's logits at
+``masked_sub_token_loss`` is MTM's and M3I's head and loss on top of it. Both CE functions return a
+``TokenLoss``; ``full_logits_loss`` is the plain formula (every row's logits at
 once), kept as the reference the tests and ``bench/mtm_head.py`` compare against.
 """
 
@@ -20,9 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TokenLoss", "tied_head_cross_entropy", "full_logits_loss", "patch_targets", "masked_sub_token_loss"]
+__all__ = ["TokenLoss", "tied_head_cross_entropy", "default_chunk_rows", "full_logits_loss", "patch_targets",
+           "masked_sub_token_loss"]
 
-DEFAULT_CHUNK_ROWS = 1024
+# Elements of one chunk's (rows, K) float32 logits when ``chunk_rows`` is not given. CPU: 8 MiB, the fastest
+# of 256..16384 rows at K = 8192 and close to it at K = 512 (2 cores, bench/mtm_head.py's shapes: the
+# chunk stays in cache). CUDA: 128 MiB, fewer and larger kernels (an unmeasured choice).
+CHUNK_ELEMS_CPU = 1 << 21
+CHUNK_ELEMS_CUDA = 1 << 25
+
+
+def default_chunk_rows(k: int, device: torch.device) -> int:
+    """Rows per chunk for a K-way head on ``device``: the element budget above divided by K (at least 1)."""
+    return max(1, (CHUNK_ELEMS_CUDA if device.type == "cuda" else CHUNK_ELEMS_CPU) // k)
 
 
 @dataclass(frozen=True)
@@ -93,21 +104,23 @@ class _ChunkedTiedCE(torch.autograd.Function):
 
 
 def tied_head_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
-                            label_smoothing: float = 0.0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TokenLoss:
+                            label_smoothing: float = 0.0, chunk_rows: int | None = None) -> TokenLoss:
     """Cross-entropy of the logits ``hidden @ table.T + bias``, ``chunk_rows`` rows at a time.
 
     hidden: float (R, E) (R may be 0); table: float (K, E) (the token embedding, detached or not);
     bias: float (K,); target: int64 (R,) in [0, K). Logits are formed in ``hidden``'s dtype and the
     softmax in float32, as ``F.cross_entropy(logits.float(), ...)`` does on the full tensor; loss and
     gradients equal ``full_logits_loss``'s up to float rounding. Peak extra memory: one float32
-    (chunk_rows, K) tensor plus (R, E) for the gradient of ``hidden``. Gradients are computed during
-    the forward pass (only for inputs that require them, and only with grad mode on); the result
-    supports one backward pass (no double backward).
+    (chunk_rows, K) tensor plus (R, E) for the gradient of ``hidden``; ``chunk_rows`` defaults to
+    ``default_chunk_rows(K, device)``. Gradients are computed during the forward pass (only for inputs
+    that require them, and only with grad mode on); the result supports one backward pass (no double
+    backward).
     """
     if hidden.ndim != 2 or table.ndim != 2 or hidden.shape[1] != table.shape[1]:
         raise ValueError(f"need hidden (R, E) and table (K, E), got {tuple(hidden.shape)}, {tuple(table.shape)}")
     if target.shape != hidden.shape[:1] or bias.shape != table.shape[:1]:
         raise ValueError(f"need target (R,) and bias (K,), got {tuple(target.shape)}, {tuple(bias.shape)}")
+    chunk_rows = default_chunk_rows(table.shape[0], hidden.device) if chunk_rows is None else chunk_rows
     if chunk_rows < 1 or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"need chunk_rows >= 1 and 0 <= label_smoothing < 1, got {chunk_rows}, {label_smoothing}")
     table, bias = table.to(hidden.dtype), bias.to(hidden.dtype)
@@ -137,7 +150,7 @@ def patch_targets(ids: torch.Tensor, patch: int) -> torch.Tensor:
 
 def masked_sub_token_loss(z: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, head_fc: nn.Module,
                           head_norm: nn.Module, table: torch.Tensor, bias: torch.Tensor, patch: int,
-                          label_smoothing: float = 0.0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TokenLoss:
+                          label_smoothing: float = 0.0, chunk_rows: int | None = None) -> TokenLoss:
     """MTM's loss from decoder features, computed at the masked patches only.
 
     z: float (B, N, Dd) decoder features of the N patches; ids: int64 (B, h, w); masked: bool (B, N).
