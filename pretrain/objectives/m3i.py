@@ -55,7 +55,8 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids, random_resized_crop_params
 from pretrain.objectives import DataSpec, Objective
-from pretrain.objectives.mtm import patch_mean, random_masks, sample_mask_ratio
+from pretrain.objectives.mtm import random_masks, sample_mask_ratio
+from pretrain.token_loss import masked_sub_token_loss
 from pretrain.vit import Block, VisionTransformer, ViTConfig, sincos_pos_embed_2d
 
 __all__ = ["M3IConfig", "M3I", "Views", "two_views", "relative_positions", "sincos_at",
@@ -419,13 +420,13 @@ class M3I(Objective):
 
     # -- losses ---------------------------------------------------------------------------------
 
-    def intra_loss(self, logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Token cross-entropy, mean over each patch's sub-tokens, then over masked patches (as MTM)."""
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none",
-                             label_smoothing=self.cfg.label_smoothing)
-        weights = masked.float()
-        per_patch = patch_mean(ce.reshape(ids.shape), self.encoder.cfg.patch_size)
-        return (per_patch * weights).sum() / weights.sum().clamp_min(1.0)
+    def intra_loss(self, slots: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Token cross-entropy of ``token_logits(slots)``, mean over each patch's sub-tokens, then over masked
+        patches (as MTM), with logits formed only at masked patches, in chunks (``pretrain.token_loss``)."""
+        table = self.encoder.token_embed.word_embeddings.weight
+        return masked_sub_token_loss(slots, ids, masked, self.head_fc, self.head_norm,
+                                     table.detach() if self.cfg.detach_head else table, self.head_bias,
+                                     self.encoder.cfg.patch_size, self.cfg.label_smoothing).loss
 
     def inter_loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``feature_loss`` per query on (B, Q, D), weighted mean with ``weights`` (B, Q)."""
@@ -477,7 +478,7 @@ class M3I(Objective):
             queries, weights = self.inter_queries(views, lam) if cfg.w_inter > 0 else (None, None)
             slots, out = self.forward_decoder(latent, masked, keep_index, queries, region)
             if cfg.w_intra > 0:
-                loss_intra = self.intra_loss(self.token_logits(slots), ids, masked)
+                loss_intra = self.intra_loss(slots, ids, masked)
             if cfg.w_inter > 0:
                 target = self.teacher_targets(views.ids2)
                 if lam is not None:

@@ -16,7 +16,8 @@ One step, for ids int64 (B, h, w) with a 2 x 2 token stem (N = h/2 * w/2 patches
    scores them against the token embedding table (tied, gradient stopped, as SeiT++ does) plus a
    bias: logits (B, h, w, K).
 6. Loss: cross-entropy per token, averaged over the 2 x 2 sub-tokens of a patch and then over the
-   masked patches.
+   masked patches. Training forms the logits of step 5 only at masked patches, in chunks
+   (``masked_loss``, ``pretrain.token_loss``): same loss and gradients, no (B, h, w, K) tensor.
 
 Hyperparameters and where they come from (S = naver-ai/seit ``main_mtm_pretrain.py`` /
 ``models_mtm.py``, M = MAGE, ours = our choice):
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.objectives import DataSpec, Objective
+from pretrain.token_loss import masked_sub_token_loss
 from pretrain.vit import Block, VisionTransformer, ViTConfig
 
 __all__ = ["MTMConfig", "MTM", "sample_mask_ratio", "random_masks", "patch_mean"]
@@ -192,6 +194,10 @@ class MTM(Objective):
 
     def forward_decoder(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
         """-> logits float (B, h, w, K) for every token position."""
+        return self.token_logits(self.decoder_features(latent, masked, keep_index))
+
+    def decoder_features(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """-> decoder output float (B, N, Dd) at every patch (the head's input)."""
         y = self.decoder_embed(latent)
         b, _, dd = y.shape
         n = masked.shape[1]
@@ -199,8 +205,7 @@ class MTM(Objective):
         full = pad.scatter(1, keep_index.unsqueeze(-1).expand(-1, -1, dd), y[:, 1:])
         full = torch.where(masked.unsqueeze(-1), pad, full)
         z = torch.cat([y[:, :1], full], dim=1) + self.decoder_pos_embed
-        z = self.decoder_norm(self.decoder_blocks(z))[:, 1:]
-        return self.token_logits(z)
+        return self.decoder_norm(self.decoder_blocks(z))[:, 1:]
 
     def token_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Patch features (B, N, Dd) -> logits (B, h, w, K) through the 2 x 2 sub-token head tied to the embedding."""
@@ -234,6 +239,19 @@ class MTM(Objective):
             }
         return loss, metrics
 
+    def masked_loss(self, z: torch.Tensor, ids: torch.Tensor,
+                    masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward_loss(token_logits(z), ids, masked)`` (loss, metrics, gradients), with logits formed only
+        at masked patches and in chunks (``pretrain.token_loss``): no (B, h, w, K) tensor exists."""
+        table = self.encoder.token_embed.word_embeddings.weight
+        out = masked_sub_token_loss(z, ids, masked, self.head_fc, self.head_norm,
+                                    table.detach() if self.cfg.detach_head else table, self.head_bias,
+                                    self.encoder.cfg.patch_size, self.cfg.label_smoothing)
+        denom = max(out.ce.numel(), 1)
+        metrics = {"masked_ce": out.ce.sum() / denom, "masked_acc": out.correct.float().sum() / denom,
+                   "mask_ratio": masked.float().mean()}
+        return out.loss, metrics
+
     @torch.no_grad()
     def predict(self, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Token logits float (B, h, w, K) given ids int64 (B, h, w) and masked bool (B, N) over patches.
@@ -253,5 +271,4 @@ class MTM(Objective):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["tokens"]
         latent, masked, keep_index = self.forward_encoder(ids)
-        logits = self.forward_decoder(latent, masked, keep_index)
-        return self.forward_loss(logits, ids, masked)
+        return self.masked_loss(self.decoder_features(latent, masked, keep_index), ids, masked)
