@@ -29,7 +29,6 @@ progress record and sha256 match) and ends with exactly the shard set of an unin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -40,19 +39,27 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
+from pipeline.prepare import PrepareConfig, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
+from pipeline.shardwork import (  # noqa: F401  (re-exported: the job's per-shard work)
+    MAX_PROGRESS_BYTES,
+    chunk_samples,
+    encode_chunk,
+    finished_record,
+    progress_url,
+    shard_digest,
+    write_shard,
+)
 from pipeline.splitlock import SplitBusy, SplitLock
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
 from storage.cli import UserError, run_cli
 from storage.codec import CODEC_NAMES, DEFAULT_CODEC, TokenCodec, fit_codec
 from storage.manifest import DatasetMeta, write_manifest
-from storage.shard import Sample, ShardInfo, ShardWriter, View, shard_is_complete, shard_name
+from storage.shard import ShardInfo
 
 log = logging.getLogger("vqpt.tokenise")
 DEFAULT_SPLITS = {"imagenet": "train", "ade20k": "training", "folder": "train"}
-MAX_PROGRESS_BYTES = 64 << 20  # a progress record lists its shard's rejects: ~100 bytes each
 
 
 @dataclass(frozen=True)
@@ -140,72 +147,6 @@ def get_tokenizer(cfg: JobConfig, items: Sequence[SourceItem]) -> tuple[Tokenize
                                  "--out")
             tokenizer, data, how = kept, kept_data, f"reused from {saved} (created meanwhile by another job)"
     return tokenizer, data, how
-
-
-def encode_chunk(tokenizer: Tokenizer, chunk: PreparedChunk, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of a prepared chunk: main (n, h, w) and views (n, V, h, w), int64."""
-    def run(pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.empty((0, *tokenizer.grid), np.int64)
-        return np.concatenate([tokenizer.encode(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
-
-    main = run(chunk.pixels)
-    n, v = chunk.view_pixels.shape[:2]
-    views = run(chunk.view_pixels.reshape(n * v, *chunk.view_pixels.shape[2:])).reshape(n, v, *tokenizer.grid)
-    return main, views
-
-
-def chunk_samples(chunk: PreparedChunk, tokens: np.ndarray, view_tokens: np.ndarray) -> list[Sample]:
-    return [
-        Sample(key=item.key, tokens=tokens[i], label=item.label, labelmap=chunk.labelmaps[i],
-               image_size=chunk.image_size[i], crop_box=chunk.crop_box[i],
-               views=tuple(View(view_tokens[i, k], chunk.view_box[i][k], chunk.view_flip[i][k])
-                           for k in range(view_tokens.shape[1])))
-        for i, item in enumerate(chunk.items)
-    ]
-
-
-def progress_url(cfg: JobConfig, index: int) -> str:
-    return sio.join(cfg.split_dir, f"_progress/{shard_name(index)}.json")
-
-
-def shard_digest(items: Sequence[SourceItem]) -> str:
-    """sha256 of a shard's item keys, in order: what its progress record must match to be reused."""
-    return hashlib.sha256("\n".join(it.key for it in items).encode()).hexdigest()
-
-
-def write_shard(cfg: JobConfig, codec: TokenCodec, fingerprint: str, index: int,
-                parts: Sequence[tuple[PreparedChunk, np.ndarray, np.ndarray]], digest: str = "") -> dict:
-    """Write shard ``index`` from its chunks, then its progress record (with the items' ``digest``)."""
-    samples = [s for chunk, tok, views in parts for s in chunk_samples(chunk, tok, views)]
-    rejects = [asdict(r) for chunk, _, _ in parts for r in chunk.rejects]
-    record = {"index": index, "fingerprint": fingerprint, "items": digest, "info": None, "rejects": rejects}
-    if samples:
-        info = ShardWriter(cfg.split_dir, codec, cfg.block_size).write(index, samples)
-        record["info"] = asdict(info)
-    sio.write_bytes_atomic(progress_url(cfg, index), json.dumps(record, sort_keys=True).encode())
-    return record
-
-
-def finished_record(cfg: JobConfig, index: int, fingerprint: str, digest: str = "") -> dict | None:
-    """The progress record of shard ``index`` if that shard is complete, made by this tokenizer and
-    from the same items (``digest``; a changed listing, seed or shard size re-writes it)."""
-    url = progress_url(cfg, index)
-    if not sio.exists(url):
-        return None
-    try:
-        record = json.loads(sio.read_bytes(url, max_bytes=MAX_PROGRESS_BYTES))
-        if record.get("fingerprint") != fingerprint or record.get("items", "") != digest:
-            return None
-        if record["info"] is None:
-            return record
-        return record if shard_is_complete(cfg.split_dir, ShardInfo(**record["info"])) else None
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged record: the shard is re-done
-        log.warning("progress record %s is damaged (%s: %s); shard %d will be written again",
-                    url, type(err).__name__, err, index)
-        print(f"warning: progress record {url} is damaged ({type(err).__name__}); shard {index} will be written "
-              "again", file=sys.stderr)
-        return None
 
 
 def build_codec(cfg: JobConfig, tokenizer: Tokenizer, items: Sequence[SourceItem]) -> TokenCodec:
