@@ -50,6 +50,7 @@ from pipeline.shardwork import (  # noqa: F401  (re-exported: the job's per-shar
     shard_digest,
     write_shard,
 )
+from pipeline.sources import FORMATS, detect_format, list_source_url
 from pipeline.splitlock import SplitBusy, SplitLock
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
@@ -87,16 +88,34 @@ class JobConfig:
     actors: int | None = None
     address: str | None = None
     max_inflight: int = 4
+    format: str | None = None
+    columns: str = ""
 
     @property
     def split_dir(self) -> str:
         return sio.join(self.out, self.split)
+
+    def column_map(self) -> dict[str, str]:
+        """``--columns image=...,label=...`` as a dict."""
+        pairs = [p.split("=", 1) for p in self.columns.split(",") if p.strip()]
+        if any(len(p) != 2 or p[0] not in ("image", "label", "annotation") for p in pairs):
+            raise UserError(f"--columns takes image=COL,label=COL,annotation=COL, got {self.columns!r}")
+        return {k.strip(): v.strip() for k, v in pairs}
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(self.resolution, self.labelmap_resolution, self.views, self.seed, self.max_pixels)
 
 
 def list_source(cfg: JobConfig) -> Listing:
+    """The source's listing: a local folder through ``pipeline.readers``; a URL or an archive (any
+    ``--format``) through ``pipeline.sources``, whose index is stored beside the output."""
+    local = sio.protocol_of(cfg.src) == "file"
+    fmt = cfg.format or detect_format(cfg.src)
+    if fmt != "folder" or not local:
+        listing, how = list_source_url(cfg.src, fmt, cfg.dataset, cfg.split, cfg.split_dir, cfg.column_map())
+        print(f"source: {how['format']}, {how['members']} members indexed"
+              f"{' (index reused)' if how['reused'] else ''}", file=sys.stderr)
+        return listing
     if cfg.dataset == "imagenet":
         return list_imagenet(cfg.src, cfg.split)
     if cfg.dataset == "ade20k":
@@ -201,7 +220,26 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
     return report
 
 
-def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> list[list[SourceItem]]:
+class Plan(Sequence):
+    """The job's shards: shard i = ``items[order[i*S:(i+1)*S]]`` (S = ``shard_size``), made when asked
+    for, so a plan of 1.28 M items holds one permutation array and no list of items."""
+
+    def __init__(self, items: Sequence[SourceItem], order: np.ndarray, shard_size: int):
+        self.items, self.order, self.shard_size = items, order, shard_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.shard_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return [self.items[int(j)] for j in self.order[i * self.shard_size : (i + 1) * self.shard_size]]
+
+
+def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> Plan:
     """Shards of ``shard_size`` items, from the listing permuted with rng(``seed``).
 
     Listings come sorted (ImageNet: class by class), and a reader can only shuffle within a window
@@ -209,9 +247,7 @@ def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> list[list[SourceItem]]:
     classes. The permutation is a pure function of the listing and the seed, so shard i always
     holds the same images and a killed job resumes onto the same shard set.
     """
-    order = np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items))
-    items = [items[i] for i in order]
-    return [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    return Plan(items, np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items)), cfg.shard_size)
 
 
 def run(cfg: JobConfig) -> dict:
@@ -251,7 +287,12 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap = argparse.ArgumentParser(prog="python -m pipeline.tokenise", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, choices=("imagenet", "ade20k", "folder"))
-    ap.add_argument("--src", required=True, help="dataset root (ImageNet root, ADEChallengeData2016, or a folder)")
+    ap.add_argument("--src", required=True, help="dataset root (ImageNet root, ADEChallengeData2016, or a folder), "
+                    "an archive or shard pattern; a path or any fsspec URL (file://, s3://, gs://, http(s)://)")
+    ap.add_argument("--format", choices=FORMATS, help="how --src holds the images (default: detected); see "
+                    "docs/sources.md")
+    ap.add_argument("--columns", default="", help="parquet columns: image=image.bytes,label=label "
+                    "(ADE20K: annotation=annotation.bytes)")
     ap.add_argument("--out", required=True, help="output dataset root: a path, file:// or s3:// URL")
     ap.add_argument("--split", help="imagenet: train|val; ade20k: training|validation; folder: subfolder (optional)")
     ap.add_argument("--tokenizer", help="tokenizer checkpoint (default: <out>/tokenizer.pt, else fit k-means)")
@@ -278,7 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
         labelmap_resolution=a.labelmap_resolution, shard_size=a.shard_size, block_size=a.block_size,
         chunk_size=a.chunk_size, batch_size=a.batch_size, codec=a.codec, views=a.views, seed=a.seed,
         max_pixels=a.max_pixels, num_cpus=a.num_cpus, actors=a.actors, address=a.address,
-        max_inflight=a.max_inflight,
+        max_inflight=a.max_inflight, format=a.format, columns=a.columns,
     )
 
 
