@@ -29,7 +29,8 @@ from PIL import Image
 
 from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
 
-META_DIRS = (".", "meta", "meta/ILSVRC2012_devkit", "ILSVRC2012_devkit", "..", "../meta")
+META_DIRS = (".", "meta", "meta/ILSVRC2012_devkit", "ILSVRC2012_devkit", "ILSVRC2012_devkit_t12/data",
+             "meta/ILSVRC2012_devkit_t12/data", "..", "../meta")
 
 
 @dataclass(frozen=True, slots=True)
