@@ -64,7 +64,7 @@ def plan_only(split_dir: str) -> dict:
     from pipeline.readers import SourceItem  # noqa: F401
     from pipeline.sources.index import read_index
     from pipeline.sources.layout import listing_from_index
-    from pipeline.tokenise import JobConfig, plan, shard_digest
+    from pipeline.tokenise import JobConfig, plan
 
     t_import = time.perf_counter()
     wnids = "".join(f"n{c:08d} class {c}\n" for c in range(CLASSES))
@@ -75,12 +75,13 @@ def plan_only(split_dir: str) -> dict:
     t_list = time.perf_counter()
     shards = plan(JobConfig("imagenet", "s3://bucket", split_dir, "train"), listing.items)
     t_plan = time.perf_counter()
-    digests = [shard_digest(shards[i]) for i in range(len(shards))]
+    digests = [shards.digest(i) for i in range(len(shards))]  # what run_shards checks first
+    first = shards[0]  # and a shard's items, made when it is submitted
     t_end = time.perf_counter()
     return {"images": len(listing.items), "shards": len(digests), "plan_s_1m": round(t_end - t_import, 2),
             "import_s": round(t_import - t0, 2),
             "read_index_s": round(t_read - t_import, 2), "layout_s": round(t_list - t_read, 2),
-            "plan_s": round(t_plan - t_list, 2), "digest_s": round(t_end - t_plan, 2),
+            "plan_s": round(t_plan - t_list, 2), "digest_s": round(t_end - t_plan, 2), "shard_items": len(first),
             "plan_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

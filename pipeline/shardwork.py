@@ -61,9 +61,14 @@ def progress_url(cfg: Any, index: int) -> str:
     return sio.join(cfg.split_dir, f"_progress/{shard_name(index)}.json")
 
 
+def digest_keys(keys: Sequence[str]) -> str:
+    """sha256 of keys joined by newlines (``shard_digest`` of items with these keys)."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
 def shard_digest(items: Sequence[SourceItem]) -> str:
     """sha256 of a shard's item keys, in order: what its progress record must match to be reused."""
-    return hashlib.sha256("\n".join(it.key for it in items).encode()).hexdigest()
+    return digest_keys([it.key for it in items])
 
 
 def write_shard(cfg: Any, codec: TokenCodec, fingerprint: str, index: int,

@@ -38,12 +38,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.prepare import PrepareConfig, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
 from pipeline.shardwork import (  # noqa: F401  (re-exported: the job's per-shard work)
     MAX_PROGRESS_BYTES,
     chunk_samples,
+    digest_keys,
     encode_chunk,
     finished_record,
     progress_url,
@@ -237,6 +239,14 @@ class Plan(Sequence):
             raise IndexError(i)
         i %= len(self)
         return [self.items[int(j)] for j in self.order[i * self.shard_size : (i + 1) * self.shard_size]]
+
+    def digest(self, i: int) -> str:
+        """``shard_digest(self[i])``, from the keys alone (no ``SourceItem`` made for an ``ItemTable``)."""
+        part = self.order[i * self.shard_size : (i + 1) * self.shard_size]
+        keys = getattr(self.items, "keys", None)
+        if keys is None:
+            return shard_digest([self.items[int(j)] for j in part])
+        return digest_keys(keys.take(pa.array(part)).to_pylist())
 
 
 def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> Plan:

@@ -127,7 +127,8 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
     """Write every shard not already finished; returns the progress records of all shards."""
     records: dict[int, dict] = {}
     for i in range(len(shards)):
-        record = finished_record(cfg, i, fingerprint, shard_digest(shards[i]))
+        digest = shards.digest(i) if hasattr(shards, "digest") else shard_digest(shards[i])  # a Plan: keys only
+        record = finished_record(cfg, i, fingerprint, digest)
         if record is not None:
             records[i] = record
     todo = [i for i in range(len(shards)) if i not in records]

@@ -76,15 +76,53 @@ def imagenet(tmp_path_factory):
 def test_ilsvrc_tars_on_s3_give_the_extracted_folders_shards(ray_cluster, s3_bucket, imagenet, tmp_path):
     folder, tars = imagenet
     upload(tars, f"{s3_bucket}/ilsvrc")
+    upload(folder, f"{s3_bucket}/folder")  # the extracted folder on S3 too: listed through fsspec
     for split in ("train", "val"):
         assert main(_job("imagenet", folder, tmp_path / "folder", "--split", split)) == 0
         ckpt = str(tmp_path / "folder" / "tokenizer.pt")
-        out = f"{s3_bucket}/tok"
-        assert main(_job("imagenet", f"{s3_bucket}/ilsvrc", out, "--split", split, "--tokenizer", ckpt)) == 0
-        want, got = _shards(str(tmp_path / "folder" / split)), _shards(f"{out}/{split}")
-        assert len(want) == 2 and want == got, split  # same names, same bytes: same keys, labels, pixels
-        assert sio.exists(f"{out}/{split}/source_index.parquet")
-        assert sio.read_bytes(f"{out}/{split}/rejects.jsonl") == b""
+        want = _shards(str(tmp_path / "folder" / split))
+        assert len(want) == 2, split
+        for name in ("ilsvrc", "folder"):
+            out = f"{s3_bucket}/tok-{name}"
+            assert main(_job("imagenet", f"{s3_bucket}/{name}", out, "--split", split, "--tokenizer", ckpt)) == 0
+            assert _shards(f"{out}/{split}") == want, (name, split)  # same bytes: same keys, labels, pixels
+            assert sio.read_bytes(f"{out}/{split}/rejects.jsonl") == b""
+        assert sio.exists(f"{s3_bucket}/tok-ilsvrc/{split}/source_index.parquet")
+
+
+def test_bad_members_of_an_s3_ilsvrc_tar_are_rejected_and_the_job_completes(ray_cluster, s3_bucket, imagenet,
+                                                                            tmp_path):
+    import io
+    import tarfile
+
+    folder, _ = imagenet
+    classes = sorted((folder / "train").iterdir())
+    with tarfile.open(tmp_path / "ILSVRC2012_img_train.tar", "w") as outer:
+        def add(tf, name, data):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+        for d in classes[:2]:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for p in d.iterdir():
+                    add(inner, p.name, p.read_bytes())
+                add(inner, "../escape.JPEG", b"x" * 100)
+                add(inner, "broken.JPEG", b"\xff\xd8 not really a jpeg")
+            add(outer, f"{d.name}.tar", buf.getvalue())
+        add(outer, f"{classes[2].name}.tar", b"garbage" * 300)
+    upload(tmp_path / "ILSVRC2012_img_train.tar", f"{s3_bucket}/bad/ILSVRC2012_img_train.tar")
+    upload(folder / "meta", f"{s3_bucket}/bad/meta")
+    out = f"{s3_bucket}/tok"
+    assert main(_job("imagenet", f"{s3_bucket}/bad", out)) == 0
+    import json
+
+    report = json.loads(sio.read_bytes(f"{out}/train/report.json"))
+    rejects = [json.loads(line) for line in sio.read_bytes(f"{out}/train/rejects.jsonl").splitlines()]
+    reasons = " | ".join(r["reason"] for r in rejects)
+    assert report["written"] == 2 and report["rejected"] == len(rejects) == 5, reasons
+    assert "'..'" in reasons and "corrupt or truncated tar" in reasons and "cannot decode" in reasons
 
 
 @pytest.mark.parametrize("split", ["validation"])

@@ -134,3 +134,14 @@ def test_actors_beyond_the_gpus_are_clamped(capsys):
     assert "--actors 8 but the cluster has 1 GPU" in capsys.readouterr().err
     assert actor_count(None, gpus=2, cpus=16) == 2 and actor_count(None, gpus=0, cpus=3) == 3
     assert actor_count(5, gpus=0, cpus=2) == 5  # CPU actors take no CPU slot
+
+
+def test_ade20k_parquet_carries_label_maps(tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(np.arange(24 * 32, dtype=np.uint8).reshape(24, 32) % 151).save(png, "PNG")
+    table = pa.table({"image": [{"bytes": _jpeg(0), "path": "ADE_train_1.jpg"}],
+                      "annotation": [{"bytes": png.getvalue(), "path": "ADE_train_1.png"}]})
+    pq.write_table(table, tmp_path / "ade.parquet")
+    listing, _ = list_source_url(str(tmp_path / "ade.parquet"), None, "ade20k", "training", str(tmp_path / "out"))
+    chunk = prepare_chunk(list(listing.items), PrepareConfig(resolution=16, labelmap_resolution=8))
+    assert [it.key for it in chunk.items] == ["ADE_train_1"] and chunk.labelmaps[0].shape == (8, 8)

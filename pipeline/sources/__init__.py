@@ -202,7 +202,7 @@ def list_source_url(src: str, fmt: str | None, dataset: str, split: str, split_d
     from pipeline.sources.layout import ItemTable  # noqa: F401  (the listing's item type)
 
     meta_rows = {}
-    if fmt in ("zip", "ilsvrc-tar"):
+    if fmt in ("zip", "ilsvrc-tar", "folder"):  # label and synset files inside the source
         names = table.column("name").to_pylist()
         kinds = table.column("kind").to_pylist()
         small = ItemTable(table, _no_rows(), _no_keys(), _no_rows())
