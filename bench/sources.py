@@ -1,6 +1,6 @@
 """Sources benchmark: planning 1.28 M images from an index, and tokenising from an S3 tar vs a folder.
 
-    python bench/sources.py --json out/sources.json [--data ../shared/data/imagenette/train] [--images 600]
+    python bench/sources.py --json out/sources.json [--data ../shared/data/imagenette/train] [--images 1500]
 
 ``plan_s_1m`` / ``plan_peak_rss_mb``: a synthetic ILSVRC train index (1,000 classes x 1,281
 members, the real tar's shape: outer offset + inner offset, ~110 KB members) is stored as the
@@ -85,7 +85,7 @@ def plan_only(split_dir: str) -> dict:
             "plan_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def archive_vs_folder(data: Path, n: int, num_cpus: int, tmp: Path) -> dict:
+def archive_vs_folder(data: Path, n: int, num_cpus: int, resolution: int, tmp: Path) -> dict:
     """Tokenise ``n`` images of ``data`` from an S3 ILSVRC-style tar and from the folder; throughputs."""
     sys.path.insert(0, str(_ROOT / "tests"))
     from sources_support import ilsvrc_tars, upload
@@ -104,8 +104,8 @@ def archive_vs_folder(data: Path, n: int, num_cpus: int, tmp: Path) -> dict:
     (folder / "meta" / "synset_words.txt").write_text("".join(f"{d.name} x\n" for d in sorted(data.iterdir())
                                                               if d.is_dir()))
     ilsvrc_tars_dir = ilsvrc_tars_with_empty_val(folder, tmp / "tars", ilsvrc_tars)
-    job = ["--dataset", "imagenet", "--resolution", "128", "--vocab", "256", "--fit-images", "256",
-           "--shard-size", "128", "--num-cpus", str(num_cpus)]
+    job = ["--dataset", "imagenet", "--resolution", str(resolution), "--vocab", "512", "--fit-images", "256",
+           "--shard-size", "256", "--num-cpus", str(num_cpus)]
     assert main([*job, "--src", str(folder), "--out", str(tmp / "fit")]) == 0  # fit the tokenizer once
     ckpt = str(tmp / "fit" / "tokenizer.pt")
     with LocalS3() as s3:
@@ -119,7 +119,7 @@ def archive_vs_folder(data: Path, n: int, num_cpus: int, tmp: Path) -> dict:
     assert s3_report["written"] == n_done
     folder_ips, s3_ips = n_done / folder_report["tokenise_s"], n_done / s3_report["tokenise_s"]
     return {"images": n_done, "folder_img_s": round(folder_ips, 1), "archive_s3_img_s": round(s3_ips, 1),
-            "archive_s3_vs_folder": round(s3_ips / folder_ips, 3), "num_cpus": num_cpus}
+            "archive_s3_vs_folder": round(s3_ips / folder_ips, 3), "num_cpus": num_cpus, "resolution": resolution}
 
 
 def ilsvrc_tars_with_empty_val(folder: Path, dest: Path, build) -> Path:
@@ -131,7 +131,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
     ap.add_argument("--data", default=str(_ROOT.parent / "shared" / "data" / "imagenette" / "train"))
-    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--images", type=int, default=1500)
+    ap.add_argument("--resolution", type=int, default=256, help="the tokenizer's input side (the job's default)")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--plan-only", help=argparse.SUPPRESS)
     ap.add_argument("--skip-archive", action="store_true", help="only the planning figures")
@@ -147,7 +148,7 @@ def main() -> int:
         result = {"plan": json.loads(done.stdout.strip().splitlines()[-1])}
         result.update(plan_s_1m=result["plan"]["plan_s_1m"], plan_peak_rss_mb=result["plan"]["plan_peak_rss_mb"])
         if not a.skip_archive:
-            result["archive"] = archive_vs_folder(Path(a.data), a.images, a.num_cpus, tmp)
+            result["archive"] = archive_vs_folder(Path(a.data), a.images, a.num_cpus, a.resolution, tmp)
             result["archive_s3_vs_folder"] = result["archive"]["archive_s3_vs_folder"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import posixpath
 
-from pipeline.readers import META_DIRS, Listing, MetaFinder
+from pipeline.readers import META_DIRS, Listing, MetaFinder, Span
 from pipeline.sources.archives import index_tar, index_zip
 from pipeline.sources.fetch import read_span
 from pipeline.sources.index import IndexBuilder, read_index, write_index
@@ -159,7 +159,7 @@ def _shard_lengths(src: str, split: str) -> dict[str, int] | None:
         return None
 
 
-def meta_finder(src: str, index_names: dict[str, tuple] | None = None) -> MetaFinder:
+def meta_finder(src: str, index_names: dict[str, Span] | None = None) -> MetaFinder:
     """Finds label/synset files: members of the archive (``index_names``: name -> span), then files
     beside the source (``META_DIRS`` relative to its folder)."""
     base = src.rstrip("/")
@@ -184,7 +184,7 @@ def meta_finder(src: str, index_names: dict[str, tuple] | None = None) -> MetaFi
 def list_source_url(src: str, fmt: str | None, dataset: str, split: str, split_dir: str,
                     columns: dict[str, str] | None = None) -> tuple[Listing, dict]:
     """The listing of ``split`` of ``dataset`` at ``src``; returns it and how the index was had
-    ({"format", "index": url, "reused": bool, "members"})."""
+    ({"format", "reused": whether a stored index was used, "members": index rows})."""
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -199,29 +199,19 @@ def list_source_url(src: str, fmt: str | None, dataset: str, split: str, split_d
         table = build_index(src, fmt, split, objects, columns).table()
         if signature:
             write_index(split_dir, table, signature)
-    from pipeline.sources.layout import ItemTable  # noqa: F401  (the listing's item type)
-
-    meta_rows = {}
-    if fmt in ("zip", "ilsvrc-tar", "folder"):  # label and synset files inside the source
-        names = table.column("name").to_pylist()
-        kinds = table.column("kind").to_pylist()
-        small = ItemTable(table, _no_rows(), _no_keys(), _no_rows())
-        for r, n in enumerate(names):
-            if kinds[r] != "reject" and n.endswith((".txt", ".csv", ".json")):
-                meta_rows[n[len(ADE_ROOT):] if n.startswith(ADE_ROOT) else n] = small.span(r)
+    meta_rows = _meta_spans(table) if fmt in ("zip", "ilsvrc-tar", "folder") else {}  # label files in the source
     listing = listing_from_index(table, dataset, split, meta_finder(src, meta_rows),
                                  labelled_source=fmt in ("wds", "parquet"),
                                  labelmap_column=columns.get("annotation", ""))
     return listing, {"format": fmt, "reused": reused, "members": table.num_rows}
 
 
-def _no_rows():
-    import numpy as np
+def _meta_spans(table) -> dict[str, Span]:
+    """Name -> span of the index's small text members (synset lists, label files, objectInfo150.txt)."""
+    import pyarrow.compute as pc
 
-    return np.zeros(0, np.int64)
-
-
-def _no_keys():
-    import pyarrow as pa
-
-    return pa.array([], pa.string())
+    text = pc.match_substring_regex(table.column("name"), r"\.(txt|csv|json)$")
+    rows = table.filter(pc.and_(text, pc.not_equal(table.column("kind"), "reject"))).to_pylist()
+    fields = [f for f in Span.__slots__ if f != "url"]
+    return {(r["name"][len(ADE_ROOT):] if r["name"].startswith(ADE_ROOT) else r["name"]):
+            Span(r["url"], **{f: r[f] for f in fields}) for r in rows}

@@ -22,7 +22,7 @@ from pipeline.sources.archives import open_object
 from storage import io as sio
 
 MAX_MEMBER_BYTES = 256 << 20
-MERGE_GAP = 256 << 10  # reading up to 256 KiB between two members beats a second request
+MERGE_GAP = 32 << 10  # reading up to 32 KiB between two members beats a second request
 MERGE_MAX = 16 << 20
 READ_THREADS = 16
 ZIP_HEADER = struct.Struct("<4s2B4HL2L2H")  # local file header: 30 bytes
