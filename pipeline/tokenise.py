@@ -204,6 +204,10 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
                            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     url = write_manifest(cfg.split_dir, meta, infos)
     written = sum(i.samples for i in infos)
+    per_node: dict[str, int] = {}
+    for r in records:
+        for node, n in r.get("nodes", {}).items():
+            per_node[node] = per_node.get(node, 0) + n
     report = {
         "images_in": len(listing.items) + len(listing.rejects),
         "written": written,
@@ -217,6 +221,7 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
         "tokenizer": how,
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "codec": meta.codec.name,
+        "nodes": dict(sorted(per_node.items())),  # images this run tokenised per Ray node id (resumed shards: none)
     }
     sio.write_bytes_atomic(sio.join(cfg.split_dir, "report.json"), (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -60,8 +60,9 @@ class TokenizerActor:
             self.tokenizer.to("cuda")
         self.batch_size = batch_size
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The id of the Ray node this actor runs on (hex)."""
+        return ray.get_runtime_context().get_node_id()
 
     def encode(self, chunk: PreparedChunk) -> tuple:
         """(the chunk without its pixels, tokens (n, h, w), view tokens (n, V, h, w))."""
@@ -122,6 +123,22 @@ def actor_count(requested: int | None, gpus: int, cpus: int) -> int:
     return requested
 
 
+def actor_options(n_actors: int, gpus: int, nodes: list[dict]) -> list[dict]:
+    """Ray options of each tokenizer actor. GPU actors take a GPU each (Ray places them). CPU actors
+    hold no CPU slot (they share cores with the decode tasks), so Ray would put them all on the
+    driver's node: they are pinned (softly) to the alive nodes in turn, one per CPU of each node."""
+    if gpus:
+        return [{"num_gpus": 1}] * n_actors
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    slots = [[n["NodeID"]] * int(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")]
+    order = [ids[k] for k in range(max(map(len, slots), default=0)) for ids in slots if k < len(ids)]
+    if not order:
+        return [{"num_cpus": 0}] * n_actors
+    return [{"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(order[i % len(order)], soft=True)}
+            for i in range(n_actors)]
+
+
 def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, codec: TokenCodec,
                fingerprint: str) -> list[dict]:
     """Write every shard not already finished; returns the progress records of all shards."""
@@ -142,12 +159,16 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         gpus = int(resources.get("GPU", 0))
         cpus = int(resources.get("CPU", 1))
         n_actors = actor_count(cfg.actors, gpus, cpus)
-        options = {"num_gpus": 1} if gpus else {"num_cpus": 0}
         ckpt_ref = ray.put(checkpoint)
-        actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size) for _ in range(n_actors)]
-        ray.get([a.ready.remote() for a in actors] + [warm_up.remote() for _ in range(cpus)])
+        actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size)
+                  for options in actor_options(n_actors, gpus, ray.nodes())]
+        actor_nodes = ray.get([a.ready.remote() for a in actors])
+        ray.get([warm_up.remote() for _ in range(cpus)])
         where = f"{gpus} GPU actor(s)" if gpus else f"{n_actors} CPU actor(s)"
-        print(f"ray: {cpus} CPUs, {gpus} GPUs; tokenising with {where}", file=sys.stderr)
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        print(f"ray: {alive} nodes, {cpus} CPUs, {gpus} GPUs; tokenising with {where} on "
+              f"{len(set(actor_nodes))} node(s)", file=sys.stderr)
+        nodes: dict[int, dict[str, int]] = {}
         prep_cfg = cfg.prepare_config()
         inflight: dict = {}
         turn = 0
@@ -167,8 +188,10 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
             items = list(shards[i])
             parts = []
             for j in range(0, len(items), cfg.chunk_size):
-                actor = actors[turn % n_actors]
+                actor, node = actors[turn % n_actors], actor_nodes[turn % n_actors]
                 turn += 1
+                per_node = nodes.setdefault(i, {})
+                per_node[node] = per_node.get(node, 0) + len(items[j : j + cfg.chunk_size])
                 if gpus:  # decode on CPU tasks, tokenise on the GPU actors
                     parts.append(actor.encode.remote(prepare_task.remote(items[j : j + cfg.chunk_size], prep_cfg)))
                 else:
@@ -181,6 +204,7 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         bar.close()
         for i in todo:  # steady-state time (after Ray and the actors are up), for benchmarks
             records[i]["tokenise_s"] = time.perf_counter() - t0
+            records[i]["nodes"] = nodes[i]  # images tokenised per Ray node id
     finally:
         _stop_ray(started_ray)
     return [records[i] for i in range(len(shards))]
