@@ -56,10 +56,11 @@ def test_two_node_cluster_tokenises_s3_to_s3(s3_bucket, tmp_path):
 def test_cpu_actors_are_spread_over_the_nodes_one_per_cpu():
     from pipeline.tokenise_ray import actor_options
 
-    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0}},
-             {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 8.0}},
-             {"NodeID": "b", "Alive": True, "Resources": {"CPU": 1.0}}]
+    a, b, dead = "aa" * 28, "bb" * 28, "dd" * 28  # Ray node ids: 56 hex digits
+    nodes = [{"NodeID": a, "Alive": True, "Resources": {"CPU": 2.0}},
+             {"NodeID": dead, "Alive": False, "Resources": {"CPU": 8.0}},
+             {"NodeID": b, "Alive": True, "Resources": {"CPU": 1.0}}]
     placed = [o["scheduling_strategy"].node_id for o in actor_options(4, 0, nodes)]
-    assert placed == ["a", "b", "a", "a"]
+    assert placed == [a, b, a, a]
     assert all(o["num_cpus"] == 0 for o in actor_options(3, 0, nodes))
     assert actor_options(2, 1, nodes) == [{"num_gpus": 1}] * 2
