@@ -59,8 +59,8 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids
 from pretrain.metrics import IGNORE_INDEX, ConfusionMatrix, ade20k_targets
-from pretrain.objectives import DataSpec, Objective
-from pretrain.objectives.classify import load_pretrained
+from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.parts import init_backbone
 from pretrain.vit import VisionTransformer, ViTConfig, interpolate_pos_embed
 
 __all__ = ["SegmentConfig", "Segment", "check_augment", "evaluate_segmentation", "class_names_of"]
@@ -174,6 +174,10 @@ class Segment(Objective):
     split's mIoU is ``evaluate_segmentation``'s). Both are 0-dim float tensors, 0 when no pixel is labelled.
     """
 
+    name = "segment"
+    config_class = SegmentConfig
+    needs = DataNeeds(labelmap=True, token_geometry=False)
+
     def __init__(self, cfg: SegmentConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
         if vit.stem != "token":
@@ -190,10 +194,7 @@ class Segment(Objective):
         if cfg.head == "upernet" and vit.grid_size < 2:
             raise ValueError(f"objective segment: head upernet needs a patch grid >= 2, got {vit.grid_size}")
         self.out_indices = idx
-        if cfg.init:
-            report = load_pretrained(self.encoder, cfg.init)
-            print(f"init from {cfg.init}: {len(report['loaded'])} tensors loaded, fresh: "
-                  f"{report['fresh'] or 'none'}, skipped: {report['skipped'] or 'none'}", flush=True)
+        init_backbone(self.encoder, cfg.init)
         self.head = (UperNetHead if cfg.head == "upernet" else PUPHead)(vit.embed_dim, cfg)
         nn.init.normal_(self.head.cls.weight, std=0.01)
         nn.init.zeros_(self.head.cls.bias)
