@@ -298,7 +298,7 @@ def _model(section: dict, where: str) -> ViTConfig:
     fields = {f.name for f in dataclasses.fields(ViTConfig)} - set(_DATA_FIELDS)
     unknown = sorted(set(section) - fields)
     if unknown:
-        raise ConfigError(f"{where}: model.{unknown[0]} is not a known key; valid keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key model.{unknown[0]}; valid keys: {sorted(fields)}")
     options = {**PRESETS[preset], **section}
     patch = options.get("patch_size", ViTConfig.patch_size)
     placeholder = patch if isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1 else 1

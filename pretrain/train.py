@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+from pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint, runtime
 from pretrain.augment import BatchSeededAugment
 from pretrain.config import ConfigError, TrainConfig, load_config
@@ -52,6 +53,7 @@ from pretrain.objectives import DataSpec, Objective, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
 from pretrain.provenance import TokenizerMismatch, check_identity, identity_of_checkpoint, identity_of_meta
 from pretrain.vit import ViTConfig
+from storage import io as sio
 from storage.cli import run_cli
 from storage.manifest import manifest_url, read_manifest
 from storage.mix import source_from_dict
@@ -148,8 +150,13 @@ def check_tokens(cfg: TrainConfig, resume: str | None) -> dict | None:
     predictor = getattr(cfg.objective, "predictor", "")  # ADDP's frozen MTM must belong to the data's tokens too
     if predictor and Path(predictor).exists():
         check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where, allow)
-    # Tokenizers the objective loads (ADDP's, classify's decoder) are checked by the loader itself
-    # (``DataSpec.tokenizer_fingerprint``, ``pipeline.tokenizer.load_tokenizer``).
+    # Tokenizers the objective loads (ADDP's, classify's decoder) are checked again by the loader itself
+    # (``DataSpec.tokenizer_fingerprint``); here a mismatch costs seconds, not a process group.
+    for what, url in (("the ADDP tokenizer", getattr(cfg.objective, "tokenizer", "")),
+                      ("the decoder tokenizer", getattr(cfg.objective, "decoder", ""))):
+        if url and sio.exists(url):
+            made = {**identity, "tokenizer_fingerprint": load_tokenizer(url).fingerprint}
+            check_identity(made, identity, f"{what} {url}", where, allow)
     if resume is not None:
         ckpt = Path(resume or Path(cfg.run.out) / "checkpoints")
         if (ckpt / "latest").is_file() or ckpt.name.startswith("step"):

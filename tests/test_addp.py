@@ -20,8 +20,6 @@ from pretrain.objectives import DataSpec, load_objective
 from pretrain.objectives.addp import (
     ADDP,
     ADDPConfig,
-    KMeansPatchDecoder,
-    frozen_decoder,
     mask_ratio_grid,
     mask_ratio_probs,
     nested_masks,
@@ -29,6 +27,7 @@ from pretrain.objectives.addp import (
     soft_cross_entropy,
 )
 from pretrain.objectives.mtm import MTM, MTMConfig
+from pretrain.objectives.parts import KMeansPatchDecoder, frozen_decoder
 from pretrain.vit import ViTConfig
 
 # tiny_preset(32): f2, 32 px -> 16 x 16 tokens, K = 64. The predictor masks 2 x 2 tokens: 64 units.
@@ -223,7 +222,6 @@ def _save_trainer_checkpoint(path, module, vit, name, options):
 
 
 def test_built_from_paths_and_reloaded(tok, predictor, tmp_path, monkeypatch):
-    monkeypatch.setattr(objectives, "_registry", lambda: {"mtm": (MTMConfig, MTM), "addp": (ADDPConfig, ADDP)})
     tok.save(tmp_path / "tok.pt")
     _save_trainer_checkpoint(tmp_path / "mtm", predictor, VIT, "mtm", MTM_OPTIONS)
     options = {**SMALL, "tokenizer": str(tmp_path / "tok.pt"), "predictor": str(tmp_path / "mtm")}

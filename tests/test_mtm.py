@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.objectives import DataSpec, build_objective
-from pretrain.objectives.mtm import MTMConfig, patch_mean, random_masks, sample_mask_ratio
+from pretrain.objectives.mtm import MTMConfig
+from pretrain.objectives.parts import patch_mean, random_masks, sample_mask_ratio
 from pretrain.vit import ViTConfig
 
 VIT = ViTConfig(embed_dim=32, depth=2, num_heads=2, grid=8, patch_size=2, vocab_size=40, token_dim=8)
@@ -98,7 +99,7 @@ def test_head_scores_against_the_token_embedding_table():
     with torch.no_grad():
         table.mul_(2.0)
     doubled = model.token_logits(z)
-    bias = model.head_bias
+    bias = model.token_head.bias
     torch.testing.assert_close(doubled - bias, 2 * (logits - bias))
 
 

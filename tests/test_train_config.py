@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name, ["data.train=/x/train"])
-    assert cfg.objective["name"] in OBJECTIVES and cfg.run.steps > 0
+    assert cfg.objective_name in OBJECTIVES and cfg.run.steps > 0
     assert isinstance(cfg.optim.blr, float)  # "1.5e-4" is a float here, not YAML 1.1's string
 
 
@@ -71,7 +71,7 @@ def test_no_weight_decay_on_norms_biases_and_positions():
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed", "head_bias",
+    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed", "token_head.bias",
             "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay_names
     assert {"encoder.blocks.0.attn.qkv.weight", "encoder.token_embed.word_embeddings.weight",
             "encoder.patch_embed.proj.weight"} <= decay_names

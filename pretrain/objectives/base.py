@@ -115,7 +115,7 @@ def make_config(cls: type, options: dict, where: str):
     fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]} is not a known key; valid keys: {sorted(fields)}")
+        raise ValueError(f"unknown key {where}.{unknown[0]}; valid keys: {sorted(fields)}")
     converted = {}
     for k, v in options.items():
         typ = fields[k]
