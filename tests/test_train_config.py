@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -152,3 +153,32 @@ def test_yaml_aliases_and_huge_files_are_refused(tmp_path):
     big.write_text("run:\n  steps: 1\n" + "#" * (MAX_CONFIG_BYTES + 1))
     with pytest.raises(ConfigError, match="configs are at most"):
         load_config(big)
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=0", "data.batch_size"), ("model.depth=-1", "model.depth"),
+                                           ("objective.mask_ratio_min=2", "objective.mask_ratio_min"),
+                                           ("model.dpeth=3", "model.dpeth"), ("augment.hflip_p=x", "augment.hflip_p")])
+def test_a_config_mistake_is_one_line_naming_the_key(override, key, capsys):
+    """Refused by load_config, before any process group or engine: one ``error:`` line, no traceback."""
+    from pretrain.train import main
+
+    assert main(["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data", "nowhere", override]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and key in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_every_section_is_a_frozen_dataclass():
+    import dataclasses
+
+    from pretrain.augment import TokenAugConfig
+    from pretrain.objectives.segment import SegmentConfig
+
+    cfg = load_config(ROOT / "configs" / "finetune_seg_tiny.yaml", ["data.train=x", "augment={rrc: false, hflip_p: 0}"])
+    assert isinstance(cfg.model, ViTConfig) and isinstance(cfg.objective, SegmentConfig)
+    assert isinstance(cfg.augment, TokenAugConfig) and cfg.objective_name == "segment"
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, dataclasses.fields(value)[0].name, None)
+    again = load_config(None, [f"{s}={json.dumps(v)}" for s, v in cfg.to_dict().items()])
+    assert again == cfg  # to_dict (config.yaml, checkpoints) reads back to the same config

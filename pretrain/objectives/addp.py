@@ -66,6 +66,7 @@ from torch import nn
 
 from pretrain.objectives.base import DataSpec, Objective
 from pretrain.objectives.parts import (
+    TOKEN_HEAD_LEGACY_NAMES,
     SubTokenHead,
     decoder_blocks,
     frozen_decoder,
@@ -211,8 +212,7 @@ class ADDP(Objective):
 
     name = "addp"
     config_class = ADDPConfig
-    legacy_names: ClassVar[dict[str, str]] = {"head_fc.": "token_head.fc.", "head_norm.": "token_head.norm.",
-                                              "head_bias": "token_head.bias"}
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
 
     def __init__(self, cfg: ADDPConfig, vit: ViTConfig, data: DataSpec, *, tokenizer=None,
                  predictor: nn.Module | None = None):

@@ -56,6 +56,8 @@ from torch import nn
 from pretrain.augment_geometry import crop_ids, random_resized_crop_params
 from pretrain.objectives.base import DataSpec, Objective
 from pretrain.objectives.parts import (
+    TOKEN_HEAD_LEGACY_NAMES,
+    MaskedTokenConfig,
     SubTokenHead,
     decoder_blocks,
     decoder_slots,
@@ -75,25 +77,14 @@ _CLS_MODES = ("ce", "contrastive")
 
 
 @dataclass(frozen=True)
-class M3IConfig:
-    """M3I settings (see the module table for where each default comes from)."""
+class M3IConfig(MaskedTokenConfig):
+    """M3I settings (see the module table for where each default comes from); the masked-token fields
+    (masking, decoder, intra-view token head) are MTM's (``parts.MaskedTokenConfig``)."""
 
+    mask_ratio_max: float = 0.75
     w_intra: float = 1.0
     w_inter: float = 1.0
     w_cls: float = 1.0
-    mask_ratio_min: float = 0.4
-    mask_ratio_max: float = 0.75
-    mask_ratio_mu: float = 0.45
-    mask_ratio_std: float = 0.25
-    drop_ratio: float | None = None  # None: mask_ratio_min (MTM)
-    decoder_dim: int = 512
-    decoder_depth: int = 4
-    decoder_heads: int = 16
-    decoder_dropout: float = 0.1
-    token_dropout: float = 0.1
-    label_smoothing: float = 0.0  # intra-view token CE (MTM)
-    detach_head: bool = True
-    table_init_std: float = 0.02
     ema_momentum: float = 0.996
     total_steps: int = 0  # the trainer fills in run.steps (cosine schedule); 0 keeps ema_momentum constant
     feature_loss: str = "mse"  # "mse" | "smooth_l1" | "cosine"
@@ -106,32 +97,24 @@ class M3IConfig:
     flip_p: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"M3IConfig: {message}")
+                raise ValueError(f"objective.{message}")
 
         need(min(self.w_intra, self.w_inter, self.w_cls) >= 0 and self.w_intra + self.w_inter + self.w_cls > 0,
-             f"loss weights must be >= 0 and not all 0, got {self.w_intra}, {self.w_inter}, {self.w_cls}")
-        need(0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0 and self.mask_ratio_std > 0,
-             f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1 and mask_ratio_std > 0, got "
-             f"{self.mask_ratio_min}, {self.mask_ratio_max}, {self.mask_ratio_std}")
-        need(self.drop_ratio is None or 0.0 <= self.drop_ratio <= self.mask_ratio_min,
-             f"drop_ratio must lie in [0, mask_ratio_min={self.mask_ratio_min}], got {self.drop_ratio}")
-        need(self.decoder_dim % self.decoder_heads == 0 and self.decoder_dim % 4 == 0,
-             f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads} and by 4")
+             f"w_intra/w_inter/w_cls must be >= 0 and not all 0, got {self.w_intra}, {self.w_inter}, {self.w_cls}")
+        need(self.decoder_dim % 4 == 0, f"decoder_dim {self.decoder_dim} must be divisible by 4 (sin-cos positions)")
         need(0.0 <= self.ema_momentum <= 1.0 and self.total_steps >= 0,
-             f"need 0 <= ema_momentum <= 1 and total_steps >= 0, got {self.ema_momentum}, {self.total_steps}")
+             f"ema_momentum must be in [0, 1] and total_steps >= 0, got {self.ema_momentum}, {self.total_steps}")
         need(self.feature_loss in _FEATURE_LOSSES, f"feature_loss must be one of {_FEATURE_LOSSES}")
         need(self.cls_mode in _CLS_MODES, f"cls_mode must be one of {_CLS_MODES}")
-        need(self.temperature > 0 and self.table_init_std > 0, "temperature and table_init_std must be > 0")
-        need(0.0 <= self.label_smoothing < 1 and 0.0 <= self.cls_smoothing < 1 and 0.0 <= self.flip_p <= 1.0,
-             "label_smoothing and cls_smoothing must be in [0, 1), flip_p in [0, 1]")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0.0 <= self.cls_smoothing < 1 and 0.0 <= self.flip_p <= 1.0,
+             "cls_smoothing must be in [0, 1), flip_p in [0, 1]")
         need(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
-             f"bad crop_scale {self.crop_scale} or crop_ratio {self.crop_ratio}")
-
-    @property
-    def drop(self) -> float:
-        return self.mask_ratio_min if self.drop_ratio is None else self.drop_ratio
+             f"crop_scale / crop_ratio: bad values {self.crop_scale}, {self.crop_ratio}")
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -277,8 +260,7 @@ class M3I(Objective):
 
     name = "m3i"
     config_class = M3IConfig
-    legacy_names: ClassVar[dict[str, str]] = {"head_fc.": "token_head.fc.", "head_norm.": "token_head.norm.",
-                                              "head_bias": "token_head.bias"}
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
 
     def __init__(self, cfg: M3IConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()

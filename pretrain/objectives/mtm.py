@@ -52,6 +52,8 @@ from torch import nn
 
 from pretrain.objectives.base import DataSpec, Objective
 from pretrain.objectives.parts import (
+    TOKEN_HEAD_LEGACY_NAMES,
+    MaskedTokenConfig,
     SubTokenHead,
     decoder_blocks,
     decoder_slots,
@@ -68,45 +70,13 @@ __all__ = ["MTMConfig", "MTM"]
 
 
 @dataclass(frozen=True)
-class MTMConfig:
-    """MTM settings; defaults are SeiT++'s (see the module table)."""
-
-    mask_ratio_min: float = 0.4
-    mask_ratio_max: float = 1.0
-    mask_ratio_mu: float = 0.45
-    mask_ratio_std: float = 0.25
-    drop_ratio: float | None = None  # None: mask_ratio_min
-    decoder_dim: int = 512
-    decoder_depth: int = 4
-    decoder_heads: int = 16
-    decoder_dropout: float = 0.1
-    token_dropout: float = 0.1
-    label_smoothing: float = 0.0
-    detach_head: bool = True
-    table_init_std: float = 0.02  # std of the token-embedding table at init (S: 0.02); sets the head's logit scale
+class MTMConfig(MaskedTokenConfig):
+    """MTM settings; defaults are SeiT++'s (see the module table). The masking ratio's floor must be > 0."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mask_ratio_min <= self.mask_ratio_max <= 1.0:
-            raise ValueError(f"objective.mask_ratio_min/max: need 0 < mask_ratio_min <= mask_ratio_max <= 1, got "
-                             f"{self.mask_ratio_min}, {self.mask_ratio_max}")
-        if self.mask_ratio_std <= 0:
-            raise ValueError(f"objective.mask_ratio_std must be > 0, got {self.mask_ratio_std}")
-        if self.drop_ratio is not None and not 0.0 <= self.drop_ratio <= self.mask_ratio_min:
-            raise ValueError(f"objective.drop_ratio must lie in [0, mask_ratio_min={self.mask_ratio_min}] so dropped "
-                             f"patches are always masked, got {self.drop_ratio}")
-        if self.table_init_std <= 0:
-            raise ValueError(f"objective.table_init_std must be > 0, got {self.table_init_std}")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"objective.decoder_dim {self.decoder_dim} is not divisible by objective.decoder_heads "
-                             f"{self.decoder_heads}")
-        if min(self.decoder_dim, self.decoder_depth, self.decoder_heads) < 1:
-            raise ValueError("objective.decoder_dim, decoder_depth and decoder_heads must be >= 1")
-        if not (0.0 <= self.decoder_dropout < 1 and 0.0 <= self.token_dropout < 1 and 0.0 <= self.label_smoothing < 1):
-            raise ValueError("objective.decoder_dropout, token_dropout and label_smoothing must lie in [0, 1)")
-
-    @property
-    def drop(self) -> float:
-        return self.mask_ratio_min if self.drop_ratio is None else self.drop_ratio
+        super().__post_init__()
+        if self.mask_ratio_min <= 0:
+            raise ValueError(f"objective.mask_ratio_min must be > 0, got {self.mask_ratio_min}")
 
 
 class MTM(Objective):
@@ -118,8 +88,7 @@ class MTM(Objective):
 
     name = "mtm"
     config_class = MTMConfig
-    legacy_names: ClassVar[dict[str, str]] = {"head_fc.": "token_head.fc.", "head_norm.": "token_head.norm.",
-                                              "head_bias": "token_head.bias"}
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
 
     def __init__(self, cfg: MTMConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,13 +24,62 @@ from torch import nn
 
 from pretrain.vit import Block, VisionTransformer, ViTConfig
 
-__all__ = ["sample_mask_ratio", "random_masks", "patch_mean", "token_encoder", "masked_encoder_pass",
+__all__ = ["MaskedTokenConfig", "sample_mask_ratio", "random_masks", "patch_mean", "token_encoder",
+           "masked_encoder_pass",
            "encode_with_masked", "decoder_slots", "decoder_blocks", "xavier_linears", "SubTokenHead",
+           "TOKEN_HEAD_LEGACY_NAMES",
            "masked_token_ce", "frozen_copy", "set_dropout", "FrozenVQDecoder", "KMeansPatchDecoder",
            "frozen_decoder", "load_frozen_decoder", "normalize_input", "load_pretrained", "init_backbone"]
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (the encoders' pixel input)
 _STD = (0.229, 0.224, 0.225)
+
+
+# -- the masked-token settings --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedTokenConfig:
+    """What the masked-token stages read (masking, encoder pass, decoder, tied head): MTM's config and
+    M3I's extend it. Defaults are SeiT++'s (``pretrain.objectives.mtm`` gives each one's origin)."""
+
+    mask_ratio_min: float = 0.4
+    mask_ratio_max: float = 1.0
+    mask_ratio_mu: float = 0.45
+    mask_ratio_std: float = 0.25
+    drop_ratio: float | None = None  # None: mask_ratio_min
+    decoder_dim: int = 512
+    decoder_depth: int = 4
+    decoder_heads: int = 16
+    decoder_dropout: float = 0.1
+    token_dropout: float = 0.1
+    label_smoothing: float = 0.0
+    detach_head: bool = True
+    table_init_std: float = 0.02  # std of the token-embedding table at init (S: 0.02); sets the head's logit scale
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"objective.{message}")
+
+        need(0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0, f"mask_ratio_min/max: need 0 <= "
+             f"mask_ratio_min <= mask_ratio_max <= 1, got {self.mask_ratio_min}, {self.mask_ratio_max}")
+        need(self.mask_ratio_std > 0, f"mask_ratio_std must be > 0, got {self.mask_ratio_std}")
+        need(self.drop_ratio is None or 0.0 <= self.drop_ratio <= self.mask_ratio_min,
+             f"drop_ratio must lie in [0, mask_ratio_min={self.mask_ratio_min}] so dropped patches are always "
+             f"masked, got {self.drop_ratio}")
+        need(self.table_init_std > 0, f"table_init_std must be > 0, got {self.table_init_std}")
+        need(min(self.decoder_dim, self.decoder_depth, self.decoder_heads) >= 1,
+             "decoder_dim, decoder_depth and decoder_heads must be >= 1")
+        need(self.decoder_dim % self.decoder_heads == 0,
+             f"decoder_dim {self.decoder_dim} is not divisible by objective.decoder_heads {self.decoder_heads}")
+        need(0.0 <= self.decoder_dropout < 1 and 0.0 <= self.token_dropout < 1 and 0.0 <= self.label_smoothing < 1,
+             "decoder_dropout, token_dropout and label_smoothing must lie in [0, 1)")
+
+    @property
+    def drop(self) -> float:
+        """The fraction of patches dropped (never seen by the encoder); always <= mask_ratio_min."""
+        return self.mask_ratio_min if self.drop_ratio is None else self.drop_ratio
 
 
 # -- masking --------------------------------------------------------------------------------------
@@ -156,6 +206,11 @@ def xavier_linears(modules: Iterable[nn.Module]) -> None:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+
+
+# State-dict names of the head before it was a part (``self.head_fc`` ...) -> its names as ``self.token_head``.
+TOKEN_HEAD_LEGACY_NAMES = {"head_fc.": "token_head.fc.", "head_norm.": "token_head.norm.",
+                           "head_bias": "token_head.bias"}
 
 
 class SubTokenHead(nn.Module):
