@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from storage.net import free_port
+
 __all__ = ["deepspeed_executable", "deepspeed_command", "shm_buffers", "run_deepspeed", "preflight", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +68,6 @@ def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | 
     """Launch ``module`` on ``ranks`` processes and wait. Output goes to ``log`` (a file) when given,
     else is captured (``capture``) or inherited. Returns the CompletedProcess (check ``returncode``).
     A trainer's bad arguments or config raise here, before any process starts (``preflight``)."""
-    from vqpt.local_s3 import free_port
-
     preflight(module, args)
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     port = free_port()

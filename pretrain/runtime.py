@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from pretrain.augment import TokenAugment
 from pretrain.objectives import DataSpec
 from storage import io as sio
+from storage.net import free_port
 
 __all__ = ["init_distributed", "set_threads", "build_augment", "RunLog", "Window", "mean_over_ranks", "shutdown",
            "remove_shm_buffers", "install_exit_cleanup", "exit_launched"]
@@ -33,19 +33,13 @@ __all__ = ["init_distributed", "set_threads", "build_augment", "RunLog", "Window
 
 # -- processes ------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Join (or, without a launcher, create a one-process) process group; returns (rank, world_size)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python -m pretrain.train`: a group of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if not dist.is_initialized():
         deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()

@@ -417,3 +417,21 @@ def test_export_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         export(tmp_path / "junk.pt", tmp_path / "o.pth")
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_attention_uses_sdpa_and_equals_the_explicit_formula(monkeypatch):
+    import torch.nn.functional as F
+
+    from pretrain.vit import Attention
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).reshape(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * 8**-0.5).softmax(-1)
+        ref = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 32))
+        torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1]

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from storage.cli import UserError
-from vqpt.local_s3 import free_port
+from storage.net import free_port
 
 __all__ = ["LocalRayCluster", "submit_job", "submit_with_retries"]
 

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+
+from storage.net import free_port  # re-exported: the quickstart and the tests import it from here
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "VQPT_S3_ENDPOINT")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalS3:

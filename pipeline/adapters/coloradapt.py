@@ -52,6 +52,7 @@ from pipeline.adapters.common import (
     tied_logits,
 )
 from pipeline.tokenizer.base import Tokenizer, load_tokenizer
+from pipeline.tokenizer.codebook import adain, embed, requantize
 
 __all__ = [
     "ColorAdaptConfig",
@@ -275,8 +276,6 @@ class LearnedColorAdapt(nn.Module):
 
 def adain_oracle(ids: torch.Tensor, target_ids: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The parameter-free op at its best: AdaIN of embed(T(x)) with the statistics of embed(T(jitter(x)))."""
-    from pretrain.augment import adain, embed, requantize
-
     cb = codebook.to(torch.float32)
     return requantize(adain(embed(ids.long(), cb), embed(target_ids.long(), cb)), cb)
 

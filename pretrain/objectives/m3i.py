@@ -63,7 +63,6 @@ from pretrain.objectives.parts import (
     decoder_slots,
     frozen_copy,
     masked_encoder_pass,
-    masked_token_ce,
     token_encoder,
     xavier_linears,
 )
@@ -363,8 +362,12 @@ class M3I(Objective):
 
     def token_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Slot features (B, N, Dd) -> logits (B, h, w, K): the sub-token head tied to the embedding (as MTM)."""
+        return self.token_head(z, self.head_table())
+
+    def head_table(self) -> torch.Tensor:
+        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
         table = self.encoder.token_embed.word_embeddings.weight
-        return self.token_head(z, table.detach() if self.cfg.detach_head else table)
+        return table.detach() if self.cfg.detach_head else table
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
@@ -374,9 +377,10 @@ class M3I(Objective):
 
     # -- losses ---------------------------------------------------------------------------------
 
-    def intra_loss(self, logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Token cross-entropy, mean over each patch's sub-tokens, then over masked patches (as MTM)."""
-        return masked_token_ce(logits, ids, masked, self.encoder.cfg.patch_size, self.cfg.label_smoothing)[0]
+    def intra_loss(self, slots: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Token cross-entropy of ``token_logits(slots)``, mean over each patch's sub-tokens, then over masked
+        patches (as MTM), with logits formed only at masked patches (``SubTokenHead.masked_loss``)."""
+        return self.token_head.masked_loss(slots, ids, masked, self.head_table(), self.cfg.label_smoothing).loss
 
     def inter_loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``feature_loss`` per query on (B, Q, D), weighted mean with ``weights`` (B, Q)."""
@@ -428,7 +432,7 @@ class M3I(Objective):
             queries, weights = self.inter_queries(views, lam) if cfg.w_inter > 0 else (None, None)
             slots, out = self.forward_decoder(latent, masked, keep_index, queries, region)
             if cfg.w_intra > 0:
-                loss_intra = self.intra_loss(self.token_logits(slots), ids, masked)
+                loss_intra = self.intra_loss(slots, ids, masked)
             if cfg.w_inter > 0:
                 target = self.teacher_targets(views.ids2)
                 if lam is not None:

@@ -16,7 +16,8 @@ One step, for ids int64 (B, h, w) with a 2 x 2 token stem (N = h/2 * w/2 patches
    LayerNorm, width 32) and scores them against the token embedding table (tied, gradient stopped,
    as SeiT++ does) plus a bias: logits (B, h, w, K).
 6. Loss: cross-entropy per token, averaged over the 2 x 2 sub-tokens of a patch and then over the
-   masked patches.
+   masked patches. Training forms the logits of step 5 only at masked patches, in chunks
+   (``masked_loss``, ``pretrain.token_loss``): same loss and gradients, no (B, h, w, K) tensor.
 
 Hyperparameters and where they come from (S = naver-ai/seit ``main_mtm_pretrain.py`` /
 ``models_mtm.py``, M = MAGE, ours = our choice):
@@ -115,18 +116,27 @@ class MTM(Objective):
         return masked_encoder_pass(self.encoder, self.mask_token, self.token_dropout, ids, self.cfg)
 
     def forward_decoder(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
-        """-> logits float (B, h, w, K) for every token position."""
+        """-> logits float (B, h, w, K) for every token position (inference; training uses ``masked_loss``)."""
+        return self.token_logits(self.decoder_features(latent, masked, keep_index))
+
+    def decoder_features(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """-> decoder output float (B, N, Dd) at every patch (the head's input)."""
         z = decoder_slots(self.decoder_embed(latent), masked, keep_index) + self.decoder_pos_embed
-        return self.token_logits(self.decoder_norm(self.decoder_blocks(z))[:, 1:])
+        return self.decoder_norm(self.decoder_blocks(z))[:, 1:]
+
+    def head_table(self) -> torch.Tensor:
+        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
+        table = self.encoder.token_embed.word_embeddings.weight
+        return table.detach() if self.cfg.detach_head else table
 
     def token_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Patch features (B, N, Dd) -> logits (B, h, w, K) through the sub-token head tied to the embedding."""
-        table = self.encoder.token_embed.word_embeddings.weight
-        return self.token_head(z, table.detach() if self.cfg.detach_head else table)
+        return self.token_head(z, self.head_table())
 
     def forward_loss(self, logits: torch.Tensor, ids: torch.Tensor,
                      masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy per token, mean over each patch's sub-tokens, mean over masked patches."""
+        """From full logits (B, h, w, K): cross-entropy per token, mean over each patch's sub-tokens, mean
+        over masked patches; the reference for ``masked_loss`` (which training uses)."""
         p = self.encoder.cfg.patch_size
         loss, ce = masked_token_ce(logits, ids, masked, p, self.cfg.label_smoothing)
         with torch.no_grad():
@@ -142,6 +152,16 @@ class MTM(Objective):
             }
         return loss, metrics
 
+    def masked_loss(self, z: torch.Tensor, ids: torch.Tensor,
+                    masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward_loss(token_logits(z), ids, masked)`` (loss, metrics, gradients) from decoder features
+        z (B, N, Dd), with logits formed only at masked patches (``SubTokenHead.masked_loss``)."""
+        out = self.token_head.masked_loss(z, ids, masked, self.head_table(), self.cfg.label_smoothing)
+        denom = max(out.ce.numel(), 1)
+        metrics = {"masked_ce": out.ce.sum() / denom, "masked_acc": out.correct.float().sum() / denom,
+                   "mask_ratio": masked.float().mean()}
+        return out.loss, metrics
+
     @torch.no_grad()
     def predict(self, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Token logits float (B, h, w, K) given ids int64 (B, h, w) and masked bool (B, N) over patches.
@@ -155,5 +175,4 @@ class MTM(Objective):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["tokens"]
         latent, masked, keep_index = self.forward_encoder(ids)
-        logits = self.forward_decoder(latent, masked, keep_index)
-        return self.forward_loss(logits, ids, masked)
+        return self.masked_loss(self.decoder_features(latent, masked, keep_index), ids, masked)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.token_loss import TokenLoss, masked_sub_token_loss
 from pretrain.vit import Block, VisionTransformer, ViTConfig
 
 __all__ = ["MaskedTokenConfig", "sample_mask_ratio", "random_masks", "patch_mean", "token_encoder",
@@ -237,6 +238,14 @@ class SubTokenHead(nn.Module):
     def forward(self, z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         sub = self.features(z)
         return sub @ table.t().to(sub.dtype) + self.bias.to(sub.dtype)
+
+    def masked_loss(self, z: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, table: torch.Tensor,
+                    smoothing: float = 0.0) -> TokenLoss:
+        """The token CE of ``forward(z, table)`` against ids int64 (B, g s, g s), mean over each patch's s x s
+        sub-tokens then over the patches of ``masked`` bool (B, g * g), with logits formed at masked patches
+        only, in chunks (``pretrain.token_loss.masked_sub_token_loss``): no (B, h, w, K) tensor exists.
+        ``ce`` / ``correct`` are per masked sub-token; the loss is 0 when nothing is masked."""
+        return masked_sub_token_loss(z, ids, masked, self.fc, self.norm, table, self.bias, self.sub, smoothing)
 
 
 def masked_token_ce(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, patch: int,
