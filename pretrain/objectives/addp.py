@@ -2,7 +2,7 @@
 
 Two frozen parts and one trained model. The **VQ decoder** (a ``pipeline.tokenizer.vqgan`` tokenizer's,
 the one whose tokens the dataset holds; for a k-means tokenizer its centroids painted as patches,
-``KMeansPatchDecoder``) turns code vectors, hard or soft, into pixels; the **token
+``parts.KMeansPatchDecoder``) turns code vectors, hard or soft, into pixels; the **token
 predictor** (an MTM run on the same tokens, ``MTM.predict``; MAGE in the reference) gives token
 distributions from partly masked ids. The trained model is a **pixel-stem ViT encoder** (``self.encoder``,
 what is exported) plus a token decoder. One step, for ids int64 (B, h, w) (reference function names):
@@ -85,7 +85,7 @@ class ADDPConfig:
     """ADDP settings; defaults are the reference's ViT-B run (see the module table).
 
     tokenizer: tokenizer checkpoint (``load_tokenizer``) whose tokens the dataset holds: VQGAN, or k-means
-        (its centroids are pixel patches, ``KMeansPatchDecoder``).
+        (its centroids are pixel patches, ``parts.KMeansPatchDecoder``).
     predictor: trainer checkpoint directory of an MTM run on the same tokens (``load_objective``).
     pixel_patch: pixels per patch side of the encoder (16 at 256 px); a multiple of the VQ factor.
     """
