@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,13 +43,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # RGB (a copy), L, 1, P, CMYK, YCbCr, ...
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file into a fully loaded RGB ``PIL.Image`` with EXIF orientation applied.
 
     - The format is sniffed from the content, not the extension (a PNG named ``.JPEG`` loads).
     - Greyscale, palette, CMYK, 16-bit and alpha modes become RGB (alpha composited over white).
     - ``ImageOps.exif_transpose`` applies the EXIF Orientation tag, so (W, H) may swap.
     - Multi-frame files (animated WebP) yield their first frame.
+
+    ``path`` may also be an open binary file object (named in errors by its ``str``).
 
     Raises ``FileNotFoundError`` when ``path`` does not exist, and ``ValueError`` naming the file for
     empty, truncated, non-image or undecodable files, and for images with more than ``max_pixels``
@@ -57,8 +60,9 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     ``ValueError``). Truncation detection relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being
     False (PIL's default); this module never changes it.
     """
-    path = Path(path)
-    with open(path, "rb") as f:  # FileNotFoundError / PermissionError propagate unchanged
+    opened = path if hasattr(path, "read") else open(Path(path), "rb")  # noqa: SIM115  (closed by the with below)
+    path = str(path) if hasattr(path, "read") else Path(path)
+    with opened as f:  # FileNotFoundError / PermissionError propagate unchanged
         try:
             img = Image.open(f)
             w, h = img.size

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.images import DEFAULT_MAX_PIXELS, resize_center_crop
 from pipeline.readers import LoadedItem, Reject, SourceItem, load_item
+from pipeline.sources.fetch import fetch_chunk
 
 Box = tuple[int, int, int, int]
 
@@ -104,8 +105,9 @@ def prepare_chunk(items: Sequence[SourceItem], cfg: PrepareConfig) -> PreparedCh
     """Decode, crop and resize ``items``; bad files become rejects (never exceptions)."""
     out = PreparedChunk([], np.empty(0), [], [], [], np.empty(0), [], [])
     pixels, views = [], []
-    for item in items:
-        loaded = load_item(item, cfg.max_pixels)
+    fetched = fetch_chunk(items) if any(it.span is not None for it in items) else [(None, None)] * len(items)
+    for item, got in zip(items, fetched, strict=True):
+        loaded = got if isinstance(got, Reject) else load_item(item, cfg.max_pixels, *got)
         if isinstance(loaded, Reject):
             out.rejects.append(loaded)
             continue

@@ -18,8 +18,9 @@ taken from a synset list when one is found (``synset_words.txt``, ``LOC_synset_m
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,17 +29,45 @@ from PIL import Image
 
 from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
 
-META_DIRS = (".", "meta", "meta/ILSVRC2012_devkit", "ILSVRC2012_devkit", "..", "../meta")
+META_DIRS = (".", "meta", "meta/ILSVRC2012_devkit", "ILSVRC2012_devkit", "ILSVRC2012_devkit_t12/data",
+             "meta/ILSVRC2012_devkit_t12/data", "..", "../meta")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where an item's bytes lie inside a larger object (an archive member, a parquet cell).
+
+    url: the object holding them (a path or fsspec URL). kind: "raw" (bytes ``offset:offset+size``
+    as they are), "zip" (a zip member: ``offset`` is its local header, ``size`` its compressed
+    size, ``method`` 0 stored / 8 deflated, ``usize`` and ``crc`` what inflating must give) or
+    "parquet" (row ``row`` of row group ``row_group``, the binary column ``column``)."""
+
+    url: str
+    offset: int = 0
+    size: int = -1
+    kind: str = "raw"
+    method: int = 0
+    usize: int = -1
+    crc: int = -1
+    row_group: int = -1
+    row: int = -1
+    column: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SourceItem:
-    """One image to tokenise. label: class index or -1; labelmap: path of its label PNG or None."""
+    """One image to tokenise. label: class index or -1; labelmap: path of its label PNG or None.
+
+    path: the file (local listings) or a readable name for rejects (``ARCHIVE::MEMBER``); span /
+    labelmap_span, when set, say where the image's / label map's bytes really are
+    (``pipeline.sources.fetch``)."""
 
     key: str
     path: str
     label: int = -1
     labelmap: str | None = None
+    span: Span | None = None
+    labelmap_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,9 @@ class Listing:
     rejects: list[Reject] = field(default_factory=list)
 
 
+MetaFinder = Callable[[Sequence[str]], "str | None"]
+
+
 def _find(root: Path, names: Iterable[str]) -> Path | None:
     for d in META_DIRS:
         for name in names:
@@ -65,6 +97,15 @@ def _find(root: Path, names: Iterable[str]) -> Path | None:
             if p.is_file():
                 return p
     return None
+
+
+def local_meta(root: Path) -> MetaFinder:
+    """The text of the first of ``names`` found in ``META_DIRS`` under ``root`` (None if none is)."""
+    def find(names: Sequence[str]) -> str | None:
+        found = _find(root, names)
+        return found.read_text() if found else None
+
+    return find
 
 
 def _files(folder: Path) -> tuple[list[Path], list[Reject]]:
@@ -103,35 +144,35 @@ def unique_keys(items: list[SourceItem], root: Path) -> tuple[list[SourceItem], 
     return list(kept.values()), rejects
 
 
-def imagenet_classes(root: Path, present: Iterable[str] = ()) -> list[str]:
-    """The sorted wnid list: from a synset file if found, else the class folders present."""
+def imagenet_classes(root: Path | MetaFinder, present: Iterable[str] = ()) -> list[str]:
+    """The sorted wnid list: from a synset file if found (under ``root``, or by the finder), else
+    the class folders present."""
+    find = local_meta(root) if isinstance(root, Path) else root
     for name in ("synset_words.txt", "LOC_synset_mapping.txt", "map_clsloc.txt"):
-        found = _find(root, [name])
-        if found:
-            wnids = [line.split()[0] for line in found.read_text().splitlines() if line.strip()]
-            return sorted(set(wnids))
-    found = _find(root, ["imagenet_class_index.json"])
-    if found:
-        return sorted(v[0] for v in json.loads(found.read_text()).values())
+        text = find([name])
+        if text is not None:
+            return sorted({line.split()[0] for line in text.splitlines() if line.strip()})
+    text = find(["imagenet_class_index.json"])
+    if text is not None:
+        return sorted(v[0] for v in json.loads(text).values())
     return sorted(set(present))
 
 
-def _val_labels(root: Path, wnids: list[str]) -> dict[str, int] | None:
+def val_labels(find: MetaFinder, wnids: list[str]) -> dict[str, int] | None:
     """File stem -> class index for a flat val folder, from the first labels file found."""
     index = {w: i for i, w in enumerate(wnids)}
-    found = _find(root, ["LOC_val_solution.csv"])
-    if found:
-        with found.open() as f:
-            return {row["ImageId"]: index[row["PredictionString"].split()[0]] for row in csv.DictReader(f)}
-    found = _find(root, ["val_labels.txt", "val.txt"])
-    if found:
-        pairs = (line.split() for line in found.read_text().splitlines() if line.strip())
+    text = find(["LOC_val_solution.csv"])
+    if text is not None:
+        return {row["ImageId"]: index[row["PredictionString"].split()[0]]
+                for row in csv.DictReader(io.StringIO(text))}
+    text = find(["val_labels.txt", "val.txt"])
+    if text is not None:
+        pairs = (line.split() for line in text.splitlines() if line.strip())
         return {Path(name).stem: int(label) for name, label in pairs}
-    truth = _find(root, ["ILSVRC2012_validation_ground_truth.txt"])
-    clsloc = _find(root, ["map_clsloc.txt"])
-    if truth and clsloc:
-        by_id = {int(line.split()[1]): line.split()[0] for line in clsloc.read_text().splitlines() if line.strip()}
-        ids = [int(x) for x in truth.read_text().split()]
+    truth, clsloc = find(["ILSVRC2012_validation_ground_truth.txt"]), find(["map_clsloc.txt"])
+    if truth is not None and clsloc is not None:
+        by_id = {int(line.split()[1]): line.split()[0] for line in clsloc.splitlines() if line.strip()}
+        ids = [int(x) for x in truth.split()]
         return {f"ILSVRC2012_val_{i + 1:08d}": index[by_id[c]] for i, c in enumerate(ids)}
     return None
 
@@ -160,7 +201,7 @@ def list_imagenet(root: str | Path, split: str = "train") -> Listing:
     wnids = imagenet_classes(root, {p.parent.name for p in in_class_folders})
     index = {w: i for i, w in enumerate(wnids)}
     items = []
-    flat_labels = _val_labels(root, wnids) if any(p.parent == folder for p in files) else None
+    flat_labels = val_labels(local_meta(root), wnids) if any(p.parent == folder for p in files) else None
     for p in files:
         if p.parent != folder:
             if p.parent.name not in index:
@@ -219,6 +260,17 @@ def list_folder(root: str | Path) -> Listing:
     return Listing(items, classes, rejects + dups)
 
 
+class _Named(io.BytesIO):
+    """Bytes that ``load_rgb`` opens like a file and names (in its errors) like one."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
 @dataclass
 class LoadedItem:
     """A decoded image (PIL RGB, EXIF-oriented) and its label map (uint8 (H, W)) if any."""
@@ -228,15 +280,19 @@ class LoadedItem:
     labelmap: np.ndarray | None
 
 
-def load_item(item: SourceItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedItem | Reject:
-    """Decode ``item``; a file that cannot be used comes back as a ``Reject`` with the reason."""
+def load_item(item: SourceItem, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None,
+              labelmap_data: bytes | None = None) -> LoadedItem | Reject:
+    """Decode ``item``; a file that cannot be used comes back as a ``Reject`` with the reason.
+
+    data / labelmap_data: the image's / label map's bytes when already read (items with a span);
+    else the files at ``item.path`` / ``item.labelmap`` are opened."""
     try:
-        if Path(item.path).stat().st_size == 0:
+        if data is None and Path(item.path).stat().st_size == 0 or data is not None and not data:
             return Reject(item.path, "empty file (0 bytes)")
-        image = load_rgb(item.path, max_pixels=max_pixels)
+        image = load_rgb(item.path if data is None else _Named(data, item.path), max_pixels=max_pixels)
         labelmap = None
         if item.labelmap is not None:
-            with Image.open(item.labelmap) as lm:
+            with Image.open(item.labelmap if labelmap_data is None else io.BytesIO(labelmap_data)) as lm:
                 if lm.size != (image.width, image.height):  # checked before its pixels are inflated
                     return Reject(item.path, f"label map {item.labelmap} is {lm.size[1]} x {lm.size[0]}, "
                                              f"image is {image.height} x {image.width}")

@@ -29,7 +29,6 @@ progress record and sha256 match) and ends with exactly the shard set of an unin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -39,20 +38,31 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
+from pipeline.prepare import PrepareConfig, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
+from pipeline.shardwork import (  # noqa: F401  (re-exported: the job's per-shard work)
+    MAX_PROGRESS_BYTES,
+    chunk_samples,
+    digest_keys,
+    encode_chunk,
+    finished_record,
+    progress_url,
+    shard_digest,
+    write_shard,
+)
+from pipeline.sources import FORMATS, detect_format, list_source_url
 from pipeline.splitlock import SplitBusy, SplitLock
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
 from storage.cli import UserError, run_cli
 from storage.codec import CODEC_NAMES, DEFAULT_CODEC, TokenCodec, fit_codec
 from storage.manifest import DatasetMeta, write_manifest
-from storage.shard import Sample, ShardInfo, ShardWriter, View, shard_is_complete, shard_name
+from storage.shard import ShardInfo
 
 log = logging.getLogger("vqpt.tokenise")
 DEFAULT_SPLITS = {"imagenet": "train", "ade20k": "training", "folder": "train"}
-MAX_PROGRESS_BYTES = 64 << 20  # a progress record lists its shard's rejects: ~100 bytes each
 
 
 @dataclass(frozen=True)
@@ -80,16 +90,34 @@ class JobConfig:
     actors: int | None = None
     address: str | None = None
     max_inflight: int = 4
+    format: str | None = None
+    columns: str = ""
 
     @property
     def split_dir(self) -> str:
         return sio.join(self.out, self.split)
+
+    def column_map(self) -> dict[str, str]:
+        """``--columns image=...,label=...`` as a dict."""
+        pairs = [p.split("=", 1) for p in self.columns.split(",") if p.strip()]
+        if any(len(p) != 2 or p[0] not in ("image", "label", "annotation") for p in pairs):
+            raise UserError(f"--columns takes image=COL,label=COL,annotation=COL, got {self.columns!r}")
+        return {k.strip(): v.strip() for k, v in pairs}
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(self.resolution, self.labelmap_resolution, self.views, self.seed, self.max_pixels)
 
 
 def list_source(cfg: JobConfig) -> Listing:
+    """The source's listing: a local folder through ``pipeline.readers``; a URL or an archive (any
+    ``--format``) through ``pipeline.sources``, whose index is stored beside the output."""
+    local = sio.protocol_of(cfg.src) == "file"
+    fmt = cfg.format or detect_format(cfg.src)
+    if fmt != "folder" or not local:
+        listing, how = list_source_url(cfg.src, fmt, cfg.dataset, cfg.split, cfg.split_dir, cfg.column_map())
+        print(f"source: {how['format']}, {how['members']} members indexed"
+              f"{' (index reused)' if how['reused'] else ''}", file=sys.stderr)
+        return listing
     if cfg.dataset == "imagenet":
         return list_imagenet(cfg.src, cfg.split)
     if cfg.dataset == "ade20k":
@@ -140,72 +168,6 @@ def get_tokenizer(cfg: JobConfig, items: Sequence[SourceItem]) -> tuple[Tokenize
                                  "--out")
             tokenizer, data, how = kept, kept_data, f"reused from {saved} (created meanwhile by another job)"
     return tokenizer, data, how
-
-
-def encode_chunk(tokenizer: Tokenizer, chunk: PreparedChunk, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of a prepared chunk: main (n, h, w) and views (n, V, h, w), int64."""
-    def run(pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.empty((0, *tokenizer.grid), np.int64)
-        return np.concatenate([tokenizer.encode(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
-
-    main = run(chunk.pixels)
-    n, v = chunk.view_pixels.shape[:2]
-    views = run(chunk.view_pixels.reshape(n * v, *chunk.view_pixels.shape[2:])).reshape(n, v, *tokenizer.grid)
-    return main, views
-
-
-def chunk_samples(chunk: PreparedChunk, tokens: np.ndarray, view_tokens: np.ndarray) -> list[Sample]:
-    return [
-        Sample(key=item.key, tokens=tokens[i], label=item.label, labelmap=chunk.labelmaps[i],
-               image_size=chunk.image_size[i], crop_box=chunk.crop_box[i],
-               views=tuple(View(view_tokens[i, k], chunk.view_box[i][k], chunk.view_flip[i][k])
-                           for k in range(view_tokens.shape[1])))
-        for i, item in enumerate(chunk.items)
-    ]
-
-
-def progress_url(cfg: JobConfig, index: int) -> str:
-    return sio.join(cfg.split_dir, f"_progress/{shard_name(index)}.json")
-
-
-def shard_digest(items: Sequence[SourceItem]) -> str:
-    """sha256 of a shard's item keys, in order: what its progress record must match to be reused."""
-    return hashlib.sha256("\n".join(it.key for it in items).encode()).hexdigest()
-
-
-def write_shard(cfg: JobConfig, codec: TokenCodec, fingerprint: str, index: int,
-                parts: Sequence[tuple[PreparedChunk, np.ndarray, np.ndarray]], digest: str = "") -> dict:
-    """Write shard ``index`` from its chunks, then its progress record (with the items' ``digest``)."""
-    samples = [s for chunk, tok, views in parts for s in chunk_samples(chunk, tok, views)]
-    rejects = [asdict(r) for chunk, _, _ in parts for r in chunk.rejects]
-    record = {"index": index, "fingerprint": fingerprint, "items": digest, "info": None, "rejects": rejects}
-    if samples:
-        info = ShardWriter(cfg.split_dir, codec, cfg.block_size).write(index, samples)
-        record["info"] = asdict(info)
-    sio.write_bytes_atomic(progress_url(cfg, index), json.dumps(record, sort_keys=True).encode())
-    return record
-
-
-def finished_record(cfg: JobConfig, index: int, fingerprint: str, digest: str = "") -> dict | None:
-    """The progress record of shard ``index`` if that shard is complete, made by this tokenizer and
-    from the same items (``digest``; a changed listing, seed or shard size re-writes it)."""
-    url = progress_url(cfg, index)
-    if not sio.exists(url):
-        return None
-    try:
-        record = json.loads(sio.read_bytes(url, max_bytes=MAX_PROGRESS_BYTES))
-        if record.get("fingerprint") != fingerprint or record.get("items", "") != digest:
-            return None
-        if record["info"] is None:
-            return record
-        return record if shard_is_complete(cfg.split_dir, ShardInfo(**record["info"])) else None
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged record: the shard is re-done
-        log.warning("progress record %s is damaged (%s: %s); shard %d will be written again",
-                    url, type(err).__name__, err, index)
-        print(f"warning: progress record {url} is damaged ({type(err).__name__}); shard {index} will be written "
-              "again", file=sys.stderr)
-        return None
 
 
 def build_codec(cfg: JobConfig, tokenizer: Tokenizer, items: Sequence[SourceItem]) -> TokenCodec:
@@ -260,7 +222,34 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
     return report
 
 
-def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> list[list[SourceItem]]:
+class Plan(Sequence):
+    """The job's shards: shard i = ``items[order[i*S:(i+1)*S]]`` (S = ``shard_size``), made when asked
+    for, so a plan of 1.28 M items holds one permutation array and no list of items."""
+
+    def __init__(self, items: Sequence[SourceItem], order: np.ndarray, shard_size: int):
+        self.items, self.order, self.shard_size = items, order, shard_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.shard_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return [self.items[int(j)] for j in self.order[i * self.shard_size : (i + 1) * self.shard_size]]
+
+    def digest(self, i: int) -> str:
+        """``shard_digest(self[i])``, from the keys alone (no ``SourceItem`` made for an ``ItemTable``)."""
+        part = self.order[i * self.shard_size : (i + 1) * self.shard_size]
+        keys = getattr(self.items, "keys", None)
+        if keys is None:
+            return shard_digest([self.items[int(j)] for j in part])
+        return digest_keys(keys.take(pa.array(part)).to_pylist())
+
+
+def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> Plan:
     """Shards of ``shard_size`` items, from the listing permuted with rng(``seed``).
 
     Listings come sorted (ImageNet: class by class), and a reader can only shuffle within a window
@@ -268,9 +257,7 @@ def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> list[list[SourceItem]]:
     classes. The permutation is a pure function of the listing and the seed, so shard i always
     holds the same images and a killed job resumes onto the same shard set.
     """
-    order = np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items))
-    items = [items[i] for i in order]
-    return [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    return Plan(items, np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items)), cfg.shard_size)
 
 
 def run(cfg: JobConfig) -> dict:
@@ -310,7 +297,12 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap = argparse.ArgumentParser(prog="python -m pipeline.tokenise", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, choices=("imagenet", "ade20k", "folder"))
-    ap.add_argument("--src", required=True, help="dataset root (ImageNet root, ADEChallengeData2016, or a folder)")
+    ap.add_argument("--src", required=True, help="dataset root (ImageNet root, ADEChallengeData2016, or a folder), "
+                    "an archive or shard pattern; a path or any fsspec URL (file://, s3://, gs://, http(s)://)")
+    ap.add_argument("--format", choices=FORMATS, help="how --src holds the images (default: detected); see "
+                    "docs/sources.md")
+    ap.add_argument("--columns", default="", help="parquet columns: image=image.bytes,label=label "
+                    "(ADE20K: annotation=annotation.bytes)")
     ap.add_argument("--out", required=True, help="output dataset root: a path, file:// or s3:// URL")
     ap.add_argument("--split", help="imagenet: train|val; ade20k: training|validation; folder: subfolder (optional)")
     ap.add_argument("--tokenizer", help="tokenizer checkpoint (default: <out>/tokenizer.pt, else fit k-means)")
@@ -337,7 +329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
         labelmap_resolution=a.labelmap_resolution, shard_size=a.shard_size, block_size=a.block_size,
         chunk_size=a.chunk_size, batch_size=a.batch_size, codec=a.codec, views=a.views, seed=a.seed,
         max_pixels=a.max_pixels, num_cpus=a.num_cpus, actors=a.actors, address=a.address,
-        max_inflight=a.max_inflight,
+        max_inflight=a.max_inflight, format=a.format, columns=a.columns,
     )
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
 from pipeline.readers import SourceItem
+from pipeline.shardwork import encode_chunk, finished_record, shard_digest, write_shard
 from storage.codec import CodecSpec, TokenCodec, make_codec
 
 TRANSIENT = [OSError, ConnectionError, TimeoutError]
@@ -33,7 +34,7 @@ TRANSIENT = [OSError, ConnectionError, TimeoutError]
 def warm_up() -> bool:
     """Import the decode and write stacks in a worker before the clock starts (first imports take seconds)."""
     import pipeline.prepare  # noqa: F401
-    import pipeline.tokenise  # noqa: F401  (the shard writer; imports torch)
+    import pipeline.shardwork  # noqa: F401  (the shard writer; imports torch)
 
     return True
 
@@ -68,8 +69,6 @@ class TokenizerActor:
 
         import numpy as np
 
-        from pipeline.tokenise import encode_chunk
-
         tokens, views = encode_chunk(self.tokenizer, chunk, self.batch_size)
         return replace(chunk, pixels=np.empty(0, np.uint8), view_pixels=np.empty(0, np.uint8)), tokens, views
 
@@ -82,8 +81,6 @@ class TokenizerActor:
 @ray.remote(num_cpus=1, max_retries=3, retry_exceptions=TRANSIENT)
 def write_task(cfg, spec: CodecSpec, fingerprint: str, index: int, digest: str, *parts) -> dict:
     """parts: the actors' (chunk, tokens, view tokens) triples of shard ``index``, in order."""
-    from pipeline.tokenise import write_shard
-
     return write_shard(cfg, make_codec(spec), fingerprint, index, list(parts), digest)
 
 
@@ -110,14 +107,28 @@ def _stop_ray(started: str | None) -> None:
         shutil.rmtree(started, ignore_errors=True)
 
 
+def actor_count(requested: int | None, gpus: int, cpus: int) -> int:
+    """Tokenizer actors to start: ``requested`` (default one per GPU, else one per CPU).
+
+    A GPU actor holds one GPU, so asking for more than the cluster has would leave the extra
+    actors pending forever (the job would hang): they are clamped to the GPUs that exist, with a
+    one-line warning. CPU actors take no CPU slot, so any count can start."""
+    if not requested:
+        return gpus if gpus else cpus
+    if gpus and requested > gpus:
+        print(f"warning: --actors {requested} but the cluster has {gpus} GPU(s); using {gpus} GPU actor(s)",
+              file=sys.stderr)
+        return gpus
+    return requested
+
+
 def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, codec: TokenCodec,
                fingerprint: str) -> list[dict]:
     """Write every shard not already finished; returns the progress records of all shards."""
-    from pipeline.tokenise import finished_record, shard_digest
-
     records: dict[int, dict] = {}
     for i in range(len(shards)):
-        record = finished_record(cfg, i, fingerprint, shard_digest(shards[i]))
+        digest = shards.digest(i) if hasattr(shards, "digest") else shard_digest(shards[i])  # a Plan: keys only
+        record = finished_record(cfg, i, fingerprint, digest)
         if record is not None:
             records[i] = record
     todo = [i for i in range(len(shards)) if i not in records]
@@ -130,7 +141,7 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = int(resources.get("CPU", 1))
-        n_actors = cfg.actors or (gpus if gpus else cpus)  # CPU actors take no CPU slot: one per core
+        n_actors = actor_count(cfg.actors, gpus, cpus)
         options = {"num_gpus": 1} if gpus else {"num_cpus": 0}
         ckpt_ref = ray.put(checkpoint)
         actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size) for _ in range(n_actors)]

@@ -328,13 +328,19 @@ class TokenAugment:
     epoch from the main process's RNG), so workers and epochs differ yet a seeded run repeats.
     """
 
-    def __init__(self, config: TokenAugConfig, codebook: torch.Tensor):
+    def __init__(self, config: TokenAugConfig, codebook: torch.Tensor, synonyms: torch.Tensor | None = None):
+        """codebook float (K, D); synonyms: int64 (K, S) given synonym lists (SeiT's ``synonyms.json``, first
+        ``synonym_k`` of each row used), else the ``synonym_k`` most cosine-similar codes. Mixing needs
+        ``config.num_classes`` >= 1 (ValueError)."""
         if config.mixing and config.num_classes < 1:
             raise ValueError("num_classes must be set when cutmix_alpha or mixup_alpha > 0")
         self.config = config
         self.codebook = codebook.float().contiguous()
         needs_table = config.replace_p > 0
-        self.table = synonym_table(self.codebook, config.synonym_k) if needs_table else None
+        if needs_table and synonyms is not None and synonyms.shape[1] > 0:
+            self.table = torch.as_tensor(synonyms, dtype=torch.long)[:, :config.synonym_k].contiguous()
+        else:
+            self.table = synonym_table(self.codebook, config.synonym_k) if needs_table else None
         self._gen: torch.Generator | None = None
         self._gen_key: tuple[int, int] | None = None
 

@@ -133,10 +133,11 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
         if not sio.exists(url):
             raise FileNotFoundError(f"augmentation needs the tokenizer's codebook, but {url} does not exist "
                                     f"(set data.tokenizer)")
-        codebook = load_tokenizer(url, manifest.meta.tokenizer_fingerprint).codebook
+        tokenizer = load_tokenizer(url, manifest.meta.tokenizer_fingerprint)
+        codebook, synonyms = tokenizer.codebook, getattr(tokenizer, "synonyms", None)  # SeiT's own lists
     else:
-        codebook = torch.zeros(spec.vocab_size, 1)
-    return TokenAugment(aug, codebook)
+        codebook, synonyms = torch.zeros(spec.vocab_size, 1), None
+    return TokenAugment(aug, codebook, synonyms)
 
 
 # -- logging --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``vqpt`` command: ``quickstart``, ``tokenise``, ``inspect URL``, ``verify URL``."""
+"""The ``vqpt`` command: ``quickstart``, ``tokenise``, ``import-seit``, ``inspect URL``, ``verify URL``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import os
 import sys
 
 from storage.cli import run_cli
+from storage.codec import CODEC_NAMES, DEFAULT_CODEC
 from vqpt.quickstart import QuickstartConfig
 
 EPILOG = """examples:
   vqpt quickstart                              # generated data -> tokens -> S3 -> pre-train -> fine-tune
   vqpt quickstart --imagenet ~/imagenette --ade20k ~/ADEChallengeData2016 --store dir
   vqpt tokenise --dataset imagenet --src /data/imagenet --out s3://bucket/in1k-tok --split train
+  vqpt import-seit --tokens seit/imagenet1k-train-token.data.bin.gz --labels seit/imagenet1k-train-label.txt \
+      --codebook seit/codebook.ckpt --synonyms seit/synonyms.json --out s3://bucket/in1k-seit --split train
   vqpt inspect s3://bucket/in1k-tok/train      # what a dataset split holds
   vqpt verify runs/quickstart/store/imagenet/train   # re-read every shard: hashes and decoding
 
@@ -89,6 +92,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _import_seit(args: argparse.Namespace) -> int:
+    from pipeline.seit import SeitImport, import_seit
+
+    report = import_seit(SeitImport(**{k: v for k, v in vars(args).items() if k not in ("command", "func")}))
+    print(json.dumps(report, indent=2))
+    print(f"{report['images']} images: {report['bytes_per_image']:.0f} B/image in our shards ({report['codec']}) "
+          f"vs {report['seit_bytes_per_image']:.0f} B/image in SeiT's files ({report['ratio_to_seit']:.1%})")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from vqpt.quickstart import run
 
@@ -129,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_inspect)
     sub.add_parser("tokenise", help="the Ray tokenisation job (same flags as python -m pipeline.tokenise)",
                    add_help=False)
+    s = sub.add_parser("import-seit", help="convert SeiT's released token files into shards + manifest",
+                       description="SeiT's tokens (naver-ai/seit releases: *-token.data.bin.gz, *-token.index.npy.gz, "
+                                   "*-label.txt, codebook.ckpt, synonyms.json) -> <out>/tokenizer.pt (the codebook "
+                                   "as an embedding-only tokenizer) and <out>/<split>/ shards + manifest, streaming. "
+                                   "Formats and measurements: docs/seit.md.")
+    s.add_argument("--tokens", required=True, metavar="URL", help="<name>-token.data.bin.gz")
+    s.add_argument("--index", metavar="URL", help="<name>-token.index.npy.gz (default: SeiT's name, beside --tokens)")
+    s.add_argument("--labels", required=True, metavar="URL", help="<name>-label.txt")
+    s.add_argument("--codebook", required=True, metavar="URL", help="codebook.ckpt (one float (K, D) tensor)")
+    s.add_argument("--synonyms", metavar="URL", help="synonyms.json (kept for synonym replacement)")
+    s.add_argument("--vitvqgan", metavar="PATH", help="the ViT-VQGAN weights (a state dict, loaded weights-only): the "
+                   "tokenizer entry can then also encode (e.g. ADE20K) into the same ids")
+    s.add_argument("--out", required=True, metavar="URL", help="dataset root: a path, file:// or s3:// URL")
+    s.add_argument("--split", default="train", help="split name (default: train)")
+    s.add_argument("--classes", type=int, default=1000, help="labels lie in 0..classes-1 (default: 1000)")
+    s.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES,
+                   help=f"token codec of the shards (default: {DEFAULT_CODEC})")
+    s.add_argument("--shard-size", type=int, default=4096, help="images per shard (default: 4096)")
+    s.set_defaults(func=_import_seit)
     v = sub.add_parser("verify", help="re-read every shard of a split: size, sha256, decoding, counts",
                        description="Re-read every shard of a split and check it against the manifest (sha256, "
                                    "decoding, sample counts); exits 1 naming each bad shard.")

@@ -50,15 +50,19 @@ _FIXED_PORT_OPTIONS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port
 class LocalRayCluster:
     """A head node on 127.0.0.1 with the job server (dashboard); ``address`` is its HTTP URL."""
 
-    def __init__(self, num_cpus: int = 2, start_timeout_s: float = 180.0, logs_dir: Path | None = None) -> None:
+    def __init__(self, num_cpus: int = 2, start_timeout_s: float = 180.0, logs_dir: Path | None = None,
+                 worker_cpus: Sequence[int] = ()) -> None:
         self.num_cpus = num_cpus
+        self.worker_cpus = tuple(worker_cpus)
         self.start_timeout_s = start_timeout_s
         self.logs_dir = logs_dir
         self.temp_dir = Path("/tmp") / f"vqpt-ray-{os.getpid()}-{secrets.token_hex(3)}"  # Ray wants short paths
         self.env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                                  "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.address = ""
+        self.gcs_address = ""
         self._proc: subprocess.Popen | None = None
+        self._workers: list[subprocess.Popen] = []
 
     def start(self) -> LocalRayCluster:
         """Start the head node and wait until it runs jobs; on any failure it is stopped again."""
@@ -80,6 +84,7 @@ class LocalRayCluster:
         self._proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         self.address = f"http://127.0.0.1:{dashboard}"
+        self.gcs_address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + self.start_timeout_s
         while True:  # the job server answers HTTP first...
             self._check_alive()
@@ -98,12 +103,49 @@ class LocalRayCluster:
             except Exception:  # noqa: BLE001 (a passing answer of the job server, checked again below)
                 status = "UNKNOWN"
             if status == "SUCCEEDED":
-                return self
+                break
             if status in ("FAILED", "STOPPED"):
                 raise UserError(f"the local Ray cluster could not run a trivial job ({status}); its logs: "
                                 f"{self.keep_logs()}")
             self._check_deadline(deadline, "Ray's job agent did not run a trivial job")
             time.sleep(0.5)
+        for i, cpus in enumerate(self.worker_cpus):
+            self._start_worker(i, cpus)
+        if self.worker_cpus:
+            self._wait_for_nodes(1 + len(self.worker_cpus), deadline)
+        return self
+
+    def _start_worker(self, index: int, num_cpus: int) -> None:
+        """A second raylet on this machine joining the head (``ray start --address``): a node of its own,
+        with its own temp dir and ports, as a cluster's worker machine would be."""
+        ports = [f"--{name}={free_port()}" for name in _FIXED_PORT_OPTIONS]
+        temp_dir = self.worker_temp_dir(index)
+        cmd = [RAY, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}", *ports,
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        log = open(temp_dir.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
+        self._workers.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        log.close()  # the child holds its own descriptor
+
+    def worker_temp_dir(self, index: int) -> Path:
+        """The temp dir of worker node ``index`` (every process of that node names it)."""
+        return self.temp_dir.with_name(f"{self.temp_dir.name}-w{index}")
+
+    def _wait_for_nodes(self, count: int, deadline: float) -> None:
+        script = ("import ray; ray.init(); n = sum(1 for x in ray.nodes() if x['Alive']); "
+                  f"print('alive nodes:', n); raise SystemExit(0 if n >= {count} else 3)")
+        while True:
+            self._check_alive()
+            for w in self._workers:
+                if w.poll() is not None:
+                    raise UserError(f"ray start (worker node) exited with {w.returncode}; its logs: "
+                                    f"{self.keep_logs()}")
+            try:
+                submit_job(self, [sys.executable, "-c", script], on_line=lambda _: None, timeout_s=60)
+                return
+            except UserError:
+                self._check_deadline(deadline, f"{count - 1} worker node(s) did not join")
+                time.sleep(1.0)
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -135,23 +177,21 @@ class LocalRayCluster:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
 
     def stop(self) -> None:
-        """Stop the head node and every process of this cluster; idempotent."""
+        """Stop the worker nodes, the head node and every process of this cluster; idempotent."""
+        for w in self._workers:
+            _stop_session(w)
+        self._workers = []
         if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait(timeout=15)
+            _stop_session(self._proc)
             self._proc = None
             self._log.close()
-        for pid in _pids_mentioning(str(self.temp_dir)):  # anything that left the session (workers)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.temp_dir.with_suffix(".log").unlink(missing_ok=True)
+        temp_dirs = [self.temp_dir, *(self.worker_temp_dir(i) for i in range(len(self.worker_cpus)))]
+        for temp_dir in temp_dirs:
+            for pid in _pids_mentioning(str(temp_dir)):  # anything that left the session (workers)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            temp_dir.with_suffix(".log").unlink(missing_ok=True)
 
     def __enter__(self) -> LocalRayCluster:
         return self.start()
@@ -161,6 +201,18 @@ class LocalRayCluster:
             with contextlib.suppress(OSError):
                 print(f"Ray logs kept in {self.keep_logs()}", file=sys.stderr, flush=True)
         self.stop()
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of a ``ray start --block`` (it stops its node's processes), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
 
 
 def _pids_mentioning(text: str) -> list[int]:

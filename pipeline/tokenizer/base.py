@@ -47,7 +47,11 @@ CHECKPOINT_KEYS = ("kind", "config", "state_dict")
 
 # kind -> class; filled by @register_tokenizer. Built-in kinds are imported lazily on first load.
 _REGISTRY: dict[str, type[Tokenizer]] = {}
-_BUILTIN_MODULES: dict[str, str] = {"kmeans": "pipeline.tokenizer.kmeans"}
+_BUILTIN_MODULES: dict[str, str] = {
+    "kmeans": "pipeline.tokenizer.kmeans",
+    "codebook": "pipeline.tokenizer.codebook_only",
+    "vitvqgan": "pipeline.tokenizer.vitvqgan",
+}
 
 T = TypeVar("T", bound="type[Tokenizer]")
 
