@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         model, vit = build_model(cfg, spec)
         analytic = analytic_forward_flops(model)
-        result["model"] = {"preset": cfg.model.get("preset"), "encoder_params": model.encoder.num_params(),
+        result["model"] = {"width_depth_heads": [vit.embed_dim, vit.depth, vit.num_heads],
+                           "encoder_params": model.encoder.num_params(),
                            "objective_params": sum(q.numel() for q in model.parameters()),
                            "encoder_tokens": analytic.pop("encoder_tokens"), "decoder_tokens": vit.num_patches + 1}
         result["flops_per_sample"] = {

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         f"run.steps={2 * args.steps}", f"run.log_every={args.steps}",
                                         "run.save_every=0", "run.progress=false", f"data.batch_size={args.batch}",
                                         f"data.num_workers={args.workers}", "optim.warmup_steps=0"])
-        print(f"baseline: MTM ViT-{cfg.model.get('preset', 'tiny')} on in-memory batches ...", flush=True)
+        vit_name = f"ViT {cfg.model.embed_dim}/{cfg.model.depth}/{cfg.model.num_heads}"
+        print(f"baseline: MTM {vit_name} on in-memory batches ...", flush=True)
         baseline = in_memory_rate(cfg, data, args.steps)
         print(f"  {baseline:.1f} samples/s", flush=True)
         print("trainer: DeepSpeed engine streaming shards ...", flush=True)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         records = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
     measured = records[-1]
     result = {
-        "model": f"ViT-{cfg.model.get('preset', 'tiny')} MTM", "device": "cpu" if not torch.cuda.is_available()
+        "model": f"{vit_name} MTM", "device": "cpu" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(), "threads": torch.get_num_threads(), "batch": args.batch,
         "steps_measured": args.steps,
         "steps_per_s": measured["steps_per_s"], "samples_per_s": measured["samples_per_s"],

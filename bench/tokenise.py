@@ -42,7 +42,7 @@ def loop_run(argv: list[str]) -> dict:
     torch.set_num_threads(1)
     cfg = parse_args(argv)
     items = list_source(cfg).items
-    tokenizer = load_tokenizer(Path(cfg.tokenizer).read_bytes())
+    tokenizer = load_tokenizer(cfg.tokenizer)
     codec = fit_codec(cfg.codec, None, tokenizer.vocab_size, grid=tokenizer.grid)
     times = {"decode": 0.0, "tokenise": 0.0, "write": 0.0}
     t_start = time.perf_counter()

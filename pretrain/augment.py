@@ -251,7 +251,8 @@ class TokenAugConfig:
     noise_p, noise_scale, noise_std: SeiT Noise.
     cutmix_alpha, mixup_alpha: Beta parameters (0 = off); with both on, one of them per batch
         (Mixup with probability ``mix_switch_p``). mix_p: probability a batch is mixed at all.
-    num_classes, label_smoothing: for the soft ``target`` (needed when mixing is on).
+    num_classes, label_smoothing: for the soft ``target`` (needed when mixing is on; the trainer fills
+        num_classes 0 with the data's classes).
     metric: requantisation metric, "l2" or "cosine".
     seed: base seed of the transform's own generator (see ``TokenAugment``).
     """
@@ -289,8 +290,8 @@ class TokenAugConfig:
             raise ValueError("interpolation='nearest' is the ids-only crop; use bicubic or bilinear for embeddings")
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
-        if self.mixing and self.num_classes < 1:
-            raise ValueError("num_classes must be set when cutmix_alpha or mixup_alpha > 0")
+        if self.num_classes < 0:
+            raise ValueError(f"augment.num_classes must be >= 0 (0: the data's classes), got {self.num_classes}")
         if self.mixup_alpha > 0 and self.output == "ids":
             raise ValueError("mixup blends embeddings and has no id form; use output='embeddings'")
 
@@ -329,7 +330,10 @@ class TokenAugment:
 
     def __init__(self, config: TokenAugConfig, codebook: torch.Tensor, synonyms: torch.Tensor | None = None):
         """codebook float (K, D); synonyms: int64 (K, S) given synonym lists (SeiT's ``synonyms.json``, first
-        ``synonym_k`` of each row used), else the ``synonym_k`` most cosine-similar codes."""
+        ``synonym_k`` of each row used), else the ``synonym_k`` most cosine-similar codes. Mixing needs
+        ``config.num_classes`` >= 1 (ValueError)."""
+        if config.mixing and config.num_classes < 1:
+            raise ValueError("num_classes must be set when cutmix_alpha or mixup_alpha > 0")
         self.config = config
         self.codebook = codebook.float().contiguous()
         needs_table = config.replace_p > 0

@@ -8,6 +8,13 @@ A config file has these sections (every key optional except ``data.train``)::
     model:     {preset, ...any ViTConfig field}        # grid and vocab_size come from the data
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
+
+Every section is a frozen dataclass once ``load_config`` returns: ``model`` a ``pretrain.vit.ViTConfig``
+(the preset's widths plus the keys given; ``grid`` and ``vocab_size`` are placeholders the trainer
+replaces with the data's), ``objective`` the registered objective's config class
+(``pretrain.objectives.registry``; ``TrainConfig.objective_name`` gives its name), ``augment`` a
+``pretrain.augment.TokenAugConfig`` (or None). An objective whose ``DataNeeds.token_geometry`` is
+False (segmentation: label maps do not move with the tokens) refuses geometric augmentation here.
     optim:     {lr, blr, weight_decay, betas, eps, warmup_steps, min_lr, grad_clip, grad_accum, layer_decay}
     engine:    {zero_stage, precision}                 # the DeepSpeed side (ZeRO 0-2)
 
@@ -30,7 +37,10 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.objectives import make_config
+from pretrain.augment import TokenAugConfig
+from pretrain.objectives import make_config, objective_config, registry
+from pretrain.objectives.mtm import MTMConfig
+from pretrain.vit import PRESETS, ViTConfig
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "EngineConfig", "TrainConfig", "load_config", "apply_overrides",
            "ConfigError", "RANGES", "MAX_CONFIG_BYTES"]
@@ -138,18 +148,33 @@ class EngineConfig:
             raise ValueError(f"engine.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
+_DATA_FIELDS = ("grid", "vocab_size")  # ViTConfig fields that come from the data, not the config
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """The whole run, every section typed (see the module docstring)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
-    objective: dict = field(default_factory=lambda: {"name": "mtm"})
-    augment: dict | None = None
+    model: ViTConfig = field(default_factory=ViTConfig)
+    objective: object = field(default_factory=MTMConfig)
+    augment: TokenAugConfig | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
+    @property
+    def objective_name(self) -> str:
+        """The registry name of ``objective``'s config class ("mtm", "segment", ...)."""
+        return next(name for name, cls in registry().items() if isinstance(self.objective, cls.config_class))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as YAML-ready sections (``load_config`` reads it back to an equal config)."""
+        model = {k: v for k, v in asdict(self.model).items() if k not in _DATA_FIELDS}
+        return {"run": asdict(self.run), "data": asdict(self.data), "model": model,
+                "objective": {"name": self.objective_name, **asdict(self.objective)},
+                "augment": None if self.augment is None else asdict(self.augment),
+                "optim": asdict(self.optim), "engine": asdict(self.engine)}
 
 
 def _at_least(low: float, none_ok: bool = False) -> tuple[Callable[[object], bool], str]:
@@ -222,7 +247,11 @@ def parse_yaml(text: str):
 
 
 _TYPED = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "engine": EngineConfig}
-_FREE = ("model", "objective", "augment")
+_SECTIONS = (*_TYPED, "model", "objective", "augment")
+# Augmentation that moves tokens (and so must move any per-pixel target with them).
+_GEOMETRY = (("rrc", lambda a: a.rrc), ("hflip_p", lambda a: a.hflip_p > 0), ("swap_p", lambda a: a.swap_p > 0),
+             ("out_hw", lambda a: a.out_hw is not None), ("cutmix_alpha", lambda a: a.cutmix_alpha > 0),
+             ("mixup_alpha", lambda a: a.mixup_alpha > 0), ("output", lambda a: a.output != "ids"))
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -243,60 +272,73 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def build_config(raw: dict, where: str = "config") -> TrainConfig:
-    """A TrainConfig from a nested dict; unknown sections or keys raise ValueError naming them."""
-    valid = set(_TYPED) | set(_FREE)
-    unknown = sorted(set(raw) - valid)
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(valid)}")
-    kwargs = {}
-    for name, cls in _TYPED.items():
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"{where}: section {name!r} must be a mapping, got {section!r}")
-        kwargs[name] = make_config(cls, section, f"{where}: section {name!r}")
-    for name in _FREE:
-        if name in raw:
-            kwargs[name] = raw[name]
-    cfg = TrainConfig(**kwargs)
-    if not cfg.data.train and not cfg.data.sources:
-        raise ValueError(f"{where}: data.train (a manifest URL or split directory) or data.sources is required")
-    check_ranges(cfg, where)
-    _check_free_sections(cfg, where)
-    if cfg.objective.get("name") == "segment":  # token-only geometry would move tokens but not label maps
-        from pretrain.objectives.segment import check_augment
-
-        check_augment(cfg.augment)
-    return cfg
+def _section(raw: dict, name: str, where: str) -> dict:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: section {name!r} must be a mapping, got {section!r}")
+    return dict(section)
 
 
-def _check_free_sections(cfg: TrainConfig, where: str) -> None:
-    """Unknown keys and wrong types in ``model``, ``objective`` and ``augment`` (their dataclasses' own
-    checks), so that they too fail here rather than in the ranks."""
-    from pretrain.objectives import _registry
-    from pretrain.vit import PRESETS, ViTConfig
+def _typed(build: Callable[[], object], where: str):
+    """``build()``, its ValueError (a dataclass's own check, naming ``section.key``) as a ConfigError."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
-    for name, section in (("model", cfg.model), ("objective", cfg.objective), ("augment", cfg.augment)):
-        if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"{where}: section {name!r} must be a mapping, got {section!r}")
-    model = dict(cfg.model)
-    preset = model.pop("preset", "tiny")
+
+def _model(section: dict, where: str) -> ViTConfig:
+    """``ViTConfig`` of ``model.preset`` plus the section's keys; grid = patch_size and vocab_size 1 stand
+    in for the data's (so only the config's own values are checked)."""
+    preset = section.pop("preset", "tiny")
     if preset not in PRESETS:
         raise ConfigError(f"{where}: model.preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"grid", "vocab_size"}
-    unknown = sorted(set(model) - fields)
+    fields = {f.name for f in dataclasses.fields(ViTConfig)} - set(_DATA_FIELDS)
+    unknown = sorted(set(section) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) model.{unknown[0]} ...; valid keys: {sorted(fields)}")
-    objective = dict(cfg.objective)
-    name = objective.pop("name", "mtm")
-    registry = _registry()
-    if name not in registry:
-        raise ConfigError(f"{where}: objective.name must be one of {sorted(registry)}, got {name!r}")
-    make_config(registry[name][0], objective, f"{where}: section 'objective'")
-    if cfg.augment is not None and cfg.data.input == "tokens":
-        from pretrain.augment import TokenAugConfig
+        raise ConfigError(f"{where}: unknown key model.{unknown[0]}; valid keys: {sorted(fields)}")
+    options = {**PRESETS[preset], **section}
+    patch = options.get("patch_size", ViTConfig.patch_size)
+    placeholder = patch if isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1 else 1
+    try:
+        return make_config(ViTConfig, {**options, "grid": placeholder, "vocab_size": 1}, "model")
+    except ValueError as err:
+        raise ConfigError(f"{where}: {str(err).replace('ViTConfig.', 'model.')}") from err
 
-        make_config(TokenAugConfig, {"num_classes": 1000, **cfg.augment}, f"{where}: section 'augment'")
+
+def _augment(raw: dict, where: str) -> TokenAugConfig | None:
+    if raw.get("augment") is None:
+        return None
+    return make_config(TokenAugConfig, _section(raw, "augment", where), "augment")
+
+
+def build_config(raw: dict, where: str = "config") -> TrainConfig:
+    """A TrainConfig from a nested dict; an unknown section or key, a wrong type or an out-of-range value
+    raises ConfigError naming ``section.key``."""
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(_SECTIONS)}")
+    kwargs = {name: _typed(lambda n=name, c=cls: make_config(c, _section(raw, n, where), n), where)
+              for name, cls in _TYPED.items()}
+    kwargs["model"] = _model(_section(raw, "model", where), where)
+    objective = _section(raw, "objective", where)
+    name = objective.pop("name", "mtm")
+    steps = kwargs["run"].steps
+    kwargs["objective"] = _typed(lambda: objective_config(name, objective, "objective", total_steps=steps), where)
+    kwargs["augment"] = _typed(lambda: _augment(raw, where), where)
+    cfg = TrainConfig(**kwargs)
+    if not cfg.data.train and not cfg.data.sources:
+        raise ConfigError(f"{where}: data.train (a manifest URL or split directory) or data.sources is required")
+    check_ranges(cfg, where)
+    if cfg.augment is not None and not registry()[name].needs.token_geometry:
+        bad = [key for key, on in _GEOMETRY if on(cfg.augment)]
+        if bad:
+            raise ConfigError(f"{where}: {', '.join('augment.' + b for b in bad)} would move the tokens but not the "
+                              f"objective's per-pixel targets; set augment: null (or rrc: false, hflip_p: 0, ...): "
+                              f"objective {name} crops and flips its inputs and targets together itself")
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -13,23 +13,23 @@ forward) and refuse a mismatch with ``TokenizerMismatch``, naming both fingerpri
 explicitly allowed (``--allow-tokenizer-mismatch`` / ``data.allow_tokenizer_mismatch``).
 Checkpoints written before this existed, and pixel-input runs, have no identity: nothing to check.
 
-``latest`` files are read through ``checkpoint_tag_dir``: the tag must name a directory inside the
-checkpoints directory (no separators, no ``..``, no symlink leading out), so a planted ``latest``
-cannot send a reader to files elsewhere.
+``latest`` files are read through ``pretrain.checkpoint.checkpoint_tag_dir`` (re-exported here): the tag
+must name a directory inside the checkpoints directory, so a planted ``latest`` cannot send a reader
+elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
+
+from pretrain.checkpoint import checkpoint_tag_dir, safe_load
 
 __all__ = ["TokenizerMismatch", "identity_of_meta", "checkpoint_tag_dir", "identity_of_checkpoint",
            "write_identity", "check_identity", "TOKENS_FILE"]
 
 TOKENS_FILE = "tokens.json"
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class TokenizerMismatch(ValueError):
@@ -42,31 +42,6 @@ def identity_of_meta(meta) -> dict:
             "vocab_size": int(meta.vocab_size)}
 
 
-def checkpoint_tag_dir(ckpt: str | os.PathLike, tag: str | None = None) -> Path:
-    """The tag directory of a checkpoint: ``ckpt`` itself if it is one (``stepNNNNNNN``), else
-    ``ckpt/<tag>`` with ``tag`` from the argument or ``ckpt/latest``. A tag that is not a plain name
-    inside ``ckpt`` raises ValueError; a missing ``latest`` FileNotFoundError."""
-    path = Path(ckpt)
-    if tag is None:
-        latest = path / "latest"
-        if not latest.is_file():
-            if path.is_dir() and any(path.glob("*model_states.pt")):  # a tag directory itself
-                return path
-            raise FileNotFoundError(f"{path}: no 'latest' file naming the checkpoint tag; pass a checkpoints "
-                                    "directory written by the trainer, or one stepNNNNNNN directory in it")
-        tag = latest.read_text(errors="replace")[:256].strip()
-        where = f"{latest} names"
-    else:
-        where = "the"
-    if not _TAG.fullmatch(tag) or tag in (".", ".."):
-        raise ValueError(f"{where} checkpoint tag {tag!r}, which is not a plain directory name inside {path}; "
-                         "write the tag (e.g. step0000100) into it")
-    tag_dir = path / tag
-    if tag_dir.is_symlink() or not tag_dir.resolve().is_relative_to(path.resolve()):
-        raise ValueError(f"{where} checkpoint tag {tag!r}, which leads outside {path}; refusing to follow it")
-    return tag_dir
-
-
 def write_identity(tag_dir: Path, identity: dict | None) -> None:
     """Write ``tokens.json`` into a checkpoint's tag directory (nothing for pixel runs)."""
     if identity is not None:
@@ -77,8 +52,6 @@ def identity_of_checkpoint(ckpt: str | os.PathLike) -> dict | None:
     """The token identity recorded in a trainer checkpoint (directory) or a ``backbone.pt`` file; None if none."""
     path = Path(ckpt)
     if path.is_file():
-        from pretrain.export import safe_load
-
         state = safe_load(path)
         return state.get("tokens") if isinstance(state, dict) else None
     file = checkpoint_tag_dir(path) / TOKENS_FILE

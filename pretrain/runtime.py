@@ -1,22 +1,11 @@
-"""The trainer's plumbing: process group, checkpoints with stream state, logging, clean exit.
+"""The trainer's plumbing: process group, augmentation, logging, clean exit.
 
-Kept apart from ``pretrain.train`` so the training loop reads top to bottom.
-
-Checkpoint layout (``<out>/checkpoints``)::
-
-    latest                          DeepSpeed's pointer to the newest tag
-    stepNNNNNNN/                    DeepSpeed's files (model, optimizer, scheduler; client state:
-                                    step, vit_config, objective, config)
-    stepNNNNNNN/stream_rank<R>.json that rank's ``StreamLoader.state_dict()``
-    stepNNNNNNN/tokens.json         the token identity of the data (``pretrain.provenance``)
+Kept apart from ``pretrain.train`` so the training loop reads top to bottom. Checkpoints (layout,
+safe reading, save and restore with the stream state) are ``pretrain.checkpoint``'s.
 
 Exit: ``install_exit_cleanup`` makes a launched rank remove its launch's /dev/shm all-reduce
 buffers on every exit path (normal, exception, SIGTERM from the launcher when a peer failed,
 SIGINT), and ``exit_launched`` ends a launched rank without the gloo teardown abort (DESIGN.md).
-
-Checkpoints are read back with ``torch.load(weights_only=True)`` (``use_safe_checkpoint_loading``):
-DeepSpeed's default engine unpickles arbitrary objects, which a checkpoint from elsewhere must
-never be allowed to do.
 """
 
 from __future__ import annotations
@@ -25,7 +14,6 @@ import atexit
 import gc
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -34,15 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.augment import TokenAugConfig, TokenAugment
-from pretrain.objectives import DataSpec, make_config
-from pretrain.provenance import checkpoint_tag_dir, write_identity
+from pretrain.augment import TokenAugment
+from pretrain.objectives import DataSpec
 from storage import io as sio
 from storage.net import free_port
 
-__all__ = ["init_distributed", "set_threads", "build_augment", "use_safe_checkpoint_loading", "save_checkpoint",
-           "load_checkpoint", "RunLog", "Window", "mean_over_ranks", "shutdown", "remove_shm_buffers",
-           "install_exit_cleanup", "exit_launched"]
+__all__ = ["init_distributed", "set_threads", "build_augment", "RunLog", "Window", "mean_over_ranks", "shutdown",
+           "remove_shm_buffers", "install_exit_cleanup", "exit_launched"]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -133,13 +119,13 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
 # -- data-side ------------------------------------------------------------------------------------
 
 def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
-    """TokenAugment from the ``augment`` section (None: off). Loads the tokenizer's codebook only if an op needs it."""
-    if cfg.augment is None:
+    """TokenAugment from the ``augment`` section (None: off). Mixing with ``num_classes`` 0 scores the
+    manifest's classes. Loads the data's tokenizer (fingerprint checked) only if an op needs its codebook."""
+    aug = cfg.augment
+    if aug is None:
         return None
-    options = dict(cfg.augment)
-    if options.get("cutmix_alpha", 0) > 0 or options.get("mixup_alpha", 0) > 0:
-        options.setdefault("num_classes", spec.num_classes)  # soft targets over the manifest's classes
-    aug = make_config(TokenAugConfig, options, "section 'augment'")
+    if aug.mixing and aug.num_classes == 0:
+        aug = aug.replace(num_classes=spec.num_classes)  # soft targets over the manifest's classes
     if aug.needs_embeddings or aug.replace_p > 0:
         from pipeline.tokenizer import load_tokenizer
 
@@ -147,63 +133,11 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
         if not sio.exists(url):
             raise FileNotFoundError(f"augmentation needs the tokenizer's codebook, but {url} does not exist "
                                     f"(set data.tokenizer)")
-        tokenizer = load_tokenizer(sio.read_bytes(url))
-        if tokenizer.fingerprint != manifest.meta.tokenizer_fingerprint:
-            raise ValueError(f"tokenizer {url} did not make the tokens of {manifest.url} (fingerprint differs)")
+        tokenizer = load_tokenizer(url, manifest.meta.tokenizer_fingerprint)
         codebook, synonyms = tokenizer.codebook, getattr(tokenizer, "synonyms", None)  # SeiT's own lists
     else:
         codebook, synonyms = torch.zeros(spec.vocab_size, 1), None
     return TokenAugment(aug, codebook, synonyms)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-
-def use_safe_checkpoint_loading(engine) -> None:
-    """Make ``engine.load_checkpoint`` read files with weights_only=True instead of unpickling."""
-    from pretrain.export import safe_load
-
-    engine.checkpoint_engine.load = safe_load
-
-
-def _tag(step: int) -> str:
-    return f"step{step:07d}"
-
-
-def save_checkpoint(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: int, client: dict) -> Path:
-    """DeepSpeed checkpoint ``ckpt_dir/stepNNNNNNN`` plus every rank's stream state; keeps the newest ``keep``."""
-    tag = _tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})
-    (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
-    if rank == 0:
-        write_identity(ckpt_dir / tag, client.get("tokens"))
-    dist.barrier()
-    if rank == 0 and keep > 0:
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return ckpt_dir / tag
-
-
-def load_checkpoint(engine, loader, where: str, rank: int) -> int:
-    """Restore engine and stream from ``where`` (checkpoints dir with ``latest``, or a tag dir); returns the step."""
-    path = Path(where)
-    if (path / "latest").is_file():
-        ckpt_dir, tag = path, checkpoint_tag_dir(path).name
-    elif path.is_dir() and path.name.startswith("step"):
-        ckpt_dir, tag = path.parent, path.name
-    else:
-        raise FileNotFoundError(f"no checkpoint to resume from at {path} (expected a 'latest' file or a "
-                                f"stepNNNNNNN directory)")
-    stream_file = ckpt_dir / tag / f"stream_rank{rank}.json"
-    if not stream_file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no stream state for rank {rank} "
-                                f"({stream_file.name}); was it written with another world size?")
-    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    loader.load_state_dict(json.loads(stream_file.read_text()))
-    return int(client["step"])
 
 
 # -- logging --------------------------------------------------------------------------------------

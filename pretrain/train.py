@@ -38,20 +38,22 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from pretrain import runtime
+from pipeline.tokenizer import load_tokenizer
+from pretrain import checkpoint, runtime
 from pretrain.augment import BatchSeededAugment
 from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.objectives import DataSpec, Objective, build_objective
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
 from pretrain.provenance import TokenizerMismatch, check_identity, identity_of_checkpoint, identity_of_meta
-from pretrain.vit import ViTConfig, vit_config
+from pretrain.vit import ViTConfig
+from storage import io as sio
 from storage.cli import run_cli
 from storage.manifest import manifest_url, read_manifest
 from storage.mix import source_from_dict
@@ -81,8 +83,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
         from pretrain.pixels import PixelAugment, PixelFolderStream
 
         pixels = PixelFolderStream(cfg.data.train, cfg.data.resolution, cfg.data.batch_size, train=True,
-                                   augment=PixelAugment.from_options(cfg.augment), seed=cfg.run.seed,
-                                   rank=rank, world_size=world)
+                                   augment=PixelAugment.from_options(cfg.augment and asdict(cfg.augment)),
+                                   seed=cfg.run.seed, rank=rank, world_size=world)
         spec = DataSpec(grid=(cfg.data.resolution,) * 2, vocab_size=1, num_classes=len(pixels.class_names))
         return StreamLoader(pixels, num_workers=cfg.data.num_workers), spec
     data = ([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
@@ -92,7 +94,9 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
                          prefetch_shards=cfg.data.prefetch_shards, cache_dir=cfg.data.cache_dir,
                          cache_limit=cfg.data.cache_limit)
     meta = stream.manifest.meta  # with sources: the first one's (all share tokenizer, grid and K)
-    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names))
+    fingerprint = None if cfg.data.allow_tokenizer_mismatch else meta.tokenizer_fingerprint
+    spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names),
+                    tokenizer_fingerprint=fingerprint)
     augment = runtime.build_augment(cfg, stream.manifest, spec)
     stream.batch_transform = None if augment is None else BatchSeededAugment(augment, cfg.run.seed)
     return StreamLoader(stream, num_workers=cfg.data.num_workers), spec
@@ -100,14 +104,10 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
 
 def build_model(cfg: TrainConfig, spec: DataSpec) -> tuple[Objective, ViTConfig]:
     """The objective of ``cfg.objective`` on the ViT of ``cfg.model`` (grid and K from the data), and that ViTConfig."""
-    model_options = dict(cfg.model)
-    if cfg.data.input == "pixels" and model_options.get("stem") != "pixel":
+    if cfg.data.input == "pixels" and cfg.model.stem != "pixel":
         raise ValueError("data.input is 'pixels': set model.stem=pixel (and model.patch_size, e.g. 16)")
-    vit = vit_config(model_options.pop("preset", "tiny"), grid=spec.grid[0], vocab_size=spec.vocab_size,
-                     **model_options)
-    objective_options = dict(cfg.objective)
-    name = objective_options.pop("name", "mtm")
-    return build_objective(name, objective_options, vit, spec, total_steps=cfg.run.steps), vit
+    vit = replace(cfg.model, grid=spec.grid[0], vocab_size=spec.vocab_size)
+    return build_objective(cfg.objective_name, cfg.objective, vit, spec), vit
 
 
 class Batches:
@@ -144,19 +144,19 @@ def check_tokens(cfg: TrainConfig, resume: str | None) -> dict | None:
     identity = identity_of_meta(read_manifest(resolve_manifest(cfg.data.train)).meta)
     allow = cfg.data.allow_tokenizer_mismatch
     where = f"the training data {cfg.data.train}"
-    init = cfg.objective.get("init")
+    init = getattr(cfg.objective, "init", "")
     if init and Path(init).exists():
         check_identity(identity_of_checkpoint(init), identity, f"the --init backbone {init}", where, allow)
-    if cfg.objective.get("name") == "addp":  # its frozen parts must belong to the data's tokens too
-        predictor, tokenizer = cfg.objective.get("predictor"), cfg.objective.get("tokenizer")
-        if predictor and Path(predictor).exists():
-            check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where,
-                           allow)
-        if tokenizer and Path(tokenizer).is_file():
-            from pipeline.tokenizer import load_tokenizer
-
-            made = {**identity, "tokenizer_fingerprint": load_tokenizer(tokenizer).fingerprint}
-            check_identity(made, identity, f"the ADDP tokenizer {tokenizer}", where, allow)
+    predictor = getattr(cfg.objective, "predictor", "")  # ADDP's frozen MTM must belong to the data's tokens too
+    if predictor and Path(predictor).exists():
+        check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where, allow)
+    # Tokenizers the objective loads (ADDP's, classify's decoder) are checked again by the loader itself
+    # (``DataSpec.tokenizer_fingerprint``); here a mismatch costs seconds, not a process group.
+    for what, url in (("the ADDP tokenizer", getattr(cfg.objective, "tokenizer", "")),
+                      ("the decoder tokenizer", getattr(cfg.objective, "decoder", ""))):
+        if url and sio.exists(url):
+            made = {**identity, "tokenizer_fingerprint": load_tokenizer(url).fingerprint}
+            check_identity(made, identity, f"{what} {url}", where, allow)
     if resume is not None:
         ckpt = Path(resume or Path(cfg.run.out) / "checkpoints")
         if (ckpt / "latest").is_file() or ckpt.name.startswith("step"):
@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     loader, spec = build_stream(cfg, rank, world)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     objective, vit = build_model(cfg, spec)
-    name, preset = cfg.objective.get("name", "mtm"), cfg.model.get("preset", "tiny")
+    name = cfg.objective_name
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world
     lr = base_lr(cfg.optim, global_batch)
     optimizer = make_optimizer(objective, cfg.optim, lr)
@@ -183,15 +183,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=objective, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.engine, cfg.optim, cfg.data.batch_size, world))
-    runtime.use_safe_checkpoint_loading(engine)
+    checkpoint.use_safe_checkpoint_loading(engine)
     step = 0
     if resume is not None:
-        step = runtime.load_checkpoint(engine, loader, resume or str(out / "checkpoints"), rank)
+        step = checkpoint.restore_training(engine, loader, resume or str(out / "checkpoints"), rank)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     enc = objective.encoder
-    header = (f"{name} | ViT-{preset} {enc.cfg.num_patches} patches | {enc.num_params():,} encoder params | "
+    header = (f"{name} | ViT {enc.cfg.embed_dim}/{enc.cfg.depth}/{enc.cfg.num_heads} {enc.cfg.num_patches} patches | "
+              f"{enc.num_params():,} encoder params | "
               f"{world} rank(s) x {cfg.data.batch_size} x accum {cfg.optim.grad_accum} | lr {lr:.2e} | "
               f"ZeRO {cfg.engine.zero_stage} {cfg.engine.precision}")
     log = runtime.RunLog(out, rank, cfg.run.steps, step, enabled=cfg.run.progress, header=header)
@@ -225,14 +226,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             summary.update(record)
         log.advance(step)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last_stop:
-            runtime.save_checkpoint(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
+            checkpoint.save_training(engine, loader, out / "checkpoints", step, rank, cfg.run.keep_checkpoints,
                                     {"vit_config": asdict(vit), "encoder_config": asdict(objective.encoder.cfg),
                                      "objective": name, "config": cfg.to_dict(),
                                      "num_classes": spec.num_classes, "tokens": tokens})
     if rank == 0 and step > 0:
-        from pretrain.export import save_backbone
-
-        save_backbone(out / "backbone.pt", engine.module.encoder, {"objective": name, "step": step, "tokens": tokens})
+        checkpoint.save_backbone(out / "backbone.pt", engine.module.encoder,
+                                 {"objective": name, "step": step, "tokens": tokens})
     log.close()
     if trace is not None:
         trace.close()

@@ -20,8 +20,6 @@ from pretrain.objectives import DataSpec, load_objective
 from pretrain.objectives.addp import (
     ADDP,
     ADDPConfig,
-    KMeansPatchDecoder,
-    frozen_decoder,
     mask_ratio_grid,
     mask_ratio_probs,
     nested_masks,
@@ -29,6 +27,7 @@ from pretrain.objectives.addp import (
     soft_cross_entropy,
 )
 from pretrain.objectives.mtm import MTM, MTMConfig
+from pretrain.objectives.parts import KMeansPatchDecoder, frozen_decoder
 from pretrain.vit import ViTConfig
 
 # tiny_preset(32): f2, 32 px -> 16 x 16 tokens, K = 64. The predictor masks 2 x 2 tokens: 64 units.
@@ -223,7 +222,6 @@ def _save_trainer_checkpoint(path, module, vit, name, options):
 
 
 def test_built_from_paths_and_reloaded(tok, predictor, tmp_path, monkeypatch):
-    monkeypatch.setattr(objectives, "_registry", lambda: {"mtm": (MTMConfig, MTM), "addp": (ADDPConfig, ADDP)})
     tok.save(tmp_path / "tok.pt")
     _save_trainer_checkpoint(tmp_path / "mtm", predictor, VIT, "mtm", MTM_OPTIONS)
     options = {**SMALL, "tokenizer": str(tmp_path / "tok.pt"), "predictor": str(tmp_path / "mtm")}
@@ -280,3 +278,23 @@ def test_generate_writes_grid_and_is_seeded(tok, predictor, tmp_path, monkeypatc
     assert not first[32:, 64:].any(), "the empty sixth cell stays black"
     ids = gen.generate(model, 2, 4, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (2, 16, 16) and ids.dtype == torch.long and ids.min() >= 0 and ids.max() < 64
+
+
+def test_every_tokenizer_path_takes_urls_and_checks_the_fingerprint(tok, predictor, tmp_path):
+    """ADDP and classify's decoder load their tokenizer through pipeline.tokenizer.load_tokenizer: any
+    storage.io URL, weights only, and refused when it did not make the data's tokens (DataSpec)."""
+    from pipeline.tokenizer import TokenizerFingerprintMismatch, load_tokenizer
+    from pretrain.objectives.classify import Classify, ClassifyConfig
+
+    tok.save(tmp_path / "tok.pt")
+    url = f"file://{tmp_path / 'tok.pt'}"
+    assert load_tokenizer(url, tok.fingerprint).fingerprint == tok.fingerprint
+    right = dataclasses.replace(DATA, tokenizer_fingerprint=tok.fingerprint)
+    wrong = dataclasses.replace(DATA, tokenizer_fingerprint="f" * 64, num_classes=3)
+    torch.manual_seed(0)
+    model = ADDP(ADDPConfig(**SMALL, tokenizer=url), VIT, right, predictor=predictor)
+    torch.testing.assert_close(model.vq.codebook, tok.codebook)
+    with pytest.raises(TokenizerFingerprintMismatch, match="ffffffffffff"):
+        ADDP(ADDPConfig(**SMALL, tokenizer=url), VIT, wrong, predictor=predictor)
+    with pytest.raises(TokenizerFingerprintMismatch, match="did not make the tokens"):
+        Classify(ClassifyConfig(decoder=url, pixel_patch=4), VIT, wrong)

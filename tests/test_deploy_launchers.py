@@ -296,9 +296,10 @@ def test_launch_sh_commands_parse(tmp_path, monkeypatch, capsys):
         assert cfg.data.partitions % world == 0, f"launch.sh: world size {world} must divide data.partitions"
         assert (cfg.data.partitions // world) % cfg.data.num_workers == 0, (
             f"launch.sh: data.num_workers {cfg.data.num_workers} leaves workers idle")
-    assert ft_cfg.objective["init"] == f"{pre_cfg.run.out}/backbone.pt", (
-        f"launch.sh: fine-tuning starts from {ft_cfg.objective['init']}, not pre-training's backbone.pt")
-    assert ft_cfg.model["preset"] == pre_cfg.model["preset"], "launch.sh: fine-tuning builds another ViT"
+    assert ft_cfg.objective.init == f"{pre_cfg.run.out}/backbone.pt", (
+        f"launch.sh: fine-tuning starts from {ft_cfg.objective.init}, not pre-training's backbone.pt")
+    widths = [(c.model.embed_dim, c.model.depth, c.model.num_heads) for c in (ft_cfg, pre_cfg)]
+    assert widths[0] == widths[1], "launch.sh: fine-tuning builds another ViT"
     assert ev_args.ckpt == f"{ft_cfg.run.out}/checkpoints", "launch.sh: evaluate reads another run's checkpoints"
 
 

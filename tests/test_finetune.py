@@ -10,7 +10,8 @@ import torch
 from pretrain.evaluate import main as evaluate_main
 from pretrain.export import save_backbone
 from pretrain.objectives import DataSpec
-from pretrain.objectives.classify import Classify, ClassifyConfig, load_pretrained
+from pretrain.objectives.classify import Classify, ClassifyConfig
+from pretrain.objectives.parts import load_pretrained
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.test_train import launch, token_data  # noqa: F401 (fixture)
 

@@ -206,3 +206,26 @@ def test_config_checks():
         M3I(M3IConfig(**SMALL), VIT, dataclasses.replace(DATA, num_classes=0))
     model = M3I(M3IConfig(**SMALL, w_cls=0.0, w_inter=0.0), VIT, dataclasses.replace(DATA, num_classes=0))
     assert not hasattr(model, "teacher") and not hasattr(model, "cls_head")
+
+
+def test_every_attention_in_the_objectives_goes_through_sdpa(monkeypatch):
+    """Encoder, decoder and teacher attention are ``pretrain.vit.Attention`` (F.scaled_dot_product_attention):
+    one SDPA call per block run, no hand-written attention in the objectives."""
+    from torch import nn
+
+    from pretrain import vit as vit_module
+    from pretrain.objectives import build_objective
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    ids = torch.randint(0, 40, (2, 8, 8))
+    for name, options, blocks in (("mtm", SMALL, VIT.depth + 1), ("m3i", SMALL, 2 * VIT.depth + 1)):
+        torch.manual_seed(0)
+        model = build_objective(name, options, VIT, DATA)
+        attention = [m for m in model.modules() if "attention" in type(m).__name__.lower()
+                     or isinstance(m, nn.MultiheadAttention)]
+        assert attention and all(isinstance(m, vit_module.Attention) for m in attention), name
+        calls.clear()
+        model({"tokens": ids, "label": torch.tensor([1, 2])})
+        assert len(calls) == blocks, (name, len(calls))  # encoder + decoder (+ M3I's EMA teacher)

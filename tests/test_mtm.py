@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.objectives import DataSpec, build_objective
-from pretrain.objectives.mtm import MTMConfig, patch_mean, random_masks, sample_mask_ratio
+from pretrain.objectives.mtm import MTMConfig
+from pretrain.objectives.parts import patch_mean, random_masks, sample_mask_ratio
 from pretrain.vit import ViTConfig
 
 VIT = ViTConfig(embed_dim=32, depth=2, num_heads=2, grid=8, patch_size=2, vocab_size=40, token_dim=8)
@@ -98,7 +99,7 @@ def test_head_scores_against_the_token_embedding_table():
     with torch.no_grad():
         table.mul_(2.0)
     doubled = model.token_logits(z)
-    bias = model.head_bias
+    bias = model.token_head.bias
     torch.testing.assert_close(doubled - bias, 2 * (logits - bias))
 
 
@@ -130,3 +131,16 @@ def test_predict_with_nothing_masked_differs_from_all_masked_and_keeps_shape():
     other = torch.randint(0, 40, (2, 8, 8))
     torch.testing.assert_close(model.predict(other, torch.ones(2, 16, dtype=torch.bool)), full)
     assert not torch.allclose(none, full)
+
+
+def test_checkpoints_from_before_the_head_was_a_part_still_load():
+    """State dicts with the old flat head names (head_fc / head_norm / head_bias) load into token_head."""
+    model = _model()
+    legacy = {k.replace("token_head.fc.", "head_fc.").replace("token_head.norm.", "head_norm.")
+              .replace("token_head.bias", "head_bias"): v for k, v in model.state_dict().items()}
+    assert "head_bias" in legacy and not any(k.startswith("token_head") for k in legacy)
+    torch.manual_seed(1)
+    fresh = build_objective("mtm", SMALL, VIT, DATA)
+    fresh.load_state_dict(legacy)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -9,8 +9,8 @@ import torch
 from pipeline.images import load_rgb, resize_center_crop
 from pipeline.tokenizer import KMeansTokenizer
 from pretrain.objectives import DataSpec
-from pretrain.objectives.addp import KMeansPatchDecoder, frozen_decoder
 from pretrain.objectives.classify import Classify, ClassifyConfig
+from pretrain.objectives.parts import KMeansPatchDecoder, frozen_decoder
 from pretrain.pixels import MEAN, STD, PixelAugment, PixelFolderStream
 from pretrain.train import parse_args
 from pretrain.vit import ViTConfig

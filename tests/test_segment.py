@@ -19,7 +19,7 @@ from pretrain.finetune import main as finetune_main
 from pretrain.metrics import IGNORE_INDEX, ade20k_targets
 from pretrain.objectives import DataSpec, build_objective
 from pretrain.objectives import segment as segment_module
-from pretrain.objectives.segment import Segment, SegmentConfig, check_augment
+from pretrain.objectives.segment import Segment, SegmentConfig
 from pretrain.train import build_model
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.conftest import shared_data_dir
@@ -173,12 +173,12 @@ def test_augment_moves_tokens_and_label_maps_together(monkeypatch):
 
 
 def test_trainer_augmentation_that_moves_tokens_is_refused(capsys):
-    check_augment(None)
-    check_augment({"rrc": False, "hflip_p": 0.0, "replace_p": 0.1})
-    for bad in ({}, {"rrc": False}, {"rrc": False, "hflip_p": 0, "cutmix_alpha": 1.0, "num_classes": 3}):
-        with pytest.raises(ValueError, match="label maps"):
-            check_augment(bad)
     config = str(ROOT / "configs" / "finetune_seg_tiny.yaml")
+    load_config(config, ["data.train=x", "augment=null"])
+    load_config(config, ["data.train=x", 'augment={"rrc": false, "hflip_p": 0.0, "replace_p": 0.1}'])
+    for bad in ({}, {"rrc": False}, {"rrc": False, "hflip_p": 0, "cutmix_alpha": 1.0, "num_classes": 3}):
+        with pytest.raises(ValueError, match="per-pixel targets"):
+            load_config(config, ["data.train=x", f"augment={json.dumps(bad)}"])
     # refused before anything starts, in one line
     assert finetune_main(["--task", "segment", "--config", config, "--data", "nowhere", "augment.rrc=true"]) == 1
     err = capsys.readouterr().err
@@ -190,8 +190,7 @@ def test_trainer_augmentation_that_moves_tokens_is_refused(capsys):
 def test_shipped_config_builds_the_segment_model():
     cfg = load_config(ROOT / "configs" / "finetune_seg_tiny.yaml", ["data.train=x", "model.depth=2"])
     model, vit = build_model(cfg, DataSpec((16, 16), 64))
-    assert isinstance(model, Segment) and model.cfg.head == "pup" and vit.grid == 16
-    check_augment(cfg.augment)
+    assert isinstance(model, Segment) and model.cfg.head == "pup" and vit.grid == 16 and cfg.augment is None
 
 
 # -- real data --------------------------------------------------------------------------------------------------

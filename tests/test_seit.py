@@ -236,7 +236,9 @@ def test_the_trainers_augmentation_draws_from_seits_synonym_lists(seit_set, impo
 
     synonyms = seit_set[3]
     manifest = read_manifest(str(imported / "train"))
-    cfg = SimpleNamespace(augment={"replace_p": 1.0, "synonym_k": 5, "rrc": False, "hflip_p": 0.0},
+    from pretrain.augment import TokenAugConfig
+
+    cfg = SimpleNamespace(augment=TokenAugConfig(replace_p=1.0, synonym_k=5, rrc=False, hflip_p=0.0),
                           data=SimpleNamespace(tokenizer=None))
     aug = build_augment(cfg, manifest, DataSpec(grid=(32, 32), vocab_size=K))
     assert aug.table.tolist() == [synonyms[str(i)] for i in range(K)]

@@ -99,7 +99,8 @@ def test_mtm_masked_loss_equals_forward_loss_of_full_logits(n_masked, detach_hea
     masked[:, torch.randperm(16)[:n_masked]] = True
     masked[1] = masked[1].roll(3)
     z = torch.randn(3, 16, 32, requires_grad=True)
-    params = [z, model.head_fc.weight, model.head_fc.bias, model.head_norm.weight, model.head_bias,
+    head = model.token_head
+    params = [z, head.fc.weight, head.fc.bias, head.norm.weight, head.bias,
               model.encoder.token_embed.word_embeddings.weight]
 
     ref_loss, ref_metrics = model.forward_loss(model.token_logits(z), ids, masked)
@@ -139,14 +140,14 @@ def test_mtm_forward_runs_the_masked_only_path():
     model = build_objective("mtm", {"decoder_dim": 32, "decoder_heads": 2, "decoder_depth": 1}, VIT, DATA)
     ids = torch.randint(0, 40, (2, 8, 8))
     calls = []
-    handle = model.head_fc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    handle = model.token_head.fc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     torch.manual_seed(1)
     loss, metrics = model({"tokens": ids})
     handle.remove()
     loss.backward()
     n_masked = round(metrics["mask_ratio"].item() * 2 * 16)
     assert calls == [torch.Size([n_masked, 32])], "the head must see the masked patches only"
-    assert model.head_bias.grad.abs().sum() > 0
+    assert model.token_head.bias.grad.abs().sum() > 0
 
 
 def test_bfloat16_hidden_with_float32_parameters_matches_the_full_path_loosely():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name, ["data.train=/x/train"])
-    assert cfg.objective["name"] in OBJECTIVES and cfg.run.steps > 0
+    assert cfg.objective_name in OBJECTIVES and cfg.run.steps > 0
     assert isinstance(cfg.optim.blr, float)  # "1.5e-4" is a float here, not YAML 1.1's string
 
 
@@ -71,7 +72,7 @@ def test_no_weight_decay_on_norms_biases_and_positions():
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed", "head_bias",
+    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed", "token_head.bias",
             "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay_names
     assert {"encoder.blocks.0.attn.qkv.weight", "encoder.token_embed.word_embeddings.weight",
             "encoder.patch_embed.proj.weight"} <= decay_names
@@ -152,3 +153,32 @@ def test_yaml_aliases_and_huge_files_are_refused(tmp_path):
     big.write_text("run:\n  steps: 1\n" + "#" * (MAX_CONFIG_BYTES + 1))
     with pytest.raises(ConfigError, match="configs are at most"):
         load_config(big)
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=0", "data.batch_size"), ("model.depth=-1", "model.depth"),
+                                           ("objective.mask_ratio_min=2", "objective.mask_ratio_min"),
+                                           ("model.dpeth=3", "model.dpeth"), ("augment.hflip_p=x", "augment.hflip_p")])
+def test_a_config_mistake_is_one_line_naming_the_key(override, key, capsys):
+    """Refused by load_config, before any process group or engine: one ``error:`` line, no traceback."""
+    from pretrain.train import main
+
+    assert main(["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data", "nowhere", override]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and key in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_every_section_is_a_frozen_dataclass():
+    import dataclasses
+
+    from pretrain.augment import TokenAugConfig
+    from pretrain.objectives.segment import SegmentConfig
+
+    cfg = load_config(ROOT / "configs" / "finetune_seg_tiny.yaml", ["data.train=x", "augment={rrc: false, hflip_p: 0}"])
+    assert isinstance(cfg.model, ViTConfig) and isinstance(cfg.objective, SegmentConfig)
+    assert isinstance(cfg.augment, TokenAugConfig) and cfg.objective_name == "segment"
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, dataclasses.fields(value)[0].name, None)
+    again = load_config(None, [f"{s}={json.dumps(v)}" for s, v in cfg.to_dict().items()])
+    assert again == cfg  # to_dict (config.yaml, checkpoints) reads back to the same config

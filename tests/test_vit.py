@@ -12,10 +12,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pretrain.checkpoint import read_backbone as load_checkpoint
 from pretrain.export import (
     export,
     load_backbone,
-    load_checkpoint,
     main,
     save_backbone,
     timm_create_kwargs,

@@ -2,6 +2,7 @@
 
 from pipeline.tokenizer.base import (
     Tokenizer,
+    TokenizerFingerprintMismatch,
     codebook_perplexity,
     fingerprint_of,
     load_tokenizer,
@@ -15,6 +16,7 @@ __all__ = [
     "KMeansConfig",
     "KMeansTokenizer",
     "Tokenizer",
+    "TokenizerFingerprintMismatch",
     "codebook_perplexity",
     "fingerprint_of",
     "load_tokenizer",

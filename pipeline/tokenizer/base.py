@@ -39,6 +39,7 @@ __all__ = [
     "fingerprint_of",
     "load_tokenizer",
     "psnr",
+    "TokenizerFingerprintMismatch",
     "register_tokenizer",
 ]
 
@@ -190,20 +191,40 @@ class Tokenizer(ABC):
         return buf.getvalue()
 
 
-def load_tokenizer(path: str | Path | bytes) -> Tokenizer:
-    """Load any registered tokenizer from a file or checkpoint bytes (``weights_only=True``: no pickles)."""
-    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+class TokenizerFingerprintMismatch(ValueError):
+    """A tokenizer checkpoint is not the one that made the tokens in use (fingerprints differ)."""
+
+
+def load_tokenizer(path: str | Path | bytes, fingerprint: str | None = None) -> Tokenizer:
+    """Load any registered tokenizer: the one loader for every path that takes a tokenizer.
+
+    ``path``: a local path, any ``storage.io`` URL (``file://``, ``s3://``, ``http(s)://``; read with its
+    retries and deadline) or checkpoint bytes. Read with ``torch.load(weights_only=True)``: no pickles.
+    ``fingerprint``: the tokenizer fingerprint of the data in use (the manifest's); a tokenizer with
+    another fingerprint raises ``TokenizerFingerprintMismatch`` naming both. None checks nothing.
+    """
     if isinstance(path, bytes):
-        path = "<checkpoint bytes>"
+        source, where = io.BytesIO(path), "<checkpoint bytes>"
+    else:
+        from storage import io as sio
+
+        where = str(path)
+        source = io.BytesIO(sio.read_bytes(where))
     ckpt = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{path}: not a tokenizer checkpoint (expected keys {CHECKPOINT_KEYS})")
+        raise ValueError(f"{where}: not a tokenizer checkpoint (expected keys {CHECKPOINT_KEYS})")
     kind = ckpt["kind"]
     if kind not in _REGISTRY and kind in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[kind])
     if kind not in _REGISTRY:
-        raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (known: {sorted(_REGISTRY)})")
-    return _REGISTRY[kind].from_state(ckpt["config"], ckpt["state_dict"])
+        raise ValueError(f"{where}: unknown tokenizer kind {kind!r} (known: {sorted(_REGISTRY)})")
+    tokenizer = _REGISTRY[kind].from_state(ckpt["config"], ckpt["state_dict"])
+    if fingerprint is not None and tokenizer.fingerprint != fingerprint:
+        raise TokenizerFingerprintMismatch(
+            f"tokenizer {where} (fingerprint {tokenizer.fingerprint[:12]}) did not make the tokens in use "
+            f"(their tokenizer fingerprint is {fingerprint[:12]}); pass the data's tokenizer (usually "
+            "tokenizer.pt in the dataset root)")
+    return tokenizer
 
 
 # ---- metrics --------------------------------------------------------------------------------------

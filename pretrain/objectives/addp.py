@@ -2,7 +2,7 @@
 
 Two frozen parts and one trained model. The **VQ decoder** (a ``pipeline.tokenizer.vqgan`` tokenizer's,
 the one whose tokens the dataset holds; for a k-means tokenizer its centroids painted as patches,
-``KMeansPatchDecoder``) turns code vectors, hard or soft, into pixels; the **token
+``parts.KMeansPatchDecoder``) turns code vectors, hard or soft, into pixels; the **token
 predictor** (an MTM run on the same tokens, ``MTM.predict``; MAGE in the reference) gives token
 distributions from partly masked ids. The trained model is a **pixel-stem ViT encoder** (``self.encoder``,
 what is exported) plus a token decoder. One step, for ids int64 (B, h, w) (reference function names):
@@ -55,24 +55,29 @@ submodules (moved and cast with the objective, kept in eval mode, saved in its c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives import DataSpec, Objective
-from pretrain.vit import Block, VisionTransformer, ViTConfig
+from pretrain.objectives.base import DataSpec, Objective
+from pretrain.objectives.parts import (
+    TOKEN_HEAD_LEGACY_NAMES,
+    SubTokenHead,
+    decoder_blocks,
+    frozen_decoder,
+    normalize_input,
+    set_dropout,
+    xavier_linears,
+)
+from pretrain.vit import VisionTransformer, ViTConfig
 
-__all__ = ["ADDPConfig", "ADDP", "FrozenVQDecoder", "KMeansPatchDecoder", "frozen_decoder", "normalize_input",
-           "mask_ratio_grid", "mask_ratio_probs", "sample_ratio_pair", "nested_masks",
+__all__ = ["ADDPConfig", "ADDP", "mask_ratio_grid", "mask_ratio_probs", "sample_ratio_pair", "nested_masks",
            "soft_cross_entropy", "upsample_mask"]
-
-_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (R's ``normalize_input``)
-_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class ADDPConfig:
     """ADDP settings; defaults are the reference's ViT-B run (see the module table).
 
     tokenizer: tokenizer checkpoint (``load_tokenizer``) whose tokens the dataset holds: VQGAN, or k-means
-        (its centroids are pixel patches, ``KMeansPatchDecoder``).
+        (its centroids are pixel patches, ``parts.KMeansPatchDecoder``).
     predictor: trainer checkpoint directory of an MTM run on the same tokens (``load_objective``).
     pixel_patch: pixels per patch side of the encoder (16 at 256 px); a multiple of the VQ factor.
     """
@@ -193,82 +198,6 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return grid.reshape(b, g * factor * g * factor)
 
 
-# -- frozen parts -----------------------------------------------------------------------------------
-
-
-class FrozenVQDecoder(nn.Module):
-    """The decoding half of a VQGAN tokenizer, frozen: ``post_quant_conv`` -> ``decoder`` (exactly
-    ``VQModel.decode_codes``, on copies) and the codebook as a buffer ``codebook`` float (K, D). No VQ encoder."""
-
-    def __init__(self, tokenizer) -> None:
-        super().__init__()
-        model = getattr(tokenizer, "model", None)
-        if not all(hasattr(model, a) for a in ("decode_codes", "post_quant_conv", "decoder")):
-            raise TypeError(f"ADDP needs a VQGAN tokenizer whose decoder accepts soft code embeddings "
-                            f"(pipeline.tokenizer.vqgan); got {type(tokenizer).__name__} "
-                            f"(kind {getattr(tokenizer, 'kind', '?')!r})")
-        self.post_quant_conv = copy.deepcopy(model.post_quant_conv)  # copies: casting/moving ADDP leaves the
-        self.decoder = copy.deepcopy(model.decoder)  # tokenizer as it was
-        self.register_buffer("codebook", tokenizer.codebook.clone())
-        self.resolution = int(tokenizer.resolution)
-        self.grid = tuple(int(s) for s in tokenizer.grid)
-        self.requires_grad_(False)
-        self.eval()
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 (B, h, w) -> code vectors float (B, h, w, D)."""
-        return F.embedding(ids, self.codebook)
-
-    def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs float (B, h, w, K) -> expected code vectors float (B, h, w, D) (R: ``softmax @ codebook``)."""
-        return probs.to(self.codebook.dtype) @ self.codebook
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z float (B, h, w, D) -> images float (B, 3, R, R), about [-1, 1], unclamped."""
-        return self.decoder(self.post_quant_conv(z.permute(0, 3, 1, 2).to(self.codebook.dtype)))
-
-
-class KMeansPatchDecoder(nn.Module):
-    """The k-means tokenizer's decoder (``pipeline.tokenizer.kmeans``), frozen: a code is its centroid,
-    a p x p RGB patch in [0, 1], so a soft code paints the expected patch. ``FrozenVQDecoder``'s interface."""
-
-    def __init__(self, tokenizer) -> None:
-        super().__init__()
-        self.register_buffer("codebook", tokenizer.codebook.clone())  # float (K, p * p * 3), (row, col, channel)
-        self.patch = int(tokenizer.config.patch)
-        self.resolution = int(tokenizer.resolution)
-        self.grid = tuple(int(s) for s in tokenizer.grid)
-        self.requires_grad_(False)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 (B, h, w) -> code vectors float (B, h, w, D)."""
-        return F.embedding(ids, self.codebook)
-
-    def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs float (B, h, w, K) -> expected code vectors float (B, h, w, D)."""
-        return probs.to(self.codebook.dtype) @ self.codebook
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z float (B, h, w, p * p * 3) -> images float (B, 3, h p, w p) in [-1, 1]."""
-        b, h, w, _ = z.shape
-        p = self.patch
-        x = z.reshape(b, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * p, w * p)
-        return x * 2.0 - 1.0
-
-
-def frozen_decoder(tokenizer) -> nn.Module:
-    """The frozen pixel decoder of a tokenizer: ``FrozenVQDecoder`` (VQGAN) or ``KMeansPatchDecoder``."""
-    if getattr(tokenizer, "kind", None) == "kmeans" or type(tokenizer).__name__ == "KMeansTokenizer":
-        return KMeansPatchDecoder(tokenizer)
-    return FrozenVQDecoder(tokenizer)
-
-
-def normalize_input(images: torch.Tensor) -> torch.Tensor:
-    """Decoded images float (B, 3, R, R) about [-1, 1] -> the encoder's input: [0, 1], clamped, ImageNet mean/std."""
-    x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return (x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)
-
-
 # -- the objective ----------------------------------------------------------------------------------
 
 
@@ -281,6 +210,10 @@ class ADDP(Objective):
     otherwise they are loaded from ``cfg.tokenizer`` / ``cfg.predictor``.
     """
 
+    name = "addp"
+    config_class = ADDPConfig
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
+
     def __init__(self, cfg: ADDPConfig, vit: ViTConfig, data: DataSpec, *, tokenizer=None,
                  predictor: nn.Module | None = None):
         super().__init__()
@@ -289,11 +222,11 @@ class ADDP(Objective):
                 raise ValueError("ADDP needs objective.tokenizer: the tokenizer checkpoint of the data")
             from pipeline.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.tokenizer, data.tokenizer_fingerprint)
         if predictor is None:
             if not cfg.predictor:
                 raise ValueError("ADDP needs objective.predictor: a trainer checkpoint directory of an MTM run")
-            from pretrain.objectives import load_objective
+            from pretrain.objectives.base import load_objective
 
             predictor = load_objective(cfg.predictor)[0]
         self.cfg = cfg
@@ -321,7 +254,7 @@ class ADDP(Objective):
         self.unit = pcfg.patch_size  # tokens per mask-unit side
         self.sub = cfg.pixel_patch // factor  # tokens per encoder-patch side
         self.encoder = VisionTransformer(enc_cfg)
-        _set_dropout(self.encoder.blocks, cfg.dropout)
+        set_dropout(self.encoder.blocks, cfg.dropout)
         # Plain float64 CPU tensors, not buffers: a bf16/fp16 engine casts buffers, which would move the ratios.
         self.ratio_grid = mask_ratio_grid(cfg.grid_steps, cfg.mask_ratio_min, cfg.mask_ratio_max)
         self.ratio_probs = mask_ratio_probs(self.ratio_grid, cfg.mask_ratio_mu, cfg.mask_ratio_std)
@@ -335,17 +268,11 @@ class ADDP(Objective):
         self.decoder_pos_token_embed = nn.Parameter(torch.empty(1, h * w, dd).normal_(std=0.02))
         self.token_embed = nn.Embedding(k, dd)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        self.decoder_blocks = nn.Sequential(*[
-            Block(dd, cfg.decoder_heads, enc_cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.dropout,
-                  attn_drop=cfg.dropout, norm_eps=enc_cfg.norm_eps) for _ in range(cfg.decoder_depth)])
+        self.decoder_blocks = decoder_blocks(dd, cfg.decoder_depth, cfg.decoder_heads, enc_cfg.mlp_ratio,
+                                             cfg.dropout, enc_cfg.norm_eps)
         self.decoder_norm = nn.LayerNorm(dd, eps=enc_cfg.norm_eps)
-        self.head_fc = nn.Linear(dd, self.sub * self.sub * dd)
-        self.head_norm = nn.LayerNorm(dd, eps=enc_cfg.norm_eps)
-        self.head_bias = nn.Parameter(torch.zeros(k))
-        for m in [self.decoder_embed, self.head_fc, *self.decoder_blocks.modules()]:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.token_head = SubTokenHead(dd, self.sub, dd, k, enc_cfg.norm_eps)
+        xavier_linears([self.decoder_embed, self.token_head, self.decoder_blocks])
 
     def train(self, mode: bool = True) -> ADDP:
         """Train/eval the trained parts; the frozen predictor and VQ decoder always stay in eval mode."""
@@ -403,7 +330,7 @@ class ADDP(Objective):
         """latent (B, 1 + N_enc, D), ids int64 (B, h, w), mask bool (B, units) (unreliable) -> logits (B, h, w, K).
 
         Every row must mask the same number of units (the reliable ids are appended to the sequence)."""
-        b, (h, w) = ids.shape[0], self.vq.grid
+        b, h = ids.shape[0], self.vq.grid[0]
         enc_mask = upsample_mask(mask, self.unit // self.sub)
         full = torch.cat([enc_mask.new_ones(b, 1), enc_mask], dim=1)  # the cls slot carries the mask vector too
         y = self.decoder_embed(latent)
@@ -419,11 +346,8 @@ class ADDP(Objective):
         tokens = self.token_embed(ids.reshape(b, -1)) + self.decoder_pos_token_embed
         tokens = torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         z = self.decoder_norm(self.decoder_blocks(torch.cat([y, tokens.to(y.dtype)], dim=1)))
-        g, s = h // self.sub, self.sub
-        sub = self.head_fc(z[:, 1:1 + g * g]).reshape(b, g, g, s, s, -1).permute(0, 1, 3, 2, 4, 5)
-        sub = self.head_norm(F.gelu(sub.reshape(b, h, w, -1)))
-        table = self.token_embed.weight.detach()
-        return sub @ table.t().to(sub.dtype) + self.head_bias.to(sub.dtype)
+        g = h // self.sub
+        return self.token_head(z[:, 1:1 + g * g], self.token_embed.weight.detach())
 
     def forward_loss(self, logits: torch.Tensor, target: torch.Tensor,
                      mask_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -462,11 +386,3 @@ class ADDP(Objective):
         metrics["mask_ratio_t1"] = mask_t1.float().mean()
         return loss, metrics
 
-
-def _set_dropout(blocks: nn.Module, rate: float) -> None:
-    """Attention and projection/MLP dropout ``rate`` in ``pretrain.vit.Block``s (R's ``drop_out_rate``);
-    the backbone builds them without dropout and no weights change."""
-    for blk in blocks:
-        blk.attn.attn_drop = rate
-        for drop in (blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2):
-            drop.p = rate

@@ -2,7 +2,7 @@
 
 A ViT (``self.encoder``) with a linear head over ``data.num_classes`` classes, trained
 with cross-entropy (label smoothing; soft ``target`` rows when Token-CutMix/Mixup produced them).
-``init`` loads a pre-trained backbone: a ``backbone.pt`` file (``pretrain.export.save_backbone``) or
+``init`` loads a pre-trained backbone: a ``backbone.pt`` file (``pretrain.checkpoint.save_backbone``) or
 a trainer checkpoints directory of any objective (MTM, M3I; ADDP's pixel-stem encoder with ``decoder``); the head and
 any size-mismatched tensors start fresh, and what was not loaded is printed. ``linear_probe``
 freezes everything but the head.
@@ -20,23 +20,24 @@ decoder             ADDP     a pixel-stem backbone fine-tuned on pixels decoded 
 
 Inputs: token ids (token stem, the default), ``pixels`` from an image folder (``data.input: pixels``,
 ``model.stem: pixel``), or with ``decoder`` the tokens decoded to pixels by the frozen tokenizer
-decoder (``pretrain.objectives.addp.frozen_decoder``) for a pixel-stem encoder of ``pixel_patch``.
+decoder (``parts.load_frozen_decoder``: the data's tokenizer, fingerprint checked) for a pixel-stem
+encoder of ``pixel_patch``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives import DataSpec, Objective
+from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.parts import init_backbone, load_frozen_decoder, normalize_input
 from pretrain.vit import VisionTransformer, ViTConfig
 
-__all__ = ["ClassifyConfig", "Classify", "load_pretrained"]
+__all__ = ["ClassifyConfig", "Classify"]
 
 
 @dataclass(frozen=True)
@@ -51,42 +52,21 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         if self.global_pool not in ("avg", "token"):
-            raise ValueError(f"global_pool must be 'avg' or 'token', got {self.global_pool!r}")
+            raise ValueError(f"objective.global_pool must be 'avg' or 'token', got {self.global_pool!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-
-def _pretrained_state(init: str) -> dict[str, torch.Tensor]:
-    """Encoder weights from a backbone file or a trainer checkpoints directory (weights_only loading)."""
-    from pretrain.export import load_backbone, read_deepspeed
-
-    path = Path(init)
-    if path.is_file():
-        return load_backbone(path).state_dict()
-    if path.is_dir():
-        return read_deepspeed(path)[0]
-    raise FileNotFoundError(f"objective.init: {init} is neither a backbone file nor a checkpoints directory")
-
-
-def load_pretrained(encoder: VisionTransformer, init: str) -> dict[str, list[str]]:
-    """Copy matching tensors of a pre-trained backbone into ``encoder``; returns loaded/skipped names."""
-    state = _pretrained_state(init)
-    own = encoder.state_dict()
-    loaded, skipped = [], []
-    for k, v in state.items():
-        if k in own and tuple(own[k].shape) == tuple(v.shape) and not k.startswith("head."):
-            own[k] = v.to(own[k].dtype)
-            loaded.append(k)
-        else:
-            skipped.append(k)
-    encoder.load_state_dict(own)
-    fresh = sorted(set(own) - set(loaded))
-    return {"loaded": loaded, "skipped": skipped, "fresh": fresh}
+            raise ValueError(f"objective.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.head_init_std < 0 or self.pixel_patch < 1:
+            raise ValueError(f"objective.head_init_std must be >= 0 and objective.pixel_patch >= 1, got "
+                             f"{self.head_init_std}, {self.pixel_patch}")
 
 
 class Classify(Objective):
     """``forward(batch) -> (loss, {"acc", "loss_ce"})``; ``batch["tokens"]`` int64 (B, h, w), ``label`` (B,)
     (labels < 0 are left out), optional ``target`` float (B, C) soft labels (CutMix / Mixup)."""
+
+    name = "classify"
+    config_class = ClassifyConfig
+    needs = DataNeeds(labels=True)
 
     def __init__(self, cfg: ClassifyConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
@@ -95,19 +75,13 @@ class Classify(Objective):
         self.cfg = cfg
         self.vq = None
         if cfg.decoder:  # e.g. an ADDP backbone: tokens are stored, the encoder sees their decoded pixels
-            from pipeline.tokenizer import load_tokenizer
-            from pretrain.objectives.addp import frozen_decoder
-
-            self.vq = frozen_decoder(load_tokenizer(cfg.decoder))
+            self.vq = load_frozen_decoder(cfg.decoder, data.tokenizer_fingerprint)
             if self.vq.grid != tuple(data.grid):
                 raise ValueError(f"objective.decoder {cfg.decoder}: grid {self.vq.grid} is not the data's {data.grid}")
             vit = dataclasses.replace(vit, stem="pixel", grid=self.vq.resolution, patch_size=cfg.pixel_patch)
         self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=data.num_classes,
                                                              global_pool=cfg.global_pool))
-        if cfg.init:
-            report = load_pretrained(self.encoder, cfg.init)
-            print(f"init from {cfg.init}: {len(report['loaded'])} tensors loaded, fresh: "
-                  f"{report['fresh'] or 'none'}, skipped: {report['skipped'] or 'none'}", flush=True)
+        init_backbone(self.encoder, cfg.init)
         nn.init.trunc_normal_(self.encoder.head.weight, std=cfg.head_init_std)
         nn.init.zeros_(self.encoder.head.bias)
         if cfg.linear_probe:
@@ -123,8 +97,6 @@ class Classify(Objective):
     def inputs(self, batch: dict) -> torch.Tensor:
         """The encoder's input: decoded ``tokens`` (with ``decoder``), ``pixels`` (pixel stem), else ``tokens``."""
         if self.vq is not None:
-            from pretrain.objectives.addp import normalize_input
-
             with torch.no_grad():
                 images = self.vq(self.vq.embed(batch["tokens"]))
             return normalize_input(images).to(self.encoder.pos_embed.dtype)

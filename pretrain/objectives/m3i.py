@@ -45,19 +45,28 @@ made views (no --views)    ours    scale (0.25, 1), ratio 3/4..4/3, flip 0.5: th
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.augment_geometry import crop_ids, random_resized_crop_params
-from pretrain.objectives import DataSpec, Objective
-from pretrain.objectives.mtm import random_masks, sample_mask_ratio
-from pretrain.token_loss import masked_sub_token_loss
-from pretrain.vit import Block, VisionTransformer, ViTConfig, sincos_pos_embed_2d
+from pretrain.objectives.base import DataSpec, Objective
+from pretrain.objectives.parts import (
+    TOKEN_HEAD_LEGACY_NAMES,
+    MaskedTokenConfig,
+    SubTokenHead,
+    decoder_blocks,
+    decoder_slots,
+    frozen_copy,
+    masked_encoder_pass,
+    token_encoder,
+    xavier_linears,
+)
+from pretrain.vit import ViTConfig, sincos_pos_embed_2d
 
 __all__ = ["M3IConfig", "M3I", "Views", "two_views", "relative_positions", "sincos_at",
            "ema_momentum_at", "cutmix_region", "soft_labels"]
@@ -67,25 +76,14 @@ _CLS_MODES = ("ce", "contrastive")
 
 
 @dataclass(frozen=True)
-class M3IConfig:
-    """M3I settings (see the module table for where each default comes from)."""
+class M3IConfig(MaskedTokenConfig):
+    """M3I settings (see the module table for where each default comes from); the masked-token fields
+    (masking, decoder, intra-view token head) are MTM's (``parts.MaskedTokenConfig``)."""
 
+    mask_ratio_max: float = 0.75
     w_intra: float = 1.0
     w_inter: float = 1.0
     w_cls: float = 1.0
-    mask_ratio_min: float = 0.4
-    mask_ratio_max: float = 0.75
-    mask_ratio_mu: float = 0.45
-    mask_ratio_std: float = 0.25
-    drop_ratio: float | None = None  # None: mask_ratio_min (MTM)
-    decoder_dim: int = 512
-    decoder_depth: int = 4
-    decoder_heads: int = 16
-    decoder_dropout: float = 0.1
-    token_dropout: float = 0.1
-    label_smoothing: float = 0.0  # intra-view token CE (MTM)
-    detach_head: bool = True
-    table_init_std: float = 0.02
     ema_momentum: float = 0.996
     total_steps: int = 0  # the trainer fills in run.steps (cosine schedule); 0 keeps ema_momentum constant
     feature_loss: str = "mse"  # "mse" | "smooth_l1" | "cosine"
@@ -98,32 +96,24 @@ class M3IConfig:
     flip_p: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"M3IConfig: {message}")
+                raise ValueError(f"objective.{message}")
 
         need(min(self.w_intra, self.w_inter, self.w_cls) >= 0 and self.w_intra + self.w_inter + self.w_cls > 0,
-             f"loss weights must be >= 0 and not all 0, got {self.w_intra}, {self.w_inter}, {self.w_cls}")
-        need(0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0 and self.mask_ratio_std > 0,
-             f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1 and mask_ratio_std > 0, got "
-             f"{self.mask_ratio_min}, {self.mask_ratio_max}, {self.mask_ratio_std}")
-        need(self.drop_ratio is None or 0.0 <= self.drop_ratio <= self.mask_ratio_min,
-             f"drop_ratio must lie in [0, mask_ratio_min={self.mask_ratio_min}], got {self.drop_ratio}")
-        need(self.decoder_dim % self.decoder_heads == 0 and self.decoder_dim % 4 == 0,
-             f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads} and by 4")
+             f"w_intra/w_inter/w_cls must be >= 0 and not all 0, got {self.w_intra}, {self.w_inter}, {self.w_cls}")
+        need(self.decoder_dim % 4 == 0, f"decoder_dim {self.decoder_dim} must be divisible by 4 (sin-cos positions)")
         need(0.0 <= self.ema_momentum <= 1.0 and self.total_steps >= 0,
-             f"need 0 <= ema_momentum <= 1 and total_steps >= 0, got {self.ema_momentum}, {self.total_steps}")
+             f"ema_momentum must be in [0, 1] and total_steps >= 0, got {self.ema_momentum}, {self.total_steps}")
         need(self.feature_loss in _FEATURE_LOSSES, f"feature_loss must be one of {_FEATURE_LOSSES}")
         need(self.cls_mode in _CLS_MODES, f"cls_mode must be one of {_CLS_MODES}")
-        need(self.temperature > 0 and self.table_init_std > 0, "temperature and table_init_std must be > 0")
-        need(0.0 <= self.label_smoothing < 1 and 0.0 <= self.cls_smoothing < 1 and 0.0 <= self.flip_p <= 1.0,
-             "label_smoothing and cls_smoothing must be in [0, 1), flip_p in [0, 1]")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0.0 <= self.cls_smoothing < 1 and 0.0 <= self.flip_p <= 1.0,
+             "cls_smoothing must be in [0, 1), flip_p in [0, 1]")
         need(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
-             f"bad crop_scale {self.crop_scale} or crop_ratio {self.crop_ratio}")
-
-    @property
-    def drop(self) -> float:
-        return self.mask_ratio_min if self.drop_ratio is None else self.drop_ratio
+             f"crop_scale / crop_ratio: bad values {self.crop_scale}, {self.crop_ratio}")
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -256,17 +246,6 @@ def soft_labels(labels: torch.Tensor, lam: torch.Tensor, num_classes: int,
     return target * (1.0 - smoothing) + smoothing / num_classes, mass > 0
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters are turned into buffers (same names): no gradient, no optimizer
-    state, in the state dict, and left in float32 by DeepSpeed's bf16/fp16 cast (which casts parameters)."""
-    clone = copy.deepcopy(module)
-    for sub in clone.modules():
-        for name, p in list(sub._parameters.items()):
-            del sub._parameters[name]
-            sub.register_buffer(name, None if p is None else p.detach().clone())
-    return clone
-
-
 # -- the objective --------------------------------------------------------------------------------
 
 
@@ -278,19 +257,17 @@ class M3I(Objective):
     Modules exist only for the terms with weight > 0 (no unused parameters).
     """
 
+    name = "m3i"
+    config_class = M3IConfig
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
+
     def __init__(self, cfg: M3IConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
-        if vit.stem != "token" or not vit.class_token:
-            raise ValueError("M3I needs a token-stem ViT with a class token (model.stem: token, class_token: true)")
-        if (vit.grid, vit.grid) != tuple(data.grid) or vit.vocab_size != data.vocab_size:
-            raise ValueError(f"model grid {vit.grid} / vocab {vit.vocab_size} do not match the data's "
-                             f"grid {data.grid} / vocab {data.vocab_size}")
         if cfg.w_cls > 0 and data.num_classes < 1:
             raise ValueError("the category term needs labelled data (num_classes >= 1); set objective.w_cls: 0")
         self.cfg = cfg
-        self.encoder = VisionTransformer(vit)
-        nn.init.normal_(self.encoder.token_embed.word_embeddings.weight, std=cfg.table_init_std)
-        d, dd, p, e, g = vit.embed_dim, cfg.decoder_dim, vit.patch_size, vit.token_dim, vit.grid_size
+        self.encoder = token_encoder(vit, data, "M3I", cfg.table_init_std)
+        d, dd, g = vit.embed_dim, cfg.decoder_dim, vit.grid_size
         self.mask_token = nn.Parameter(torch.empty(1, 1, d).normal_(std=0.02))
         self.token_dropout = nn.Dropout(cfg.token_dropout)
         self.register_buffer("ema_next", torch.tensor(ema_momentum_at(0, cfg.ema_momentum, cfg.total_steps)))
@@ -298,21 +275,18 @@ class M3I(Objective):
         self.has_decoder = cfg.w_intra > 0 or cfg.w_inter > 0
         if self.has_decoder:
             self.decoder_embed = nn.Linear(d, dd)
-            self.decoder_blocks = nn.Sequential(*[
-                Block(dd, cfg.decoder_heads, vit.mlp_ratio, qkv_bias=True, proj_drop=cfg.decoder_dropout,
-                      attn_drop=cfg.decoder_dropout, norm_eps=vit.norm_eps) for _ in range(cfg.decoder_depth)])
+            self.decoder_blocks = decoder_blocks(dd, cfg.decoder_depth, cfg.decoder_heads, vit.mlp_ratio,
+                                                 cfg.decoder_dropout, vit.norm_eps)
             self.decoder_norm = nn.LayerNorm(dd, eps=vit.norm_eps)
             self.register_buffer("decoder_pos", sincos_pos_embed_2d(dd, g, True)[None], persistent=False)
             linears += [self.decoder_embed, self.decoder_blocks]
             if cfg.mix_images:
                 self.part_embed = nn.Parameter(torch.empty(2, dd).normal_(std=0.02))
         if cfg.w_intra > 0:
-            self.head_fc = nn.Linear(dd, p * p * e)
-            self.head_norm = nn.LayerNorm(e, eps=vit.norm_eps)
-            self.head_bias = nn.Parameter(torch.zeros(vit.vocab_size))
-            linears.append(self.head_fc)
+            self.token_head = SubTokenHead(dd, vit.patch_size, vit.token_dim, vit.vocab_size, vit.norm_eps)
+            linears.append(self.token_head)
         if cfg.w_inter > 0:
-            self.teacher = _frozen_copy(self.encoder).eval()
+            self.teacher = frozen_copy(self.encoder).eval()
             self.query_token = nn.Parameter(torch.empty(1, 1, dd).normal_(std=0.02))
             self.scale_embed = nn.Linear(dd, dd)
             self.inter_head = nn.Linear(dd, d)
@@ -322,10 +296,7 @@ class M3I(Objective):
             linears.append(self.cls_head)
         elif cfg.w_cls > 0:
             self.class_embed = nn.Parameter(torch.empty(data.num_classes, d).normal_(std=0.02))
-        for m in (m for group in linears for m in group.modules()):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(linears)
 
     def no_weight_decay(self) -> set[str]:
         names = {"mask_token", "part_embed", "query_token", "class_embed"}
@@ -353,16 +324,7 @@ class M3I(Objective):
 
     def forward_encoder(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As MTM: ids int64 (B, h, w) -> latent (B, 1 + N - n_drop, D), masked bool (B, N), keep_index."""
-        enc = self.encoder
-        x = enc.patchify(self.token_dropout(enc.token_embed(ids)))
-        b, n, d = x.shape
-        ratio = sample_mask_ratio(self.cfg)  # reads only the mask_ratio_* fields, which M3IConfig shares
-        n_masked = math.ceil(n * ratio)
-        masked, _, keep_index = random_masks(b, n, n_masked, min(math.ceil(n * self.cfg.drop), n_masked), x.device)
-        x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x) + enc.pos_embed[:, 1:]
-        x = torch.gather(x, 1, keep_index.unsqueeze(-1).expand(-1, -1, d))
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
-        return enc.norm(enc.blocks(torch.cat([cls, x], dim=1))), masked, keep_index
+        return masked_encoder_pass(self.encoder, self.mask_token, self.token_dropout, ids, self.cfg)
 
     def inter_queries(self, views: Views, lam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder queries for view 2 (float (B, Q, Dd)) and their loss weights float32 (B, Q); Q = N or 2N."""
@@ -388,29 +350,24 @@ class M3I(Objective):
 
         ``region`` bool (B, N): slots filled by the pasted image (mixing), marked with ``part_embed``.
         """
-        y = self.decoder_embed(latent)
-        b, _, dd = y.shape
         n = masked.shape[1]
-        pad = y[:, :1].expand(b, n, dd)
-        full = pad.scatter(1, keep_index.unsqueeze(-1).expand(-1, -1, dd), y[:, 1:])
-        full = torch.where(masked.unsqueeze(-1), pad, full)
+        z = decoder_slots(self.decoder_embed(latent), masked, keep_index)
         if region is not None:
-            full = full + self.part_embed[region.long()]
-        z = torch.cat([y[:, :1], full], dim=1) + self.decoder_pos.to(y.dtype)
+            z = torch.cat([z[:, :1], z[:, 1:] + self.part_embed[region.long()]], dim=1)
+        z = z + self.decoder_pos.to(z.dtype)
         if queries is not None:
             z = torch.cat([z, queries.to(z.dtype)], dim=1)
         z = self.decoder_norm(self.decoder_blocks(z))
         return z[:, 1:1 + n], z[:, 1 + n:]
 
     def token_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Slot features (B, N, Dd) -> logits (B, h, w, K): MTM's 2 x 2 sub-token head tied to the embedding."""
-        enc = self.encoder
-        g, p = enc.cfg.grid_size, enc.cfg.patch_size
-        sub = self.head_fc(z).reshape(z.shape[0], g, g, p, p, -1).permute(0, 1, 3, 2, 4, 5)
-        sub = self.head_norm(F.gelu(sub.reshape(z.shape[0], g * p, g * p, -1)))
-        table = enc.token_embed.word_embeddings.weight
-        table = table.detach() if self.cfg.detach_head else table
-        return sub @ table.t().to(sub.dtype) + self.head_bias.to(sub.dtype)
+        """Slot features (B, N, Dd) -> logits (B, h, w, K): the sub-token head tied to the embedding (as MTM)."""
+        return self.token_head(z, self.head_table())
+
+    def head_table(self) -> torch.Tensor:
+        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
+        table = self.encoder.token_embed.word_embeddings.weight
+        return table.detach() if self.cfg.detach_head else table
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
@@ -422,11 +379,8 @@ class M3I(Objective):
 
     def intra_loss(self, slots: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Token cross-entropy of ``token_logits(slots)``, mean over each patch's sub-tokens, then over masked
-        patches (as MTM), with logits formed only at masked patches, in chunks (``pretrain.token_loss``)."""
-        table = self.encoder.token_embed.word_embeddings.weight
-        return masked_sub_token_loss(slots, ids, masked, self.head_fc, self.head_norm,
-                                     table.detach() if self.cfg.detach_head else table, self.head_bias,
-                                     self.encoder.cfg.patch_size, self.cfg.label_smoothing).loss
+        patches (as MTM), with logits formed only at masked patches (``SubTokenHead.masked_loss``)."""
+        return self.token_head.masked_loss(slots, ids, masked, self.head_table(), self.cfg.label_smoothing).loss
 
     def inter_loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``feature_loss`` per query on (B, Q, D), weighted mean with ``weights`` (B, Q)."""

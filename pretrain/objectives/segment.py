@@ -19,10 +19,10 @@ images measure fitting speed and cost, not generalisation; ``upernet`` is the he
 report ADE20K numbers with, so use it to compare with them.
 
 Geometric augmentation: the trainer's token augmentation (``augment`` section) moves tokens but
-not label maps, so ``check_augment`` refuses its geometric ops for this objective (``pretrain.finetune``
-calls it). Instead the objective crops and flips tokens and label maps together in ``forward`` while
-training (``crop_side``, ``hflip_p``; nearest, the same normalised box for both, torch's global
-generator, which the trainer reseeds every step, so resume stays exact).
+not label maps, so ``load_config`` refuses its geometric ops for this objective (``Segment.needs``:
+``DataNeeds(token_geometry=False)``). Instead the objective crops and flips tokens and label maps
+together in ``forward`` while training (``crop_side``, ``hflip_p``; nearest, the same normalised box
+for both, torch's global generator, which the trainer reseeds every step, so resume stays exact).
 
 Settings and origins (BEiT / MAE ADE20K fine-tuning in mmsegmentation; ours where noted):
 
@@ -59,11 +59,11 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids
 from pretrain.metrics import IGNORE_INDEX, ConfusionMatrix, ade20k_targets
-from pretrain.objectives import DataSpec, Objective
-from pretrain.objectives.classify import load_pretrained
+from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.parts import init_backbone
 from pretrain.vit import VisionTransformer, ViTConfig, interpolate_pos_embed
 
-__all__ = ["SegmentConfig", "Segment", "check_augment", "evaluate_segmentation", "class_names_of"]
+__all__ = ["SegmentConfig", "Segment", "evaluate_segmentation", "class_names_of"]
 
 HEADS = ("upernet", "pup")
 
@@ -174,6 +174,10 @@ class Segment(Objective):
     split's mIoU is ``evaluate_segmentation``'s). Both are 0-dim float tensors, 0 when no pixel is labelled.
     """
 
+    name = "segment"
+    config_class = SegmentConfig
+    needs = DataNeeds(labelmap=True, token_geometry=False)
+
     def __init__(self, cfg: SegmentConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
         if vit.stem != "token":
@@ -190,10 +194,7 @@ class Segment(Objective):
         if cfg.head == "upernet" and vit.grid_size < 2:
             raise ValueError(f"objective segment: head upernet needs a patch grid >= 2, got {vit.grid_size}")
         self.out_indices = idx
-        if cfg.init:
-            report = load_pretrained(self.encoder, cfg.init)
-            print(f"init from {cfg.init}: {len(report['loaded'])} tensors loaded, fresh: "
-                  f"{report['fresh'] or 'none'}, skipped: {report['skipped'] or 'none'}", flush=True)
+        init_backbone(self.encoder, cfg.init)
         self.head = (UperNetHead if cfg.head == "upernet" else PUPHead)(vit.embed_dim, cfg)
         nn.init.normal_(self.head.cls.weight, std=0.01)
         nn.init.zeros_(self.head.cls.bias)
@@ -264,7 +265,7 @@ class Segment(Objective):
                              "`python -m pipeline.tokenise --dataset ade20k` (every sample labelled, one size)")
         if "target" in batch or "embeddings" in batch:
             raise ValueError("objective segment: CutMix/Mixup or embedding output in the augment section do not "
-                             "transform label maps; see pretrain.objectives.segment.check_augment")
+                             "transform label maps; set augment: null (configs/finetune_seg_tiny.yaml)")
         if self.training:
             tokens, labelmap = self.augment(tokens, labelmap)
         target = ade20k_targets(labelmap)
@@ -323,28 +324,6 @@ class Segment(Objective):
 
 
 # -- helpers for the trainer and the evaluator ----------------------------------------------------
-
-def check_augment(augment: dict | None) -> None:
-    """Refuse an ``augment`` section whose ops move tokens without moving label maps (ValueError).
-
-    Allowed: ``null``, or only geometry-free ops (``replace_p``, ``color_adapt_p``, ``noise_p``) with
-    ``rrc: false``, ``hflip_p: 0``, ``swap_p: 0``, no ``out_hw``, no CutMix/Mixup, ``output: ids``.
-    """
-    if augment is None:
-        return
-    from pretrain.augment import TokenAugConfig
-    from pretrain.objectives import make_config
-
-    aug = make_config(TokenAugConfig, dict(augment), "section 'augment'")
-    bad = [name for name, on in (("rrc", aug.rrc), ("hflip_p", aug.hflip_p > 0), ("swap_p", aug.swap_p > 0),
-                                 ("out_hw", aug.out_hw is not None), ("cutmix_alpha", aug.cutmix_alpha > 0),
-                                 ("mixup_alpha", aug.mixup_alpha > 0), ("output", aug.output != "ids")) if on]
-    if bad:
-        raise ValueError(f"section 'augment': {', '.join('augment.' + b for b in bad)} would move the tokens but "
-                         f"not the label maps; for segmentation set augment: null (or rrc: false, hflip_p: 0, ...): "
-                         f"the segment objective crops and flips tokens and label maps together "
-                         f"(objective.crop_side, objective.hflip_p)")
-
 
 def class_names_of(manifest, num_classes: int = 150) -> tuple[str, ...]:
     """The ``num_classes`` names of the manifest's label map (objectInfo150, "other" dropped), else ()."""

@@ -1,0 +1,332 @@
+"""Checkpoints in one place: where one is, reading it safely, and the trainer's save and restore.
+
+Two kinds of file exist:
+
+- a **backbone file** (``save_backbone``): ``{"model": state_dict, "vit_config": asdict(ViTConfig), ...}``
+  (the run's ``backbone.pt``; ``tokens``: the token identity it was trained on, ``pretrain.provenance``);
+- a **trainer checkpoint**: ``<run>/checkpoints/latest`` names a tag, and ``<tag>/`` holds DeepSpeed's
+  ``mp_rank_00_model_states.pt`` (key ``"module"``: the objective's state dict; the client state at the
+  top level: ``step``, ``vit_config``, ``encoder_config``, ``objective``, ``config``, ``num_classes``,
+  ``tokens``), the optimizer states, every rank's ``stream_rank<R>.json`` and ``tokens.json``.
+
+``checkpoint_tag_dir`` resolves ``latest`` or a tag directory (the tag must be a plain name inside the
+checkpoints directory: a planted ``latest`` cannot send a reader elsewhere). Every file is read with
+``torch.load(weights_only=True)`` (``safe_load``); if a DeepSpeed file holds an object that this refuses,
+it is read again under ``torch.serialization.safe_globals`` with exactly the globals it names, when they
+are all in a small allowlist (numpy scalars/arrays, ``argparse.Namespace``, paths, DeepSpeed's fp16 loss
+scalers); otherwise it is refused. Nothing is ever unpickled freely.
+
+Readers: ``read_backbone`` (a ``VisionTransformer`` from either kind; ``prefix`` picks the encoder's keys
+of an objective), ``read_deepspeed`` (its state dict and config), ``read_trainer_state`` (the whole
+objective state and client state, for ``pretrain.objectives.load_objective``). The trainer's side:
+``save_training`` / ``restore_training`` (engine, stream position, token identity) and
+``use_safe_checkpoint_loading`` (DeepSpeed's own reads go through ``safe_load``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pretrain.vit import VisionTransformer, ViTConfig
+
+__all__ = ["DS_MODEL_FILE", "checkpoint_tag_dir", "safe_load", "save_backbone", "load_backbone", "read_deepspeed",
+           "read_backbone", "read_trainer_state", "use_safe_checkpoint_loading", "save_training",
+           "restore_training", "atomic_save"]
+
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+_RESERVED = ("model", "vit_config")
+# Globals a DeepSpeed file may name that are safe to rebuild (plain data); anything else is refused.
+_SAFE_GLOBALS = frozenset({
+    "numpy.dtype", "numpy.ndarray",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath",
+    # DeepSpeed's optimizer states hold its loss scaler, the ZeRO stage enum and fragment records (plain data)
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+})
+_NUMPY_DTYPE_CLASS = re.compile(r"numpy\.dtypes\.\w+DType")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+# -- where a checkpoint is ---------------------------------------------------------------------
+
+
+def checkpoint_tag_dir(ckpt: str | os.PathLike, tag: str | None = None) -> Path:
+    """The tag directory of a checkpoint: ``ckpt`` itself if it is one (``stepNNNNNNN``), else
+    ``ckpt/<tag>`` with ``tag`` from the argument or ``ckpt/latest``. A tag that is not a plain name
+    inside ``ckpt`` raises ValueError; a missing ``latest`` FileNotFoundError."""
+    path = Path(ckpt)
+    if tag is None:
+        latest = path / "latest"
+        if not latest.is_file():
+            if path.is_dir() and any(path.glob("*model_states.pt")):  # a tag directory itself
+                return path
+            raise FileNotFoundError(f"{path}: no 'latest' file naming the checkpoint tag; pass a checkpoints "
+                                    "directory written by the trainer, or one stepNNNNNNN directory in it")
+        tag = latest.read_text(errors="replace")[:256].strip()
+        where = f"{latest} names"
+    else:
+        where = "the"
+    if not _TAG.fullmatch(tag) or tag in (".", ".."):
+        raise ValueError(f"{where} checkpoint tag {tag!r}, which is not a plain directory name inside {path}; "
+                         "write the tag (e.g. step0000100) into it")
+    tag_dir = path / tag
+    if tag_dir.is_symlink() or not tag_dir.resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"{where} checkpoint tag {tag!r}, which leads outside {path}; refusing to follow it")
+    return tag_dir
+
+
+# -- backbone files -------------------------------------------------------------------------------
+
+
+def save_backbone(path: str | os.PathLike, model: VisionTransformer, extra: dict | None = None) -> None:
+    """Write ``{"model": state_dict (CPU), "vit_config": asdict(model.cfg), **extra}`` (atomically).
+
+    ``extra`` must hold only what ``torch.load(weights_only=True)`` reads back (tensors, numbers, strings,
+    lists, dicts) and must not use the keys "model" or "vit_config".
+    """
+    extra = dict(extra or {})
+    clash = [k for k in _RESERVED if k in extra]
+    if clash:
+        raise ValueError(f"extra must not contain the reserved keys {clash}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"model": state, "vit_config": dataclasses.asdict(model.cfg), **extra}, Path(path))
+
+
+def load_backbone(path: str | os.PathLike) -> VisionTransformer:
+    """Rebuild a ``VisionTransformer`` (CPU, float32, train mode) from a ``save_backbone`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone file not found: {path}")
+    try:
+        ckpt = _torch_load(path)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a backbone file (torch.load(weights_only=True) refused it: {err})") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
+        raise ValueError(f"{path}: not a backbone file (expected a dict with 'model' and 'vit_config')")
+    return _build(ckpt["model"], ckpt["vit_config"], str(path))
+
+
+def _torch_load(path: Path, map_location=None) -> object:
+    """``torch.load(weights_only=True)`` (default: on CPU); a file that is not a torch checkpoint -> ValueError."""
+    try:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
+def _config_from_dict(raw: dict, source: str) -> ViTConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: 'vit_config' must be a dict, got {type(raw).__name__}")
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown ViTConfig fields {unknown}")
+    return ViTConfig(**raw)
+
+
+def _build(state: dict, raw_cfg: dict, source: str) -> VisionTransformer:
+    model = VisionTransformer(_config_from_dict(raw_cfg, source))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the ViTConfig; missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    empty = [k for k, v in state.items() if v.numel() == 0 and expected[k].numel() > 0]
+    if empty:
+        raise ValueError(f"{source}: {len(empty)} weights are empty (e.g. {empty[0]}): a ZeRO-3 checkpoint holds "
+                         "partitioned weights; consolidate it with DeepSpeed's zero_to_fp32.py first")
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"{source}: shape mismatch for {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}")
+    model.load_state_dict(state)
+    return model
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+
+# -- DeepSpeed checkpoints ------------------------------------------------------------------------
+
+
+def _resolve_global(name: str) -> object:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def safe_load(path: str | os.PathLike, map_location=None) -> object:
+    """``torch.load(weights_only=True)``, retried with exactly the allowlisted globals the file names.
+
+    The trainer reads DeepSpeed checkpoints through this too (``use_safe_checkpoint_loading``)."""
+    path = Path(path)
+    try:
+        return _torch_load(path, map_location)
+    except pickle.UnpicklingError as err:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except (RuntimeError, ValueError, pickle.UnpicklingError) as inner:
+            raise ValueError(f"{path}: not a readable torch checkpoint ({inner})") from err
+        refused = [n for n in names if n not in _SAFE_GLOBALS and not _NUMPY_DTYPE_CLASS.fullmatch(n)]
+        if refused or not names:
+            raise ValueError(f"{path}: holds objects that are not loaded for safety: {refused or err}; "
+                             "keep only tensors and plain data in the DeepSpeed client_state") from err
+        allowed = [(_resolve_global(n), n) for n in names]
+        if "numpy.dtype" in names:  # a dtype is rebuilt as an instance of its numpy.dtypes.*DType class
+            import numpy as np
+
+            allowed += [c for n, c in vars(np.dtypes).items() if _NUMPY_DTYPE_CLASS.fullmatch(f"numpy.dtypes.{n}")]
+        with torch.serialization.safe_globals(allowed):
+            return _torch_load(path, map_location)
+
+
+def _ds_model_file(ckpt_dir: Path, tag: str | None) -> Path:
+    tag_dir = checkpoint_tag_dir(ckpt_dir, tag)
+    path = tag_dir / DS_MODEL_FILE
+    if not path.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raise ValueError(f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over zero_pp_rank_* files); "
+                         f"consolidate it with {tag_dir.parent / 'zero_to_fp32.py'} and save the encoder with "
+                         "save_backbone, "
+                         "or export the run's backbone.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed model states not found: {path}")
+    return path
+
+
+def _strip_prefix(module_state: dict, prefix: str) -> dict:
+    state = {k.replace("_orig_mod.", ""): v for k, v in module_state.items()}
+    if prefix and any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _from_ds_dict(ckpt: object, file: Path, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("module"), dict):
+        raise ValueError(f"{file}: no 'module' state dict (a ZeRO-3 or pipeline checkpoint? not supported)")
+    if "vit_config" not in ckpt:
+        raise ValueError(f"{file}: no 'vit_config' in the client state; save with "
+                         "engine.save_checkpoint(dir, client_state={'vit_config': dataclasses.asdict(cfg)})")
+    # The trainer also stores the encoder's own config (ADDP's encoder is pixel-stem while
+    # "vit_config" describes the data's token grid); prefer it when present.
+    return _strip_prefix(ckpt["module"], prefix), ckpt.get("encoder_config") or ckpt["vit_config"]
+
+
+def read_deepspeed(path: str | os.PathLike, tag: str | None = None,
+                   prefix: str = "encoder.") -> tuple[dict[str, torch.Tensor], dict]:
+    """(backbone state dict, vit_config dict) from a DeepSpeed checkpoint directory or its model-states file.
+
+    Keys under ``prefix`` are taken with the prefix stripped when any key has it (a wrapper objective),
+    otherwise all keys are taken; ``_orig_mod.`` is removed. Tensors keep their saved dtype.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    file = path if path.is_file() else _ds_model_file(path, tag)
+    return _from_ds_dict(safe_load(file), file, prefix)
+
+
+def read_backbone(path: str | os.PathLike, tag: str | None = None,
+                    prefix: str = "encoder.") -> tuple[VisionTransformer, dict]:
+    """(model, info) from a backbone file, a DeepSpeed directory or a DeepSpeed model-states file.
+
+    ``info``: ``kind`` ("backbone" | "deepspeed"), ``source`` (path), ``dtypes`` (sorted names of the saved
+    floating dtypes) and ``global_steps`` (DeepSpeed's, else None).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    file = path if path.is_file() else _ds_model_file(path, tag)
+    ckpt = safe_load(file)
+    info: dict = {"source": str(path), "global_steps": None,
+                  "tokens": ckpt.get("tokens") if isinstance(ckpt, dict) else None}
+    if path.is_file() and isinstance(ckpt, dict) and "model" in ckpt and "vit_config" in ckpt:
+        info["kind"], state, raw_cfg = "backbone", ckpt["model"], ckpt["vit_config"]
+    elif isinstance(ckpt, dict) and "module" in ckpt:
+        state, raw_cfg = _from_ds_dict(ckpt, file, prefix)
+        info["kind"], info["global_steps"] = "deepspeed", ckpt.get("global_steps")
+    else:
+        raise ValueError(f"{file}: neither a backbone file ('model' + 'vit_config') nor DeepSpeed model states")
+    info["dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    return _build(state, raw_cfg, str(path)), info
+
+
+
+def read_trainer_state(ckpt: str | os.PathLike, tag: str | None = None) -> dict:
+    """The whole model-states dict of a trainer checkpoint: ``module`` (the objective's state dict) and the
+    client state (``step``, ``objective``, ``vit_config``, ``config``, ``num_classes``, ``tokens``, ...).
+
+    ``ckpt``: a run's ``checkpoints`` directory (tag from ``latest`` unless given) or one tag directory."""
+    tag_dir = checkpoint_tag_dir(ckpt, tag)
+    file = tag_dir / DS_MODEL_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no trainer checkpoint at {tag_dir} (expected {file.name}); pass a run's "
+                                "checkpoints directory")
+    state = safe_load(file)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict) or "config" not in state:
+        raise ValueError(f"{file}: not a trainer checkpoint (expected 'module' and the trainer's client state)")
+    return state
+
+
+# -- the trainer's save and restore -----------------------------------------------------------------
+
+
+def use_safe_checkpoint_loading(engine) -> None:
+    """Make ``engine.load_checkpoint`` read files with weights_only=True instead of unpickling."""
+    engine.checkpoint_engine.load = safe_load
+
+
+def save_training(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: int, client: dict) -> Path:
+    """DeepSpeed checkpoint ``ckpt_dir/stepNNNNNNN`` (client state ``{"step": step, **client}``), every rank's
+    stream state and (rank 0) ``tokens.json`` from ``client["tokens"]``; keeps the newest ``keep`` tags.
+    Collective: every rank calls it."""
+    import torch.distributed as dist
+
+    from pretrain.provenance import write_identity
+
+    tag = f"step{step:07d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})
+    (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
+    if rank == 0:
+        write_identity(ckpt_dir / tag, client.get("tokens"))
+    dist.barrier()
+    if rank == 0 and keep > 0:
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return ckpt_dir / tag
+
+
+def restore_training(engine, loader, where: str | os.PathLike, rank: int) -> int:
+    """Restore engine and stream from ``where`` (checkpoints dir with ``latest``, or a tag dir); returns the step."""
+    path = Path(where)
+    if not (path / "latest").is_file() and not (path.is_dir() and path.name.startswith("step")):
+        raise FileNotFoundError(f"no checkpoint to resume from at {path} (expected a 'latest' file or a "
+                                f"stepNNNNNNN directory)")
+    tag_dir = checkpoint_tag_dir(path)
+    stream_file = tag_dir / f"stream_rank{rank}.json"
+    if not stream_file.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir} has no stream state for rank {rank} "
+                                f"({stream_file.name}); was it written with another world size?")
+    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    loader.load_state_dict(json.loads(stream_file.read_text()))
+    return int(client["step"])
