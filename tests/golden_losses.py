@@ -104,10 +104,16 @@ def run_case(config: str, overrides: list[str], out: Path) -> list[float]:
 
 def run_all(work: Path) -> dict[str, list[float]]:
     """Every case's losses, in ``cases`` order (the MTM checkpoint first)."""
+    from pretrain import runtime
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     _tokenizer(work / "vqgan.pt")
-    return {name: run_case(config, overrides, work / name) for name, (config, overrides) in cases(work).items()}
+    try:
+        return {name: run_case(config, overrides, work / name) for name, (config, overrides) in cases(work).items()}
+    finally:  # the one-process group's /dev/shm all-reduce buffer goes with it
+        runtime.remove_shm_buffers()
+        runtime.shutdown()
 
 
 def main(argv: list[str]) -> int:
@@ -116,6 +122,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         losses = run_all(Path(tmp))
     print(json.dumps(losses, indent=1))
+    if "--out" in argv:
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps(losses))
     if "--write" in argv:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,23 @@ class Tokenizer(ABC):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Integer (N, h, w) ids in [0, K) -> uint8 (N, R, R, 3) RGB reconstructions."""
 
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as an array if it is uint8 (N, R, R, 3) at this tokenizer's resolution, else ValueError."""
+        images, r = np.asarray(images), self.resolution
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (r, r, 3):
+            raise ValueError(f"expected uint8 (N, {r}, {r}, 3) images, got {images.dtype} {images.shape}")
+        return images
+
+    def check_ids(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` as an array if it is integer (N, h, w) on this tokenizer's grid with values in [0, K), else
+        ValueError."""
+        ids, (gh, gw) = np.asarray(ids), self.grid
+        if ids.ndim != 3 or tuple(ids.shape[1:]) != (gh, gw) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"expected integer ids of shape (N, {gh}, {gw}), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids out of range [0, {self.vocab_size})")
+        return ids
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """LongTensor (...) ids -> FloatTensor (..., D) codebook rows (on the ids' device)."""
         ids = torch.as_tensor(ids, dtype=torch.long)

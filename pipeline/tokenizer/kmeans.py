@@ -306,11 +306,6 @@ class KMeansTokenizer(Tokenizer):
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Integer (N, R/p, R/p) ids -> uint8 (N, R, R, 3): each patch painted with its centroid."""
-        ids = np.asarray(ids)
-        if ids.ndim != 3 or tuple(ids.shape[1:]) != self.grid or not np.issubdtype(ids.dtype, np.integer):
-            gh, gw = self.grid
-            raise ValueError(f"expected integer ids of shape (N, {gh}, {gw}), got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids out of range [0, {self.vocab_size})")
+        ids = self.check_ids(ids)
         lut = (self._centroids.numpy() * 255.0).round().clip(0, 255).astype(np.uint8)  # (K, D)
         return patches_to_images(lut[ids.astype(np.int64)], self.config.patch)

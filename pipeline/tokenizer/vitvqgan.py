@@ -194,10 +194,7 @@ class ViTVQGANTokenizer(Tokenizer):
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, R, R, 3) RGB -> int64 (N, R/p, R/p) ids: nearest code by cosine (ties: lowest id)."""
-        images = np.asarray(images)
-        r, g = self.config.image_size, self.config.grid_side
-        if images.dtype != np.uint8 or images.shape[1:] != (r, r, 3):
-            raise ValueError(f"expected uint8 (N, {r}, {r}, 3) images, got {images.dtype} {images.shape}")
+        images, g = self.check_images(images), self.config.grid_side
         out = np.empty((images.shape[0], g, g), dtype=np.int64)
         codes = F.normalize(self.model.quantizer.embedding.weight, dim=1)
         with torch.inference_mode():
@@ -210,12 +207,7 @@ class ViTVQGANTokenizer(Tokenizer):
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Integer (N, R/p, R/p) ids in [0, K) -> uint8 (N, R, R, 3) reconstructions."""
-        ids = np.asarray(ids)
-        g, r = self.config.grid_side, self.config.image_size
-        if ids.ndim != 3 or ids.shape[1:] != (g, g) or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"expected integer ids of shape (N, {g}, {g}), got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids out of range [0, {self.vocab_size})")
+        ids, r = self.check_ids(ids), self.config.image_size
         out = np.empty((ids.shape[0], r, r, 3), dtype=np.uint8)
         cb = self.model.quantizer.embedding.weight
         with torch.inference_mode():

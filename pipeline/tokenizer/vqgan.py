@@ -229,11 +229,7 @@ class VQGANTokenizer(Tokenizer):
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, R, R, 3) RGB -> int64 (N, R/f, R/f) ids in [0, K) (nearest code by ``config.quantize``)."""
-        images = np.asarray(images)
-        r = self.config.resolution
-        if images.dtype != np.uint8 or images.shape[1:] != (r, r, 3):
-            raise ValueError(f"expected uint8 (N, {r}, {r}, 3) images, got {images.dtype} {images.shape}")
-        g = self.config.grid_side
+        images, g = self.check_images(images), self.config.grid_side
         out = np.empty((images.shape[0], g, g), dtype=np.int64)
         cb = self.model.quantize.embedding.weight
         with torch.inference_mode():
@@ -247,12 +243,7 @@ class VQGANTokenizer(Tokenizer):
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Integer (N, R/f, R/f) ids in [0, K) -> uint8 (N, R, R, 3) reconstructions (rounded)."""
-        ids = np.asarray(ids)
-        g = self.config.grid_side
-        if ids.ndim != 3 or ids.shape[1:] != (g, g) or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"expected integer ids of shape (N, {g}, {g}), got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids out of range [0, {self.vocab_size})")
+        ids = self.check_ids(ids)
         out = np.empty((ids.shape[0], self.resolution, self.resolution, 3), dtype=np.uint8)
         cb = self.model.quantize.embedding.weight
         with torch.inference_mode():
