@@ -126,7 +126,10 @@ def actor_count(requested: int | None, gpus: int, cpus: int) -> int:
 def actor_options(n_actors: int, gpus: int, nodes: list[dict]) -> list[dict]:
     """Ray options of each tokenizer actor. GPU actors take a GPU each (Ray places them). CPU actors
     hold no CPU slot (they share cores with the decode tasks), so Ray would put them all on the
-    driver's node: they are pinned (softly) to the alive nodes in turn, one per CPU of each node."""
+    driver's node: they are pinned to the alive nodes in turn, one per CPU of each node. The pin is
+    hard: a soft one falls back to the driver's node while a node that just joined is not yet in the
+    scheduler's view (seen on a loaded machine); a node that dies fails its actor, and the job, which
+    a re-run resumes."""
     if gpus:
         return [{"num_gpus": 1}] * n_actors
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -135,7 +138,7 @@ def actor_options(n_actors: int, gpus: int, nodes: list[dict]) -> list[dict]:
     order = [ids[k] for k in range(max(map(len, slots), default=0)) for ids in slots if k < len(ids)]
     if not order:
         return [{"num_cpus": 0}] * n_actors
-    return [{"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(order[i % len(order)], soft=True)}
+    return [{"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(order[i % len(order)], soft=False)}
             for i in range(n_actors)]
 
 
