@@ -34,7 +34,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import pickle
 import sys
 import time
 import zlib
@@ -49,6 +48,7 @@ import torch
 
 from pipeline.tokenizer import Tokenizer, load_tokenizer
 from pipeline.tokenizer.codebook_only import CodebookTokenizer
+from pipeline.tokenizer.codebook_only import read_codebook as read_codebook_file
 from pipeline.tokenizer.vitvqgan import ViTVQGANTokenizer
 from storage import io as sio
 from storage.cli import UserError
@@ -200,20 +200,11 @@ def iter_seit(tokens_url: str, starts: np.ndarray, chunk_bytes: int = 4 << 20) -
 
 
 def read_codebook(url: str) -> torch.Tensor:
-    """SeiT's ``codebook.ckpt``: one float tensor (K, D), loaded with ``weights_only=True``."""
-    data = sio.read_bytes(url, max_bytes=MAX_SIDE_FILE)
-    try:
-        cb = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # pickled objects, or not a torch file
-        raise ValueError(f"{url}: not a tensor file loadable with weights_only=True (SeiT's codebook.ckpt is one "
-                         f"float (K, D) tensor; vqpt never unpickles objects): {type(err).__name__}") from None
-    if isinstance(cb, dict) and len(cb) == 1:  # tolerate {"weight": tensor}
-        cb = next(iter(cb.values()))
-    if not isinstance(cb, torch.Tensor) or cb.ndim != 2 or not cb.is_floating_point():
-        raise ValueError(f"{url}: expected one float (K, D) tensor (SeiT's codebook.ckpt), got {type(cb).__name__}")
+    """SeiT's ``codebook.ckpt`` as float32 (K, D) (``codebook_only.read_codebook``), K within SeiT's byte format."""
+    cb = read_codebook_file(url)
     if cb.shape[0] > MAX_ID + 1:
         raise ValueError(f"{url}: K={cb.shape[0]} codes do not fit SeiT's byte format (at most {MAX_ID + 1})")
-    return cb.to(torch.float32)
+    return cb
 
 
 def read_synonyms(url: str, k: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ given. Config: ``resolution`` and ``grid`` (what the ids describe), ``metric`` (
 
 from __future__ import annotations
 
+import io
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +24,27 @@ import numpy as np
 import torch
 
 from pipeline.tokenizer.base import Tokenizer, register_tokenizer
+from storage import io as sio
 from storage.cli import UserError
+
+MAX_CODEBOOK_BYTES = 64 << 20  # SeiT's codebook.ckpt is ~50 KB; a bound against a hostile file
+
+
+def read_codebook(url: str) -> torch.Tensor:
+    """A codebook file (SeiT's ``codebook.ckpt``): one float (K, D) tensor, or a one-entry dict holding
+    it; read through ``storage.io`` (at most ``MAX_CODEBOOK_BYTES``) with ``torch.load(weights_only=True)``.
+    Returns float32 (K, D); ValueError naming ``url`` for anything else."""
+    data = sio.read_bytes(str(url), max_bytes=MAX_CODEBOOK_BYTES)
+    try:
+        cb = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # pickled objects, or not a torch file
+        raise ValueError(f"{url}: not a tensor file loadable with weights_only=True (SeiT's codebook.ckpt is one "
+                         f"float (K, D) tensor; vqpt never unpickles objects): {type(err).__name__}") from None
+    if isinstance(cb, dict) and len(cb) == 1:  # tolerate {"weight": tensor}
+        cb = next(iter(cb.values()))
+    if not isinstance(cb, torch.Tensor) or cb.ndim != 2 or not cb.is_floating_point():
+        raise ValueError(f"{url}: expected one float (K, D) tensor (SeiT's codebook.ckpt), got {type(cb).__name__}")
+    return cb.to(torch.float32)
 
 __all__ = ["CodebookTokenizer"]
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.tokenizer.base import Tokenizer, register_tokenizer
+from pipeline.tokenizer.codebook_only import read_codebook
 from pipeline.tokenizer.vitvqgan_modules import ViTVQ, ViTVQGANConfig
 
 __all__ = ["ViTVQGANTokenizer", "config_from_state_dict", "load_state"]
@@ -139,8 +140,7 @@ class ViTVQGANTokenizer(Tokenizer):
         tok = cls(cfg, model)
         if codebook is None:
             return tok
-        sub = codebook if isinstance(codebook, torch.Tensor) else torch.load(Path(codebook), map_location="cpu",
-                                                                             weights_only=True)
+        sub = codebook if isinstance(codebook, torch.Tensor) else read_codebook(str(codebook))
         if not isinstance(sub, torch.Tensor) or sub.ndim != 2 or sub.shape[1] != cfg.embed_dim:
             raise ValueError(f"codebook must be a float (K, {cfg.embed_dim}) tensor")
         return tok.restrict_to(sub.float(), synonyms)
