@@ -1,9 +1,10 @@
 """What a ``StreamLoader``'s DataLoader workers run around the dataset's iteration.
 
-- **Fail fast.** When the loader stops (an error in any worker or in the main process, the consumer
-  gone, or the epoch's end) it sets a shared event; each worker then cancels all its remote reads
-  (``storage.io.cancel_all_reads``), so none waits out its deadline and torch's shutdown joins the
-  workers at once instead of waiting 5 s for each before killing it.
+- **Fail fast.** When the loader's iteration stops (an error in any worker or in the main process,
+  the consumer gone, or the epoch's end) it sets a ``StopSignal`` before torch shuts the workers
+  down; each worker then cancels all its remote reads (``storage.io.cancel_all_reads``), so none
+  waits out its deadline and torch's shutdown joins the workers at once instead of waiting 5 s for
+  each before killing it.
 - **Errors as themselves.** torch re-raises a worker's exception in the main process by calling its
   type with one message, which fails for ``ShardError(url, reason)`` and turns it into a
   RuntimeError with a traceback. A user error (``storage.cli.is_user_error``) is instead yielded as a
