@@ -1,26 +1,30 @@
 """A dead shard server ends the process soon after the error that names it (issue 26).
 
 A local HTTP server serves a split's manifest but accepts shard requests and never answers them.
-Readers in subprocesses (tests/fail_fast_probe.py, ``vqpt verify``/``inspect``) hit the I/O
+Readers, each a process of its own forked from a fork server that imported them once
+(tests/fail_fast_probe.py: a stream, a ``TokenDataset`` lookup, ``vqpt verify``/``inspect``), hit the I/O
 deadline (lowered through ``$VQPT_IO_DEADLINE_S``), print one ``error:`` line naming the shard or
-manifest, and must exit within EXIT_S of the error: no prefetch, fetch or worker may hold the
-process for another deadline. The gap is measured between two events seen from this process: the
-error line arriving on the child's stderr (or the server refusing the shard, see CASES) and the
-child's exit (its stderr closed, its status reaped). All cases run at once to keep the test short.
+manifest, and must exit within EXIT_S of the error (beyond what a plain exit of the same process
+takes, measured in the same run): no prefetch, fetch or worker may hold the process for another
+deadline. The gap is measured between two events: the error line arriving on the
+child's stderr (or the HTTP server refusing the shard, see CASES) and the child's exit (its stderr
+closed, its status reaped), on ``time.monotonic()``, one clock for all processes. No sleeps: the
+children wait, ready, and are released in turn (``runs``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,10 +50,9 @@ CASES = {"control_first": ("control", ["control"]),
 CASES |= {f"dead_prefetch{p}_workers{w}": ("dead", ["stream", p, w]) for p in (2, 4) for w in (0, 2)}
 CASES |= {"dead_dataset": ("dead", ["dataset"]), "dead_verify": ("dead", ["verify"]),
           "dead_inspect": ("dead", ["inspect"]), "control_last": ("control", ["control"])}
-PROBED = [n for n in CASES if CASES[n][1][0] in ("stream", "dataset", "control")]  # torch loaded, go by stdin
 
 
-@contextmanager
+@contextlib.contextmanager
 def dead_shard_server(root: Path) -> Iterator[tuple[str, dict]]:
     """HTTP over the files under ``root`` at ``/<case>/<path>``. Shard requests (``*.tar``) and anything
     under ``/<case>/dead/`` are accepted and never answered until the server stops, except that a case
@@ -94,99 +97,90 @@ def dead_shard_server(root: Path) -> Iterator[tuple[str, dict]]:
         thread.join()
 
 
-def _watch(proc: subprocess.Popen, pattern: re.Pattern, out: dict, ready: threading.Event,
-           errored: threading.Event) -> None:
-    """Record when a stderr line matches ``pattern`` and when the process has exited (stderr closed, reaped);
-    set ``ready`` when the probe says so and ``errored`` at its error line (both, at the latest, at its end)."""
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line == "ready\n":
-            ready.set()
-        elif "error_at" not in out and pattern.search(line):
-            out["error_at"] = time.monotonic()
-            errored.set()
-    ready.set()
-    errored.set()
-    proc.wait()
-    out["exit_at"] = time.monotonic()
-    out["rc"] = proc.returncode
-    out["stderr"] = "".join(lines)
-
-
 def _command(name: str, url: str) -> tuple[list[str], re.Pattern]:
-    """The case's command line and the error line it must print."""
+    """The case's argv for the fork server (tests/fail_fast_probe.py) and the error line it must print."""
     split = f"{url}/{name}/train"
     shard = rf"{re.escape(split)}/shard-\d+\.tar"
     mode, *args = CASES[name][1]
     if mode == "inspect":
-        return ([sys.executable, "-m", "vqpt.cli", "inspect", f"{url}/{name}/dead/train"],
+        return (["inspect", f"{url}/{name}/dead/train"],
                 re.compile(rf"^error: .*manifest {re.escape(url)}/{name}/dead/train/manifest\.parquet: cannot be read"))
     if mode == "verify":
-        return ([sys.executable, "-m", "vqpt.cli", "verify", split],
-                re.compile(rf"^error: shard {shard}: cannot be read"))
+        return ["verify", split], re.compile(rf"^error: shard {shard}: cannot be read")
     if mode == "control":
-        return ([sys.executable, "-m", "tests.fail_fast_probe", "control", split],
-                re.compile(rf"^error: shard {re.escape(split)}/control: raised with no read outstanding"))
+        return ["control", split], re.compile(rf"^error: shard {re.escape(split)}/control: raised with no read")
     if mode == "dataset":  # a block lookup's range read names the shard and the byte range
-        return ([sys.executable, "-m", "tests.fail_fast_probe", "dataset", split],
-                re.compile(rf"^error: reading {shard}\[\d+:\d+\]: failed"))
+        return ["dataset", split], re.compile(rf"^error: reading {shard}\[\d+:\d+\]: failed")
     if name.startswith("refused"):
         shard = rf"{re.escape(split)}/shard-000000\.tar"
-    return ([sys.executable, "-m", "tests.fail_fast_probe", "stream", split, *map(str, args)],
-            re.compile(rf"^error: shard {shard}: cannot be read"))
+    return ["stream", split, *map(str, args)], re.compile(rf"^error: shard {shard}: cannot be read")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """{case: {error_at, exit_at, refused_at, rc, stderr}}. All processes start at once; once every probe
-    is ready (imports and manifest done), the controls and refused cases go one after another (each after
-    the last one's exit), then the dead probes (each at the last one's error line, so its exit falls in the
-    next one's wait), then the last control. No measured exit competes for CPU with another probe's start-up
-    or exit."""
+    """{case: {error_at, exit_at, refused_at, rc, stderr}}. One fork server imports the readers; every case
+    is forked from it and waits, ready, for its go. verify and inspect (no teardown: ``vqpt`` ends with
+    ``os._exit``) go at once; the others go one after another: controls and refused cases each after the
+    last one's exit, dead cases each at the last one's error line (so its exit falls in the next one's
+    wait). No measured exit competes for CPU with another case's set-up or exit."""
     base = tmp_path_factory.mktemp("fail_fast")
     samples = make_samples(2 * SHARDS)
     write_split(str(base / "train"), samples, make_meta(samples), shard_size=2, block_size=2)
+    out: dict[str, dict] = {name: {"lines": []} for name in CASES}
     with dead_shard_server(base) as (url, refused):
-        procs = {}
-        for name in CASES:
-            cmd, pattern = _command(name, url)
-            deadline = str(REFUSED_DEADLINE_S if CASES[name][0] == "refused" else DEADLINE_S)
-            env = {**os.environ, "VQPT_IO_CONNECT_TIMEOUT_S": "2", "VQPT_IO_READ_TIMEOUT_S": deadline,
-                   "VQPT_IO_DEADLINE_S": deadline}
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    stdin=subprocess.PIPE if name in PROBED else subprocess.DEVNULL, text=True)
-            out, ready, errored = {}, threading.Event(), threading.Event()
-            thread = threading.Thread(target=_watch, args=(proc, pattern, out, ready, errored))
-            thread.start()
-            procs[name] = (proc, thread, out, ready, errored)
+        server = subprocess.Popen([sys.executable, "-m", "tests.fail_fast_probe"], cwd=ROOT, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        watchdog = threading.Timer(300, os.killpg, (server.pid, signal.SIGKILL))  # a hung case ends the run
+        watchdog.start()
+        patterns = {}
 
-        def go(name: str) -> None:
-            with contextlib.suppress(OSError):  # a probe that already ended
-                procs[name][0].stdin.write("go\n")
-                procs[name][0].stdin.flush()
+        def send(**command) -> None:
+            server.stdin.write(json.dumps(command) + "\n")
+            server.stdin.flush()
+
+        def until(done) -> None:
+            """Take the server's events until ``done()``."""
+            while not done():
+                line = server.stdout.readline()
+                assert line, f"the fork server ended early (rc {server.wait()})"
+                event = json.loads(line)
+                case = out.get(event.get("case"), out.setdefault("server", {}))
+                if event["event"] == "line":
+                    case["lines"].append(event["line"])
+                    if event["line"] == "ready":
+                        case["ready"] = True
+                    elif "error_at" not in case and patterns[event["case"]].search(event["line"]):
+                        case["error_at"] = event["at"]
+                elif event["event"] == "exit":
+                    case.update(exit_at=event["at"], rc=event["rc"], stderr="\n".join(case["lines"]))
+                else:
+                    case["started"] = True
 
         try:
-            for name in PROBED:
-                procs[name][3].wait(timeout=240)
-            for name in PROBED:
-                go(name)
-                if CASES[name][0] == "dead":
-                    procs[name][4].wait(timeout=240)
-                else:
-                    procs[name][1].join(timeout=240)
-            for _, thread, *_ in procs.values():
-                thread.join(timeout=240)
+            until(lambda: "server" in out)
+            for name in CASES:
+                argv, patterns[name] = _command(name, url)
+                deadline = str(REFUSED_DEADLINE_S if CASES[name][0] == "refused" else DEADLINE_S)
+                send(start=name, argv=argv, env={"VQPT_IO_CONNECT_TIMEOUT_S": "2", "VQPT_IO_READ_TIMEOUT_S": deadline,
+                                                 "VQPT_IO_DEADLINE_S": deadline})
+            until(lambda: all(out[n].get("ready") or "exit_at" in out[n] for n in CASES))
+            chained = [n for n in CASES if CASES[n][1][0] not in ("verify", "inspect")]
+            for name in [n for n in CASES if n not in chained] + chained:
+                send(go=name)
+                if name in chained:
+                    until(lambda n=name: "exit_at" in out[n] or (CASES[n][0] == "dead" and "error_at" in out[n]))
+            until(lambda: all("exit_at" in out[n] for n in CASES))
+            server.stdin.close()
+            server.wait(timeout=60)
         finally:
-            for proc, *_ in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-        return {name: out | ({"refused_at": refused[name]} if name in refused else {})
-                for name, (_, _, out, _, _) in procs.items()}
+            watchdog.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+    return {name: out[name] | ({"refused_at": refused[name]} if name in refused else {}) for name in CASES}
 
 
 def _gap(out: dict, since: str) -> float:
-    assert "exit_at" in out, "still running after 240 s"
+    assert "exit_at" in out, "still running"
     assert since in out, f"no error line naming the shard or manifest (rc {out['rc']}):\n{out['stderr']}"
     assert out["rc"] == 1, f"rc {out['rc']}:\n{out['stderr']}"
     return out["exit_at"] - out[since]
