@@ -1,8 +1,11 @@
-"""Shared fixtures: real-data location, a real S3 endpoint (moto's server), small token datasets."""
+"""Shared fixtures: real-data location, a real S3 endpoint (moto's server), small token datasets, the
+real-data token set the trainer tests share; and how the suite is split between pytest-xdist workers
+(see tests/README.md: keeping the suite fast)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,13 @@ from storage.shard import Sample, View
 from vqpt.local_s3 import LocalS3
 
 pytest.register_assert_rewrite("tests.deploy_support")  # plain asserts there report like test asserts
+
+# DeepSpeed builds its CPU shared-memory allreduce op with torch's JIT extension builder on a rank's first
+# start. Its default cache, ~/.cache/torch_extensions, is shared by every virtual environment on the
+# machine, and each one's include paths differ, so ninja rebuilt the op (40 s alone, minutes on a busy
+# machine, holding a lock every other launch waits on) whenever another venv had used it last. One
+# cache per venv: scripts/setup.sh builds the op there once; the ranks tests launch inherit this.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -89,3 +99,60 @@ def s3_bucket(s3_server, request):
     for obj in client.list_objects_v2(Bucket=name).get("Contents", []):
         client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """imagenet_sample/train (479 real JPEGs) tokenised by the pipeline's job (k-means, K=64, 8 x 8 grid),
+    once per session: the trainer, fine-tuning and objective tests only read it (one xdist group)."""
+    from pipeline.tokenise import main as tokenise_main
+
+    src = shared_data_dir("imagenet_sample")
+    out = tmp_path_factory.mktemp("tok")
+    rc = tokenise_main(["--dataset", "imagenet", "--src", str(src), "--split", "train", "--out", str(out),
+                        "--resolution", "64", "--vocab", "64", "--fit-images", "200", "--shard-size", "64",
+                        "--num-cpus", "2"])
+    assert rc == 0
+    return out / "train"
+
+
+# Running under pytest-xdist (scripts/test.sh: two workers). Each test module is one unit of work, run whole on
+# one worker, so its module-scoped fixtures are built once; modules named together in SHARED_UNITS form one
+# unit (their shared session fixture is then built once too). Units go out in collection order, and the
+# collection puts the modules of LONGEST_FIRST first, longest first (from --durations): the long units start
+# at once and the other worker fills in with short ones, so neither idles at the end. A module whose tests
+# take over ~30 s together belongs in LONGEST_FIRST (tests/README.md). (xdist's own --dist loadgroup cannot
+# do this with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
+LONGEST_FIRST: tuple[str, ...] = ()
+SHARED_UNITS: dict[str, str] = {}  # module name -> unit name
+
+
+def _unit(module: str) -> str:
+    return SHARED_UNITS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a venv without pytest-xdist still runs the tests, in one process
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        """LoadScopeScheduling with one unit per module (or SHARED_UNITS group), in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(Path(nodeid.split("::", 1)[0]).stem)
+
+    config.option.loadscopereorder = False  # keep the collection order below
+    return ModuleUnits(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(_unit(item.path.stem), i)
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        unit = _unit(item.path.stem)
+        return rank.get(unit, len(rank)), first_seen[unit]
+
+    items.sort(key=key)  # stable: a module's tests keep their order and stay together
