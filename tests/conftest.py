@@ -117,18 +117,23 @@ def token_data(tmp_path_factory) -> Path:
 
 
 # Running under pytest-xdist (scripts/test.sh: two workers). Each test module is one unit of work, run whole on
-# one worker, so its module-scoped fixtures are built once; modules named together in SHARED_UNITS form one
-# unit (their shared session fixture is then built once too). Units go out in collection order, and the
-# collection puts the modules of LONGEST_FIRST first, longest first (from --durations): the long units start
-# at once and the other worker fills in with short ones, so neither idles at the end. A module whose tests
-# take over ~30 s together belongs in LONGEST_FIRST (tests/README.md). (xdist's own --dist loadgroup cannot
-# do this with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
-LONGEST_FIRST: tuple[str, ...] = ()
-SHARED_UNITS: dict[str, str] = {}  # module name -> unit name
+# one worker, so its module-scoped fixtures are built once; a module in PER_TEST (no module-scoped fixtures,
+# several long tests) gives one unit per test instead. Units go out in collection order, and the collection
+# puts the modules of LONGEST_FIRST first, longest first (from --durations): the long units start at once and
+# the other worker fills in with short ones, so neither idles at the end. A module whose tests take over
+# ~30 s together belongs in LONGEST_FIRST (tests/README.md). Session fixtures (s3_server, token_data) are
+# built once per worker that needs them. (xdist's own --dist loadgroup cannot group with pytest 9: it renames
+# items through a node attribute pytest 9 no longer has.)
+LONGEST_FIRST = ("test_train", "test_learning_bench", "test_train_objectives", "test_sources", "test_segment",
+                 "test_seit", "test_cli", "test_tokenise", "test_tokenadapt", "test_ray_job", "test_two_nodes",
+                 "test_finetune", "test_tokenizer_train", "test_tokenise_s3", "test_vqgan", "test_guard_rails",
+                 "test_job_guards")
+PER_TEST = frozenset({"test_train"})
 
 
-def _unit(module: str) -> str:
-    return SHARED_UNITS.get(module, module)
+def _unit(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return nodeid if module in PER_TEST else module
 
 
 @pytest.hookimpl(optionalhook=True)  # a venv without pytest-xdist still runs the tests, in one process
@@ -136,10 +141,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleUnits(LoadScopeScheduling):
-        """LoadScopeScheduling with one unit per module (or SHARED_UNITS group), in collection order."""
+        """LoadScopeScheduling with one unit per module (per test in PER_TEST modules), in collection order."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return _unit(Path(nodeid.split("::", 1)[0]).stem)
+            return _unit(nodeid)
 
     config.option.loadscopereorder = False  # keep the collection order below
     return ModuleUnits(config, log)
@@ -149,10 +154,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     first_seen: dict[str, int] = {}
     for i, item in enumerate(items):
-        first_seen.setdefault(_unit(item.path.stem), i)
+        first_seen.setdefault(item.path.stem, i)
 
     def key(item: pytest.Item) -> tuple[int, int]:
-        unit = _unit(item.path.stem)
-        return rank.get(unit, len(rank)), first_seen[unit]
+        return rank.get(item.path.stem, len(rank)), first_seen[item.path.stem]
 
     items.sort(key=key)  # stable: a module's tests keep their order and stay together
