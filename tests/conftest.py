@@ -104,15 +104,24 @@ def s3_bucket(s3_server, request):
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory) -> Path:
     """imagenet_sample/train (479 real JPEGs) tokenised by the pipeline's job (k-means, K=64, 8 x 8 grid),
-    once per session: the trainer, fine-tuning and objective tests only read it (one xdist group)."""
+    once per test run: the trainer, fine-tuning and objective tests only read it. Under xdist it lives in
+    the run's base temp dir, shared by the workers: the first to need it builds it holding a lock, and
+    another worker that needs it meanwhile waits on that lock."""
+    import fcntl
+
     from pipeline.tokenise import main as tokenise_main
 
-    src = shared_data_dir("imagenet_sample")
-    out = tmp_path_factory.mktemp("tok")
-    rc = tokenise_main(["--dataset", "imagenet", "--src", str(src), "--split", "train", "--out", str(out),
-                        "--resolution", "64", "--vocab", "64", "--fit-images", "200", "--shard-size", "64",
-                        "--num-cpus", "2"])
-    assert rc == 0
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <basetemp>/popen-gwN -> <basetemp>: the same for every worker of this run
+    out = root / "token_data"
+    with open(root / "token_data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "train" / "manifest.parquet").exists():  # else built by another worker (or resumed here)
+            rc = tokenise_main(["--dataset", "imagenet", "--src", str(shared_data_dir("imagenet_sample")), "--split",
+                                "train", "--out", str(out), "--resolution", "64", "--vocab", "64", "--fit-images",
+                                "200", "--shard-size", "64", "--num-cpus", "2"])
+            assert rc == 0
     return out / "train"
 
 
@@ -121,9 +130,9 @@ def token_data(tmp_path_factory) -> Path:
 # several long tests) gives one unit per test instead. Units go out in collection order, and the collection
 # puts the modules of LONGEST_FIRST first, longest first (from --durations): the long units start at once and
 # the other worker fills in with short ones, so neither idles at the end. A module whose tests take over
-# ~30 s together belongs in LONGEST_FIRST (tests/README.md). Session fixtures (s3_server, token_data) are
-# built once per worker that needs them. (xdist's own --dist loadgroup cannot group with pytest 9: it renames
-# items through a node attribute pytest 9 no longer has.)
+# ~30 s together belongs in LONGEST_FIRST (tests/README.md). A session fixture (s3_server) is built once per
+# worker that needs it; token_data once per run (the workers share it, see there). (xdist's own --dist
+# loadgroup cannot group with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
 LONGEST_FIRST = ("test_train", "test_learning_bench", "test_train_objectives", "test_sources", "test_segment",
                  "test_seit", "test_cli", "test_tokenise", "test_tokenadapt", "test_ray_job", "test_two_nodes",
                  "test_finetune", "test_tokenizer_train", "test_tokenise_s3", "test_vqgan", "test_guard_rails",
