@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from storage import io as sio
+from storage.cancel import Cancel
 from storage.errors import ShardError
 from storage.shard import ShardInfo
 
@@ -214,7 +215,7 @@ class ShardFetcher:
     (truncated), or sha256 mismatch. With a cache, call ``release(i)`` once done with shard ``i``.
 
     Fail fast: a failed ``get`` schedules no further fetch, and ``close`` cancels every outstanding
-    one (remote reads stop at once, ``storage.io.Cancel``); fetch threads are daemons, so no read
+    one (remote reads stop at once, ``storage.cancel.Cancel``); fetch threads are daemons, so no read
     left behind can hold up the process's exit.
     """
 
@@ -228,7 +229,7 @@ class ShardFetcher:
         self.storage_options = storage_options
         self._next = 0  # index into plan of the next shard not yet scheduled
         self._futures: dict[int, Future] = {}
-        self._cancel = sio.Cancel()
+        self._cancel = Cancel()
         self._pool = DaemonThreads(min(self.prefetch, 4), "vqpt-fetch")
 
     def _fetch(self, i: int) -> bytes:

@@ -10,8 +10,6 @@ from code or logs: the endpoint from ``VQPT_S3_ENDPOINT`` (else ``AWS_ENDPOINT_U
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -19,13 +17,14 @@ import os
 import posixpath
 import stat
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+
+from storage.cancel import Cancel, ReadCancelled, check_cancel, sleep_unless_cancelled, wait_on_loop
 
 log = logging.getLogger("vqpt.storage")
 
@@ -49,109 +48,6 @@ class Unreachable(OSError):
     """A remote call that failed with transient errors (time-outs, refused connections, 5xx) until its
     retries or its deadline ran out: the store is not answering, so the caller's next call will likely wait
     as long again."""
-
-
-class ReadCancelled(Exception):
-    """A remote call stopped by its caller (``Cancel.set``), not by the store. Not an ``OSError``: nothing
-    retries it, and no reader reports it as a fault of the data."""
-
-
-class Cancel:
-    """A one-way switch that stops the remote calls it is given (``read_bytes(..., cancel=)``): once set,
-    their waits end at once with ``ReadCancelled``, the request is cancelled on fsspec's event loop (its
-    socket closed), and retry back-off sleeps stop. Thread-safe; setting it twice is harmless.
-
-    Local file reads are not interrupted (they do not wait on a server)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._event = threading.Event()
-        self._callbacks: dict[int, Callable[[], object]] = {}
-        self._next = 0
-
-    def set(self) -> None:
-        with self._lock:
-            if self._event.is_set():
-                return
-            self._event.set()
-            callbacks, self._callbacks = list(self._callbacks.values()), {}
-        for callback in callbacks:
-            callback()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    @contextlib.contextmanager
-    def on_set(self, callback: Callable[[], object]) -> Iterator[None]:
-        """Within the block, ``callback()`` runs (in the setting thread) when the switch is set; at once if
-        it already is."""
-        with self._lock:
-            key = None if self._event.is_set() else self._next
-            if key is not None:
-                self._callbacks[key] = callback
-                self._next += 1
-        if key is None:
-            callback()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._callbacks.pop(key, None)
-
-
-_PROCESS_CANCEL = Cancel()  # set by cancel_all_reads(): every remote call of this process stops
-
-
-def _fresh_process_cancel() -> None:
-    global _PROCESS_CANCEL
-    _PROCESS_CANCEL = Cancel()  # a forked child (a DataLoader worker) starts with its own switch
-
-
-os.register_at_fork(after_in_child=_fresh_process_cancel)
-
-
-def cancel_all_reads() -> None:
-    """Stop every remote call of this process, now and later (``ReadCancelled``). For a process that is
-    about to end, such as a DataLoader worker whose loader stopped: no read of it waits out its deadline."""
-    _PROCESS_CANCEL.set()
-
-
-def _cancels(cancel: Cancel | None) -> list[Cancel]:
-    """The switches a call obeys: its own (if any) and the process's."""
-    return [_PROCESS_CANCEL] if cancel is None else [cancel, _PROCESS_CANCEL]
-
-
-def _check_cancel(cancel: Cancel | None, url: str) -> None:
-    if any(c.is_set() for c in _cancels(cancel)):
-        raise ReadCancelled(f"{url}: read cancelled")
-
-
-def _sleep(seconds: float, cancel: Cancel | None) -> bool:
-    """Sleep ``seconds``; True as soon as ``cancel`` or the process's switch is set."""
-    woken = threading.Event()
-    with contextlib.ExitStack() as stack:
-        for c in _cancels(cancel):
-            stack.enter_context(c.on_set(woken.set))
-        return woken.wait(seconds)
-
-
-def _wait_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine, url: str, deadline: float,
-                  cancel: Cancel | None) -> Any:
-    """Run ``coro`` on fsspec's event loop and wait for it until the monotonic time ``deadline``.
-
-    Past the deadline the request is cancelled on the loop and TimeoutError names ``url``; ``cancel`` (or
-    ``cancel_all_reads``) cancels it at once with ``ReadCancelled``. Either way nothing keeps running."""
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
-    with contextlib.ExitStack() as stack:
-        for c in _cancels(cancel):
-            stack.enter_context(c.on_set(future.cancel))
-        try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.CancelledError:
-            raise ReadCancelled(f"{url}: read cancelled") from None
-        except (TimeoutError, fsspec.exceptions.FSTimeoutError) as err:  # the deadline, or a connect/read time-out
-            future.cancel()
-            raise TimeoutError(f"{url}: timed out") from err
 
 
 @dataclass(frozen=True)
@@ -336,7 +232,7 @@ def with_retries(
     delay = backoff_s
     start = time.monotonic()
     for attempt in range(retries + 1):
-        _check_cancel(cancel, what)
+        check_cancel(cancel, what)
         try:
             return fn()
         except ReadCancelled:
@@ -354,7 +250,7 @@ def with_retries(
                                   f"({spent:.0f} s)") from err
             if on_retry is not None:
                 on_retry(attempt, err)
-            if _sleep(delay, cancel):
+            if sleep_unless_cancelled(delay, cancel):
                 raise ReadCancelled(f"{what}: read cancelled") from err
             delay = min(delay * 2, max_backoff_s)
     raise AssertionError("unreachable")
@@ -366,10 +262,10 @@ def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url
     filesystem is async."""
     if deadline - time.monotonic() <= 0:
         raise TimeoutError(f"{url}: no time left before the deadline")
-    _check_cancel(cancel, url)
+    check_cancel(cancel, url)
     if not getattr(fs, "async_impl", False):
         return getattr(fs, name)(*args, **kwargs)
-    return _wait_on_loop(fs.loop, getattr(fs, "_" + name)(*args, **kwargs), url, deadline, cancel)
+    return wait_on_loop(fs.loop, getattr(fs, "_" + name)(*args, **kwargs), url, deadline, cancel)
 
 
 def _remote(fs: fsspec.AbstractFileSystem, name: str, url: str, what: str, *args: Any, retries: int = 8,
@@ -441,7 +337,7 @@ def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8, 
         if max_bytes is not None and protocol_of(url) in ("http", "https"):  # servers may ignore Range
             if deadline - time.monotonic() <= 0:
                 raise TimeoutError(f"{url}: no time left before the deadline")
-            return _wait_on_loop(fs.loop, _http_read_bounded(fs, url, max_bytes), url, deadline, cancel)
+            return wait_on_loop(fs.loop, _http_read_bounded(fs, url, max_bytes), url, deadline, cancel)
         return _bounded_call(fs, "cat_file", deadline, url, _path(url), cancel=cancel, **limits)
 
     return with_retries(attempt, f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s,

@@ -2,7 +2,7 @@
 
 - **Fail fast.** When the loader's iteration stops (an error in any worker or in the main process,
   the consumer gone, or the epoch's end) it sets a ``StopSignal`` before torch shuts the workers
-  down; each worker then cancels all its remote reads (``storage.io.cancel_all_reads``), so none
+  down; each worker then cancels all its remote reads (``storage.cancel.cancel_all_reads``), so none
   waits out its deadline and torch's shutdown joins the workers at once instead of waiting 5 s for
   each before killing it.
 - **Errors as themselves.** torch re-raises a worker's exception in the main process by calling its
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from storage import io as sio
+from storage.cancel import cancel_all_reads
 from storage.cli import is_user_error
 
 
@@ -72,7 +72,7 @@ class InWorkers(IterableDataset):
 
     def _cancel_on_stop(self) -> None:
         self.stop.wait()
-        sio.cancel_all_reads()  # this worker process ends with its loader
+        cancel_all_reads()  # this worker process ends with its loader
 
     def __iter__(self) -> Iterator:
         if get_worker_info() is None:  # not in a worker: nothing of this process to cancel
