@@ -16,12 +16,12 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from storage.errors import StorageError
+from storage.plugins import entry_points, load_plugin
 
 CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans", "zstd2d")  # the built-in codecs
 ENTRY_POINT_GROUP = "vqpt.codecs"
@@ -47,7 +47,7 @@ class CodecSpec:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in CODEC_NAMES and self.name not in _REGISTRY and self.name not in _entry_points():
+        if self.name not in CODEC_NAMES and self.name not in codec_names():
             raise ValueError(f"unknown codec {self.name!r}; expected one of {codec_names()} (a codec of another "
                              f"package needs that package installed: entry point group {ENTRY_POINT_GROUP!r})")
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
@@ -178,28 +178,17 @@ def register_codec(cls: C) -> C:
     return cls
 
 
-@functools.cache
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    """name -> entry point of the ``vqpt.codecs`` group (read once per process; nothing imported)."""
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def codec_names() -> tuple[str, ...]:
     """Every codec name a spec may use: the built-in ones, then registered and entry-point ones, sorted."""
-    extra = sorted((set(_REGISTRY) | set(_entry_points())) - set(CODEC_NAMES))
+    extra = sorted((set(_REGISTRY) | set(entry_points(ENTRY_POINT_GROUP))) - set(CODEC_NAMES))
     return (*CODEC_NAMES, *extra)
 
 
 def codec_class(name: str) -> type[TokenCodec]:
     """The registered codec class of ``name``, importing its entry point the first time it is asked for.
     ValueError naming the codec when neither is there (built-in codecs: import ``storage.codec``)."""
-    if name not in _REGISTRY and name in _entry_points():
-        ep = _entry_points()[name]
-        try:
-            loaded = ep.load()
-        except Exception as err:
-            raise ValueError(f"codec {name!r}: its entry point {ep.value} ({ENTRY_POINT_GROUP}) failed to import: "
-                             f"{type(err).__name__}: {err}") from err
+    if name not in _REGISTRY:
+        loaded = load_plugin(ENTRY_POINT_GROUP, name, "codec")
         if isinstance(loaded, type) and issubclass(loaded, TokenCodec) and name not in _REGISTRY:
             register_codec(loaded)
     if name not in _REGISTRY:

@@ -28,12 +28,13 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from storage.plugins import load_plugin
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -247,16 +248,6 @@ class Tokenizer(ABC):
         return buf.getvalue()
 
 
-def _load_entry_point(kind: str, where: str) -> None:
-    """Import the ``vqpt.tokenizers`` entry point named ``kind`` (its module registers the class)."""
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP, name=kind):
-        try:
-            ep.load()
-        except Exception as err:
-            raise ValueError(f"{where}: tokenizer kind {kind!r}: its entry point {ep.value} failed to import: "
-                             f"{type(err).__name__}: {err}") from err
-
-
 class TokenizerFingerprintMismatch(ValueError):
     """A tokenizer checkpoint is not the one that made the tokens in use (fingerprints differ)."""
 
@@ -283,7 +274,7 @@ def load_tokenizer(path: str | Path | bytes, fingerprint: str | None = None) -> 
     if kind not in _REGISTRY and kind in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[kind])
     if kind not in _REGISTRY and isinstance(kind, str):
-        _load_entry_point(kind, where)
+        load_plugin(ENTRY_POINT_GROUP, kind, f"{where}: tokenizer kind")  # its module registers the class
     if kind not in _REGISTRY:
         raise ValueError(f"{where}: unknown tokenizer kind {kind!r} (known: {sorted(_REGISTRY)}; a tokenizer of "
                          f"another package needs that package installed, entry point group {ENTRY_POINT_GROUP!r})")

@@ -16,16 +16,15 @@ below the objectives in the import graph (no cycle), and a broken plug-in only f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 from collections.abc import Callable
-from importlib import metadata
 from typing import TypeVar
 
 from pretrain.checkpoint import read_trainer_state
 from pretrain.objectives.base import DataSpec, Objective
 from pretrain.objectives.options import make_config
 from pretrain.vit import ViTConfig
+from storage.plugins import entry_points, load_plugin
 
 __all__ = ["OBJECTIVES", "BUILTIN", "ENTRY_POINT_GROUP", "register_objective", "objective_class", "objective_names",
            "objective_classes", "registered_name", "objective_config", "build_objective", "load_objective"]
@@ -61,15 +60,9 @@ def register_objective(cls_or_name: Cls | str) -> Cls | Callable[[Cls], Cls]:
     return cls
 
 
-@functools.cache
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    """name -> entry point of the ``vqpt.objectives`` group (read once per process; nothing imported)."""
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def objective_names() -> list[str]:
     """Every name ``objective.name`` may take (built-in, registered, entry points), sorted; imports nothing."""
-    return sorted(set(BUILTIN) | set(_REGISTRY) | set(_entry_points()))
+    return sorted(set(BUILTIN) | set(_REGISTRY) | set(entry_points(ENTRY_POINT_GROUP)))
 
 
 def _load(name: str) -> None:
@@ -77,17 +70,10 @@ def _load(name: str) -> None:
     if name in BUILTIN:
         importlib.import_module(BUILTIN[name])
         return
-    ep = _entry_points().get(name)
-    if ep is None:
-        return
-    try:
-        loaded = ep.load()
-    except Exception as err:
-        raise ValueError(f"objective {name!r}: its entry point {ep.value} ({ENTRY_POINT_GROUP}) failed to import: "
-                         f"{type(err).__name__}: {err}") from err
+    loaded = load_plugin(ENTRY_POINT_GROUP, name, "objective")
     if isinstance(loaded, type) and issubclass(loaded, Objective) and name not in _REGISTRY:
         if getattr(loaded, "name", None) != name:
-            raise ValueError(f"entry point {name} = {ep.value} ({ENTRY_POINT_GROUP}) names a class whose name is "
+            raise ValueError(f"entry point {name} ({ENTRY_POINT_GROUP}) names {loaded.__qualname__}, whose name is "
                              f"{getattr(loaded, 'name', None)!r}; make them equal")
         register_objective(loaded)
 
