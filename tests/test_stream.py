@@ -254,3 +254,63 @@ def test_expected_fingerprint_is_checked_for_loaded_manifests_too(dataset):
     TokenStream(manifest, 4, expected_fingerprint="f" * 64)
     with pytest.raises(FingerprintMismatch, match="not 0000"):
         TokenStream(manifest, 4, expected_fingerprint="0" * 64)
+
+
+def _micro_batches(manifest, world_size, num_workers, readers=None, stop=None, state=None, batch_size=7):
+    """{global micro-batch j: sorted keys} over all ranks of one epoch (or until each rank took ``stop``),
+    plus each rank's state at the end."""
+    got, states = {}, []
+    for rank in range(world_size):
+        loader = StreamLoader(TokenStream(manifest, batch_size, partitions=8, shuffle_window=16, rank=rank,
+                                          world_size=world_size, canonical_readers=readers), num_workers=num_workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        js = iter(loader.dataset.batch_layout(num_workers).rank_batches(loader.epoch, rank, world_size, loader.start))
+        for n, batch in enumerate(loader, 1):
+            got[next(js)] = sorted(batch["key"])
+            if n == stop:
+                break
+        states.append(loader.state_dict())
+    return got, states
+
+
+def test_micro_batches_are_the_same_at_any_world_size_and_worker_count(dataset):
+    manifest, by_key = dataset
+    ref, _ = _micro_batches(manifest, 1, 0, readers=4)
+    assert sorted(ref) == list(range(len(ref))) and len(ref) == 4 * -(-2 * 29 // 7)  # L = 29, 2 partitions each
+    for world_size, num_workers in [(2, 2), (4, 1), (2, 0), (1, 3), (8, 1)]:
+        got, _ = _micro_batches(manifest, world_size, num_workers, readers=4)
+        assert got == ref, (world_size, num_workers)
+    assert {k for keys in ref.values() for k in keys} == set(by_key)
+
+
+@pytest.mark.parametrize("before,after", [((2, 1), (1, 2)), ((1, 2), (2, 0)), ((2, 2), (4, 1)), ((1, 1), (2, 1))])
+def test_elastic_resume_continues_the_same_micro_batches(dataset, before, after):
+    manifest, _ = dataset
+    straight, _ = _micro_batches(manifest, *before)  # default readers: ranks x workers of the first run
+    first, states = _micro_batches(manifest, *before, stop=4)
+    assert all(s == states[0] for s in states)  # every rank writes the same position
+    assert states[0]["batch"] == 4 * before[0] and states[0]["readers"] == before[0] * max(1, before[1])
+    rest, _ = _micro_batches(manifest, *after, state=states[0])
+    assert sorted(first) == list(range(4 * before[0])) and not set(first) & set(rest)
+    assert first | rest == straight
+
+
+def test_a_state_from_before_elastic_resume_still_loads(dataset):
+    manifest, _ = dataset
+    straight, _ = _micro_batches(manifest, 2, 2)
+    old = {"epoch": 0, "batches": 5, "seed": 0, "partitions": 8, "window": 16, "shuffle": True, "world_size": 2,
+           "rank": 0, "batch_size": 7, "num_samples": N, "fingerprint": "f" * 64, "num_workers": 2}
+    rest, _ = _micro_batches(manifest, 1, 1, state=old)
+    assert rest == {j: keys for j, keys in straight.items() if j >= 10}
+
+
+def test_elastic_resume_refusals_say_what_would_work(dataset):
+    manifest, _ = dataset
+    _, states = _micro_batches(manifest, 1, 0, readers=4, stop=3)
+    loader = StreamLoader(TokenStream(manifest, 7, partitions=8, shuffle_window=16, rank=0, world_size=2))
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 ranks; resume at a world size dividing 3"):
+        loader.load_state_dict(states[0])
+    other = StreamLoader(TokenStream(manifest, 7, partitions=8, shuffle_window=16, canonical_readers=2))
+    with pytest.raises(ValueError, match="for 4 canonical readers, not 2: drop the canonical_readers setting"):
+        other.load_state_dict(states[0])
