@@ -1,0 +1,71 @@
+"""Resuming a checkpoint at another world size: what must stay fixed, and the one-line refusal otherwise.
+
+A global optimizer step is M micro-batches of B samples (M = world size x ``optim.grad_accum``), and
+``storage.order.BatchLayout`` makes micro-batch J of the job the same samples at any world size. So a
+run resumes exactly, at any world size W' that divides M, when B (``data.batch_size``) is kept and
+``optim.grad_accum`` becomes M / W': every later step is the same set of micro-batches, each keyed
+by its slot in the step for masks and dropout (``pretrain.train.step_seed``), gradients are
+averaged over the same M micro-batches, and the learning rate (a function of the global batch) is
+unchanged. DeepSpeed re-partitions ZeRO 1/2 optimizer state on load (``elastic_checkpoint``, set by
+``pretrain.optim.deepspeed_config``); ZeRO 0 keeps it whole. Anything else would change what a step
+means, so it is refused, saying which settings would work.
+
+The checkpoint side: ``stream_rank<R>.json`` (``checkpoint.save_training``) holds the stream's position
+(the same on every rank: ``storage.stream.TokenStream.position_state``), the world size and the
+trainer's ``grad_accum``; checkpoints written before elastic resume lack ``grad_accum`` and resume at
+their own world size only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["ElasticResumeError", "saved_stream_state", "check_resume"]
+
+
+class ElasticResumeError(ValueError):
+    """The run's world size, batch size or accumulation cannot continue the checkpoint's steps exactly
+    (every rank finds it alike, so only rank 0 reports it: ``pretrain.train.launched_main``)."""
+
+
+def saved_stream_state(tag_dir: Path) -> dict:
+    """The stream state rank 0 saved in checkpoint ``tag_dir`` (every rank saved the same position)."""
+    path = tag_dir / "stream_rank0.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir} has no stream state ({path.name}); it was not written by "
+                                "pretrain.train")
+    state = json.loads(path.read_text()[: 1 << 20])
+    if not isinstance(state, dict) or "epoch" not in state or "world_size" not in state:
+        raise ValueError(f"{path}: not a stream state (expected a JSON object with 'epoch' and 'world_size')")
+    return state
+
+
+def _world_sizes(micro_batches: int, partitions: int | None) -> list[int]:
+    return [w for w in range(1, micro_batches + 1) if micro_batches % w == 0 and (partitions or w) % w == 0]
+
+
+def check_resume(state: dict, batch_size: int, grad_accum: int, world: int, where: Path,
+                 partitions: int | None = None) -> None:
+    """ElasticResumeError (one line) unless this run, ``world`` ranks x ``batch_size`` x ``grad_accum``,
+    continues the steps of the checkpoint whose stream state is ``state`` exactly (``partitions``: the
+    stream's, which the world size must divide too)."""
+    saved_world, saved_batch = int(state["world_size"]), state.get("batch_size")
+    if "grad_accum" not in state:  # written before elastic resume: its world size only
+        if world != saved_world:
+            raise ElasticResumeError(f"{where} was written before elastic resume (no grad_accum in its stream "
+                                     f"state): resume it at its world size, {saved_world} ranks")
+        return
+    steps = saved_world * int(state["grad_accum"])
+    was = f"{where} was written at {saved_world} ranks x {saved_batch} samples x accum {state['grad_accum']}"
+    sizes = _world_sizes(steps, partitions)
+    if saved_batch is not None and batch_size != saved_batch:
+        raise ElasticResumeError(f"{was}: keep data.batch_size={saved_batch} (a micro-batch's samples are "
+                                 f"fixed) and set optim.grad_accum={steps} / ranks (ranks: {sizes})")
+    if world * grad_accum == steps:
+        return
+    if world in sizes:
+        raise ElasticResumeError(f"{was} ({steps} micro-batches per step): at {world} ranks set "
+                                 f"optim.grad_accum={steps // world}")
+    raise ElasticResumeError(f"{was} ({steps} micro-batches per step), which {world} ranks cannot split "
+                             f"evenly: resume at a world size in {sizes} with optim.grad_accum={steps} / ranks")
