@@ -303,7 +303,8 @@ def save_training(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: in
 
     tag = f"step{step:07d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})
-    stream_state = {**loader.state_dict(), "grad_accum": engine.gradient_accumulation_steps()}  # pretrain.elastic
+    stream_state = {**loader.state_dict(), "grad_accum": engine.gradient_accumulation_steps(),  # pretrain.elastic
+                    "zero_stage": engine.zero_optimization_stage()}
     (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(stream_state))
     if rank == 0:
         write_identity(ckpt_dir / tag, client.get("tokens"))
@@ -331,9 +332,14 @@ def restore_training(engine, loader, where: str | os.PathLike, rank: int) -> int
     state = elastic.saved_stream_state(tag_dir)
     order = getattr(loader.dataset, "order", None)
     elastic.check_resume(state, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
-                         dist.get_world_size(), tag_dir, getattr(order, "partitions", None))
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+                         dist.get_world_size(), tag_dir, getattr(order, "partitions", None),
+                         engine.zero_optimization_stage())
+    rezero = state.get("zero_stage", 0) > 0  # elastic ZeRO 1/2 files: their state is merged by pretrain.elastic
+    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                               load_optimizer_states=not rezero)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    if rezero:
+        elastic.load_zero_state(engine, tag_dir, int(state["world_size"]))
     loader.load_state_dict(state)
     return int(client["step"])
