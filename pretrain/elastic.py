@@ -77,8 +77,8 @@ def check_resume(state: dict, batch_size: int, grad_accum: int, world: int, wher
 
 def load_zero_state(engine, tag_dir: Path, saved_world: int) -> None:
     """Give a ZeRO 1/2 ``engine`` at a new world size the optimizer state of checkpoint ``tag_dir``,
-    written by ``saved_world`` ranks, re-partitioned for this one: AdamW's moments and step, and the
-    fp32 master weights (exact, also under bf16). Call after
+    written by ``saved_world`` ranks, re-partitioned for this one: AdamW's moments and step, the fp32
+    master weights (exact, also under bf16) and the param groups' learning rates. Call after
     ``engine.load_checkpoint(..., load_optimizer_states=False)`` (module, scheduler, counters).
 
     DeepSpeed 0.19.8's ``load_checkpoint`` refuses another data-parallel size outright, although its
@@ -123,3 +123,7 @@ def load_zero_state(engine, tag_dir: Path, saved_world: int) -> None:
         group.pop("step", None)
     opt._restore_from_elastic_fp32_weights(states)
     opt._link_all_hp_params()
+    # the groups' learning rates come with optimizer state, which load_checkpoint skipped: the scheduler's
+    if engine.lr_scheduler is not None:
+        for group, lr in zip(opt.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr

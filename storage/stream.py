@@ -16,7 +16,8 @@ Guarantees (``storage.order`` has the arithmetic):
   rank at a step boundary (the next global micro-batch); loading it resumes at the next batch
   without reading anything already consumed, at the saved world size or any other whose ranks
   split the saved position evenly.
-- **Bounded memory.** At most the shards of one shuffle window are decoded at once, plus
+- **Bounded memory.** Per canonical reader a worker reads (one, unless the world size changed since
+  the run began), at most the shards of one shuffle window are decoded at once, plus
   ``prefetch_shards`` shards of bytes, whatever the dataset size.
 - **Verified bytes.** Each shard is checked against the manifest's size and sha256 before it is
   decoded; reads are retried with backoff; failures name the shard.
