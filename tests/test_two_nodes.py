@@ -90,7 +90,10 @@ def test_two_deepspeed_nodes_pretrain_from_s3_with_node_local_caches(s3_bucket, 
     out, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    # torch keeps its compile cache in $TMPDIR/torchinductor_<user> unless told otherwise: a cache meant to
+    # outlive runs, so it goes elsewhere and TMPDIR must end empty
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
     # 120 samples = 8 partitions x 15 = 2 readers x 8 micro-batches of 8: one epoch is 8 steps of 2 micro-batches
     common = ["--module", "pretrain.train", "--config", str(ROOT / "configs/mtm_vit_tiny.yaml"), "--data", data,
               "--out", str(out), "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.token_dim=16",
