@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,14 +54,19 @@ def train(data: Path, out: Path, ranks: int, *overrides: str, resume: str | None
                 "MASTER_PORT": str(port)}
     else:
         cmd = deepspeed_command("pretrain.train", args, ranks, port, cpu=True)
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out, err = child.communicate(timeout=1200)
         leftovers = shm_buffers(port)
     finally:
+        if child.poll() is None:  # timed out or interrupted: the launcher and its ranks, all of them
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         for f in shm_buffers(port):
             f.unlink(missing_ok=True)
     assert not leftovers, f"the trainer left /dev/shm buffers behind: {leftovers}"
-    return proc
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
 def run(*args, **kwargs) -> None:
