@@ -3,10 +3,13 @@ methods) that knows its position, so a run can stop and resume, at the same or a
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader
+
+from storage.workers import InWorkers, StopSignal, WorkerError
 
 if TYPE_CHECKING:
     from storage.stream import TokenStream
@@ -27,7 +30,9 @@ class StreamLoader:
     split the position evenly (``TokenStream.resume_position``). Another dataset's state is
     ``{"epoch", "batches", ...settings incl. world size and workers}`` and loads only under equal
     settings. Either way a state made under other settings raises ValueError naming the fields.
-    Iterating runs the rest of the current epoch, then advances ``epoch``.
+    Iterating runs the rest of the current epoch, then advances ``epoch``. An error in a worker is
+    raised as itself, and once the iteration stops (error or not) the workers' reads are cancelled
+    (``storage.workers``).
     """
 
     def __init__(self, dataset: TokenStream, num_workers: int = 0, pin_memory: bool = False,
@@ -69,15 +74,24 @@ class StreamLoader:
         self.dataset.set_epoch(self.epoch)
         self.dataset.resume_start = self.start
         self.dataset.resume_batches = self.batches
-        kwargs = {}
+        kwargs, dataset, stop = {}, self.dataset, None
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor or 2,
                       "multiprocessing_context": self.multiprocessing_context}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
-        for batch in loader:
-            self.batches += 1
-            yield batch
+            stop = StopSignal(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)
+            dataset = InWorkers(self.dataset, stop)  # storage.workers: fail fast, errors as themselves
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory, **kwargs))
+        try:
+            for batch in batches:  # the local name keeps the iterator (and its workers) until the finally
+                if isinstance(batch, WorkerError):
+                    raise batch.error
+                self.batches += 1
+                yield batch
+        finally:
+            if stop is not None:
+                stop.set()  # workers still reading (an error, the consumer gone) cancel their reads...
+            del batches  # ...before torch's shutdown joins them (5 s each for a worker stuck in a read)
         self.epoch += 1
         self.start = 0
         self.batches = 0
