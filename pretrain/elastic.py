@@ -94,7 +94,7 @@ def load_zero_state(engine, tag_dir: Path, saved_world: int) -> None:
         SINGLE_PARTITION_OF_FP32_GROUPS,
     )
 
-    from pretrain.checkpoint import safe_load
+    from pretrain.checkpoint_io import safe_load
 
     files = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world)]
     missing = [f.name for f in files if not f.is_file()]

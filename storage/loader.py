@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from storage.workers import InWorkers, StopSignal, WorkerError
-
-if TYPE_CHECKING:
-    from storage.stream import TokenStream
 
 Batch = dict
 
@@ -35,7 +31,7 @@ class StreamLoader:
     (``storage.workers``).
     """
 
-    def __init__(self, dataset: TokenStream, num_workers: int = 0, pin_memory: bool = False,
+    def __init__(self, dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context: str | None = None):
         self.dataset = dataset
         self.num_workers = num_workers

@@ -26,14 +26,15 @@ SMALL = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "objective.
 
 def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,
            config: str = "mtm_vit_tiny.yaml", small: bool = True, module: str = "pretrain.train",
-           args: tuple[str, ...] = ()) -> list[dict]:
-    """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome."""
+           args: tuple[str, ...] = (), pythonpath: tuple[str, ...] = ()) -> list[dict]:
+    """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome.
+    ``pythonpath``: directories the ranks import from besides the repository (a plug-in package)."""
     port = free_port()
     cmd = deepspeed_command(module, [*args, "--config", str(ROOT / "configs" / config), "--data", str(data),
                                      "--out", str(out), *(SMALL if small else ()), *overrides], ranks, port, cpu=True)
     if resume:
         cmd.append("--resume")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath])}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         leftovers = shm_buffers(port)
