@@ -13,6 +13,11 @@ Block layout (all integers little-endian)::
     header = zstd(JSON) with per-sample columns: keys, labels, image_size, crop_box, grids,
              views, byte lengths of the payloads
 
+The header's columns are written compactly (``storage.blockheader`` reads both forms):
+``image_size`` / ``crop_box`` flat (``[h0, w0, h1, w1, ...]``), ``grids`` one ``[h, w]`` when every
+grid has that shape, ``views`` / ``labelmaps`` ``[]`` when no sample has one. Blocks written before
+(one entry per sample in every column) read the same.
+
 The token payload is the codec's encoding of every token grid of the block concatenated
 (main grids in sample order, then all view grids), so an entropy coder runs once per block.
 
@@ -130,22 +135,24 @@ def pack_block(samples: Sequence[Sample], codec: TokenCodec, labelmap_method: st
     except ValueError as err:
         raise ValueError(f"block starting at sample {samples[0].key!r}: {err}") from err
     maps = [encode_labelmap(s.labelmap, labelmap_method) if s.labelmap is not None else b"" for s in samples]
+    any_views = any(s.views for s in samples)
+    any_maps = any(s.labelmap is not None for s in samples)
     header = {
         "n": len(samples),
         "keys": [s.key for s in samples],
         "labels": [int(s.label) for s in samples],
-        "image_size": [list(map(int, s.image_size)) for s in samples],
-        "crop_box": [list(map(int, s.crop_box)) for s in samples],
-        "grids": grids,
+        "image_size": [int(v) for s in samples for v in s.image_size],
+        "crop_box": [int(v) for s in samples for v in s.crop_box],
+        "grids": grids[0] if all(g == grids[0] for g in grids) else grids,
         "views": [
             [{"grid": g, "box": list(map(int, v.crop_box)), "flip": bool(v.flipped)} for g, v in zip(vg, s.views)]
             for vg, s in zip(view_grids, samples)
-        ],
+        ] if any_views else [],
         "token_bytes": len(token_bytes),
         "labelmap_method": labelmap_method,
         "labelmaps": [
             None if s.labelmap is None else [list(s.labelmap.shape), len(m)] for s, m in zip(samples, maps)
-        ],
+        ] if any_maps else [],
     }
     header_bytes = zstandard.ZstdCompressor(level=10).compress(json.dumps(header, separators=(",", ":")).encode())
     return b"".join([BLOCK_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, token_bytes, *maps])
@@ -163,32 +170,36 @@ def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = No
     raw, offset = read_header(data, max_samples)
     header = parse_header(raw, offset, len(data), expect, max_samples)
     n, grids = header.n, header.grids
-    counts = header.counts
     token_end = offset + header.token_bytes
     try:
-        ids = codec.decode(data[offset:token_end], int(sum(counts)))
+        ids = codec.decode(data[offset:token_end], header.total_tokens)
     except ValueError as err:
         raise ValueError(f"token payload: {err}") from err
-    bounds = np.cumsum([0, *counts])
-    main_total = int(bounds[n])
-    if len(set(grids)) == 1:
-        tokens: np.ndarray | list[np.ndarray] = ids[:main_total].reshape(n, *grids[0])
+    views: list[tuple[View, ...]]
+    if header.uniform:  # one grid shape, no views: no per-sample work
+        tokens: np.ndarray | list[np.ndarray] = ids.reshape(n, *grids[0])
+        views = [()] * n
     else:
-        tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
-    views: list[tuple[View, ...]] = []
-    k = n
-    for vs in header.views:
-        row = []
-        for v in vs:
-            row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v.grid), v.box, v.flip))
-            k += 1
-        views.append(tuple(row))
-    labelmaps: list[np.ndarray | None] = []
+        counts = header.counts
+        bounds = np.cumsum([0, *counts])
+        main_total = int(bounds[n])
+        if len(set(grids)) == 1:
+            tokens = ids[:main_total].reshape(n, *grids[0])
+        else:
+            tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
+        views = []
+        k = n
+        for vs in header.views:
+            row = []
+            for v in vs:
+                row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v.grid), v.box, v.flip))
+                k += 1
+            views.append(tuple(row))
+    labelmaps: list[np.ndarray | None] = [None] * n
     pos = token_end
     top = None if expect is None else expect.labelmap_classes
-    for i, meta in enumerate(header.labelmaps):
+    for i, meta in enumerate(header.labelmaps if header.has_labelmaps else ()):
         if meta is None:
-            labelmaps.append(None)
             continue
         shape, length = meta
         try:
@@ -197,14 +208,14 @@ def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = No
             raise ValueError(f"labelmaps[{i}]: {err}") from err
         if top is not None and labelmap.size and int(labelmap.max()) > top:
             raise ValueError(f"labelmaps[{i}]: value {int(labelmap.max())} is over the manifest's {top} classes")
-        labelmaps.append(labelmap)
+        labelmaps[i] = labelmap
         pos += length
     return Block(
         keys=header.keys,
         tokens=tokens,
-        labels=np.asarray(header.labels, dtype=np.int64),
-        image_size=np.asarray(header.image_size, dtype=np.int64).reshape(n, 2),
-        crop_box=np.asarray(header.crop_box, dtype=np.int64).reshape(n, 4),
+        labels=header.labels,
+        image_size=header.image_size,
+        crop_box=header.crop_box,
         labelmaps=labelmaps,
         views=views,
     )
