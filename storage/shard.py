@@ -13,10 +13,11 @@ Block layout (all integers little-endian)::
     header = zstd(JSON) with per-sample columns: keys, labels, image_size, crop_box, grids,
              views, byte lengths of the payloads
 
-The header's columns are written compactly (``storage.blockheader`` reads both forms):
-``image_size`` / ``crop_box`` flat (``[h0, w0, h1, w1, ...]``), ``grids`` one ``[h, w]`` when every
-grid has that shape, ``views`` / ``labelmaps`` ``[]`` when no sample has one. Blocks written before
-(one entry per sample in every column) read the same.
+The header is written compactly (``storage.blockheader.encode_header``; both forms are read):
+labels, image_size and crop_box packed as int64 ahead of the JSON (``b"VQC1" | u32 length |
+columns | JSON``), ``grids`` one ``[h, w]`` when every grid has that shape, ``views`` /
+``labelmaps`` ``[]`` when no sample has one. Blocks written before (a JSON object with one entry
+per sample in every column) read the same.
 
 The token payload is the codec's encoding of every token grid of the block concatenated
 (main grids in sample order, then all view grids), so an entropy coder runs once per block.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -38,7 +38,16 @@ import numpy as np
 import zstandard
 
 from storage import io as sio
-from storage.blockheader import BLOCK_MAGIC, MAX_BLOCK_SAMPLES, ShardExpect, parse_header, read_header
+from storage import tarindex
+from storage.blockheader import (
+    BLOCK_MAGIC,
+    MAX_BLOCK_SAMPLES,
+    BlockHeader,
+    ShardExpect,
+    encode_header,
+    parse_header,
+    read_header_packed,
+)
 from storage.codec import TokenCodec
 from storage.errors import ShardError
 from storage.labelmap import decode_labelmap, encode_labelmap
@@ -140,9 +149,6 @@ def pack_block(samples: Sequence[Sample], codec: TokenCodec, labelmap_method: st
     header = {
         "n": len(samples),
         "keys": [s.key for s in samples],
-        "labels": [int(s.label) for s in samples],
-        "image_size": [int(v) for s in samples for v in s.image_size],
-        "crop_box": [int(v) for s in samples for v in s.crop_box],
         "grids": grids[0] if all(g == grids[0] for g in grids) else grids,
         "views": [
             [{"grid": g, "box": list(map(int, v.crop_box)), "flip": bool(v.flipped)} for g, v in zip(vg, s.views)]
@@ -154,30 +160,50 @@ def pack_block(samples: Sequence[Sample], codec: TokenCodec, labelmap_method: st
             None if s.labelmap is None else [list(s.labelmap.shape), len(m)] for s, m in zip(samples, maps)
         ] if any_maps else [],
     }
-    header_bytes = zstandard.ZstdCompressor(level=10).compress(json.dumps(header, separators=(",", ":")).encode())
+    text = encode_header(header, np.array([int(s.label) for s in samples], dtype=np.int64),
+                         np.array([list(map(int, s.image_size)) for s in samples], dtype=np.int64),
+                         np.array([list(map(int, s.crop_box)) for s in samples], dtype=np.int64))
+    header_bytes = zstandard.ZstdCompressor(level=10).compress(text)
     return b"".join([BLOCK_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, token_bytes, *maps])
 
 
+def read_block_header(data: bytes, expect: ShardExpect | None = None,
+                      max_samples: int = MAX_BLOCK_SAMPLES) -> BlockHeader:
+    """A block's header, checked (``storage.blockheader``); ValueError naming the field at fault."""
+    raw, offset, packed = read_header_packed(data, max_samples)
+    return parse_header(raw, offset, len(data), expect, max_samples, packed)
+
+
 def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = None,
-                 max_samples: int = MAX_BLOCK_SAMPLES) -> Block:
+                 max_samples: int = MAX_BLOCK_SAMPLES, header: BlockHeader | None = None,
+                 tokens_out: np.ndarray | None = None) -> Block:
     """Decode one block's bytes into columns. Raises ValueError naming the malformed field.
 
     The header is checked before any payload is decoded (``storage.blockheader``): sizes against
     absolute caps and ``expect`` (the manifest's grid, classes, label-map size), the sample
     count against ``max_samples``; token ids against K by the codec; label-map values against
     ``expect.labelmap_classes``. Memory is bounded by what the checked header declares.
+    ``header``: this block's ``read_block_header``, when already read. ``tokens_out``: a uint16
+    (>= n, h, w) C-contiguous array; the main grids are decoded into its first n rows and the
+    block's ``tokens`` is that view (ValueError if the grids are not all (h, w)).
     """
-    raw, offset = read_header(data, max_samples)
-    header = parse_header(raw, offset, len(data), expect, max_samples)
-    n, grids = header.n, header.grids
+    header = header or read_block_header(data, expect, max_samples)
+    n, grids, offset = header.n, header.grids, header.offset
     token_end = offset + header.token_bytes
+    direct = tokens_out is not None and header.uniform and tuple(grids[0]) == tokens_out.shape[1:]
     try:
-        ids = codec.decode(data[offset:token_end], header.total_tokens)
+        if direct:
+            ids = codec.decode(data[offset:token_end], header.total_tokens, out=tokens_out[:n].reshape(-1))  # type: ignore[index]
+        else:
+            ids = codec.decode(data[offset:token_end], header.total_tokens)
     except ValueError as err:
         raise ValueError(f"token payload: {err}") from err
     views: list[tuple[View, ...]]
     if header.uniform:  # one grid shape, no views: no per-sample work
-        tokens: np.ndarray | list[np.ndarray] = ids.reshape(n, *grids[0])
+        tokens: np.ndarray | list[np.ndarray] = tokens_out[:n] if direct else ids.reshape(n, *grids[0])  # type: ignore[index]
+        if tokens_out is not None and not direct:
+            tokens_out[:n] = tokens  # raises ValueError if the grid is not the shard's
+            tokens = tokens_out[:n]
         views = [()] * n
     else:
         counts = header.counts
@@ -187,6 +213,11 @@ def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = No
             tokens = ids[:main_total].reshape(n, *grids[0])
         else:
             tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
+        if tokens_out is not None:
+            if isinstance(tokens, list) or tokens.shape[1:] != tokens_out.shape[1:]:
+                raise ValueError(f"grids: {sorted(set(grids))} are not the shard's {list(tokens_out.shape[1:])}")
+            tokens_out[:n] = tokens
+            tokens = tokens_out[:n]
         views = []
         k = n
         for vs in header.views:
@@ -265,22 +296,33 @@ def encode_shard(index: int, samples: Sequence[Sample], codec: TokenCodec, block
     return b"".join(parts)
 
 
+def _check_member(name: str, url: str, regular: bool = True) -> None:
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise ShardError(url, f"tar member with unsafe path {name!r}")
+    if not regular:
+        raise ShardError(url, f"tar member {name!r} is not a regular file")
+    if not name.endswith("." + BLOCK_EXT):
+        raise ShardError(url, f"unexpected tar member {name!r} (expected *.{BLOCK_EXT})")
+
+
 def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
     """(member name, block bytes) for each block in shard bytes, with the container checked.
 
     Raises ShardError for a truncated or corrupt tar, members with absolute or ``..`` paths,
-    non-regular members, or members that are not blocks.
+    non-regular members, or members that are not blocks. Plain ustar (what ``ShardWriter``
+    writes) is read by ``storage.tarindex``; anything else by ``tarfile``.
     """
+    spans = tarindex.members(data)
+    if spans is not None:
+        for span in spans:
+            _check_member(span.name, url)
+            yield span.name, data[span.offset : span.offset + span.size]
+        return
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 name = member.name
-                if name.startswith("/") or ".." in name.split("/") or "\\" in name:
-                    raise ShardError(url, f"tar member with unsafe path {name!r}")
-                if not member.isreg():
-                    raise ShardError(url, f"tar member {name!r} is not a regular file")
-                if not name.endswith("." + BLOCK_EXT):
-                    raise ShardError(url, f"unexpected tar member {name!r} (expected *.{BLOCK_EXT})")
+                _check_member(name, url, member.isreg())
                 f = tar.extractfile(member)
                 payload = f.read() if f is not None else b""
                 if len(payload) != member.size:
@@ -298,21 +340,63 @@ def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
     samples in all, each block is checked against the manifest before it is decoded (grid,
     classes, label-map size), and the first and last keys must be the manifest's.
     """
-    blocks: list[Block] = []
+    return _decode_blocks(data, codec, url, expect, joined=False)[0]
+
+
+def decode_shard_joined(data: bytes, codec: TokenCodec, url: str = "<bytes>",
+                        expect: ShardExpect | None = None) -> Block:
+    """``decode_shard`` as one Block of all its samples in order, its tokens one uint16 (n, h, w)
+    array the codec decodes into (no copy to join blocks). ShardError if the main grids of the
+    shard differ in shape."""
+    blocks, tokens = _decode_blocks(data, codec, url, expect, joined=True)
+    return Block(
+        keys=[k for b in blocks for k in b.keys],
+        tokens=tokens,  # type: ignore[arg-type]
+        labels=np.concatenate([b.labels for b in blocks]),
+        image_size=np.concatenate([b.image_size for b in blocks]),
+        crop_box=np.concatenate([b.crop_box for b in blocks]),
+        labelmaps=[m for b in blocks for m in b.labelmaps],
+        views=[v for b in blocks for v in b.views],
+    )
+
+
+def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect | None,
+                   joined: bool) -> tuple[list[Block], np.ndarray | None]:
+    """The blocks, and with ``joined`` the one array holding their tokens. Headers are read first
+    (checked, counted against the manifest), then the payloads."""
+    headers = []
     left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
+    counted = expect is not None and expect.samples is not None
     for name, payload in iter_block_bytes(data, url):
         if left == 0:
             raise ShardError(url, f"member {name}: n: more samples than the manifest's {expect.samples}")  # type: ignore[union-attr]
         try:
-            block = decode_block(payload, codec, expect, min(left, MAX_BLOCK_SAMPLES))
+            header = read_block_header(payload, expect, min(left, MAX_BLOCK_SAMPLES))
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:  # last resort: name the shard
             raise ShardError(url, f"member {name}: {err}") from err
-        blocks.append(block)
-        if expect is not None and expect.samples is not None:
-            left -= len(block)
+        headers.append((name, payload, header))
+        if counted:
+            left -= header.n
+    if not headers:
+        raise ShardError(url, "holds no blocks")
+    out = None
+    if joined:
+        shapes = {g for _, _, h in headers for g in h.grids}
+        if len(shapes) > 1:
+            raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
+        out = np.empty((sum(h.n for _, _, h in headers), *shapes.pop()), dtype=np.uint16)
+    blocks: list[Block] = []
+    start = 0
+    for name, payload, header in headers:
+        try:
+            tokens_out = None if out is None else out[start : start + header.n]
+            blocks.append(decode_block(payload, codec, expect, header=header, tokens_out=tokens_out))
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:  # last resort: name the shard
+            raise ShardError(url, f"member {name}: {err}") from err
+        start += header.n
     if expect is not None:
         _check_against_manifest(blocks, expect, url)
-    return blocks
+    return blocks, out
 
 
 def _check_against_manifest(blocks: list[Block], expect: ShardExpect, url: str) -> None:

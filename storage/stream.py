@@ -48,7 +48,7 @@ from storage.fetch import ShardCache, ShardFetcher, parse_size
 from storage.manifest import Manifest
 from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
-from storage.shard import Block, decode_shard
+from storage.shard import Block, decode_shard_joined
 
 __all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
 
@@ -90,20 +90,12 @@ def _objects(values: list, n: int, empty: object) -> np.ndarray | None:
     return out
 
 
-def _concat_blocks(blocks: list[Block], url: str) -> _ShardColumns:
-    """One set of columns holding a whole shard's samples in order."""
-    if any(isinstance(b.tokens, list) for b in blocks) or len({b.tokens.shape[1:] for b in blocks}) > 1:
-        raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
-    n = sum(len(b) for b in blocks)
-    return _ShardColumns(
-        tokens=np.concatenate([b.tokens for b in blocks]),
-        labels=np.concatenate([b.labels for b in blocks]),
-        image_size=np.concatenate([b.image_size for b in blocks]),
-        crop_box=np.concatenate([b.crop_box for b in blocks]),
-        keys=np.array([k for b in blocks for k in b.keys], dtype=object),
-        labelmaps=_objects([m for b in blocks for m in b.labelmaps], n, None),
-        views=_objects([v for b in blocks for v in b.views], n, ()),
-    )
+def _columns(shard: Block) -> _ShardColumns:
+    """A whole shard's samples (``decode_shard_joined``) as the stream's columns."""
+    n = len(shard)
+    return _ShardColumns(shard.tokens, shard.labels, shard.image_size, shard.crop_box,  # type: ignore[arg-type]
+                         keys=np.array(shard.keys, dtype=object),
+                         labelmaps=_objects(shard.labelmaps, n, None), views=_objects(shard.views, n, ()))
 
 
 def _convert(data):
@@ -279,8 +271,7 @@ class TokenStream(IterableDataset):
         url, info, _ = self._shards[s]
         try:
             m = self.manifests[self._shard_source[s]]
-            blocks = decode_shard(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s]))
-            return _concat_blocks(blocks, url)
+            return _columns(decode_shard_joined(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s])))
         except ShardError as err:
             if self.on_error == "raise":
                 raise
