@@ -312,11 +312,18 @@ def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
     non-regular members, or members that are not blocks. Plain ustar (what ``ShardWriter``
     writes) is read by ``storage.tarindex``; anything else by ``tarfile``.
     """
+    yield from _blocks(data, url, as_views=False)
+
+
+def _blocks(data: bytes, url: str, as_views: bool) -> Iterator[tuple[str, bytes | memoryview]]:
+    """``iter_block_bytes``; with ``as_views``, plain ustar members come as memoryviews of ``data``
+    (no copy; every decoder reads any bytes-like)."""
     spans = tarindex.members(data)
     if spans is not None:
+        whole = memoryview(data) if as_views else data
         for span in spans:
             _check_member(span.name, url)
-            yield span.name, data[span.offset : span.offset + span.size]
+            yield span.name, whole[span.offset : span.offset + span.size]
         return
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -367,7 +374,7 @@ def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect
     headers = []
     left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
     counted = expect is not None and expect.samples is not None
-    for name, payload in iter_block_bytes(data, url):
+    for name, payload in _blocks(data, url, as_views=True):
         if left == 0:
             raise ShardError(url, f"member {name}: n: more samples than the manifest's {expect.samples}")  # type: ignore[union-attr]
         try:

@@ -33,22 +33,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from itertools import repeat
-from operator import is_not
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data._utils.collate import default_convert
 
+from storage import batching
+from storage.batching import ShardColumns
 from storage.dataset import TokenDataset
 from storage.errors import ShardError
 from storage.fetch import ShardCache, ShardFetcher, parse_size
 from storage.manifest import Manifest
 from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
-from storage.shard import Block, decode_shard_joined
+from storage.shard import decode_shard_joined
 
 __all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
 
@@ -60,60 +58,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@dataclass(frozen=True)
-class _ShardColumns:
-    """A decoded shard as the stream gathers from it: tokens uint16 (n, h, w), labels int64 (n,),
-    image_size int64 (n, 2), crop_box int64 (n, 4), keys object (n,) of str; labelmaps / views
-    object (n,) (a uint8 map / a tuple of View, None where a sample has none), or None when no
-    sample of the shard has any."""
-
-    tokens: np.ndarray
-    labels: np.ndarray
-    image_size: np.ndarray
-    crop_box: np.ndarray
-    keys: np.ndarray
-    labelmaps: np.ndarray | None
-    views: np.ndarray | None
-
-
-def _objects(values: list, n: int, empty: object) -> np.ndarray | None:
-    """``values`` (label maps, or tuples of views; ``empty`` (None / ()) where a sample has none) as
-    an object array of length ``n`` holding None there; None when no sample has one."""
-    if (values.count(()) == n) if empty == () else not any(map(is_not, values, repeat(None))):  # C-level scans
-        return None
-    out = np.full(n, None, dtype=object)
-    for i, v in enumerate(values):
-        if v is not None and len(v):
-            out[i] = v
-    return out
-
-
-def _columns(shard: Block) -> _ShardColumns:
-    """A whole shard's samples (``decode_shard_joined``) as the stream's columns."""
-    n = len(shard)
-    return _ShardColumns(shard.tokens, shard.labels, shard.image_size, shard.crop_box,  # type: ignore[arg-type]
-                         keys=np.array(shard.keys, dtype=object),
-                         labelmaps=_objects(shard.labelmaps, n, None), views=_objects(shard.views, n, ()))
-
-
-def _convert(data):
-    """The DataLoader's per-item conversion: what ``default_convert`` gives, without walking the
-    tensors and key lists of a batch the stream made (that walk cost ~0.35 ms per batch of 256)."""
-    if type(data) is dict:
-        return {k: v if isinstance(v, _CONVERTED) or (type(v) is list and all(type(x) is str for x in v))
-                else default_convert(v) for k, v in data.items()}
-    return default_convert(data)
-
-
-_CONVERTED = (torch.Tensor, str, int, float, bool, type(None))
-
-
-def _stack_or_list(items: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
-    if len({a.shape for a in items}) == 1:
-        return torch.from_numpy(np.stack(items))
-    return [torch.from_numpy(a) for a in items]
 
 
 class TokenStream(IterableDataset):
@@ -253,7 +197,7 @@ class TokenStream(IterableDataset):
             last = needed
         cache = ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None
         fetcher = ShardFetcher(self._shards, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
-        decoded: dict[int, _ShardColumns | None] = {}
+        decoded: dict[int, ShardColumns | None] = {}
         try:
             for chunk in self._reader_chunks(worker, num_workers, skip):
                 needed = sorted(set(np.unique(chunk.shards).tolist()))
@@ -267,116 +211,18 @@ class TokenStream(IterableDataset):
         finally:
             fetcher.close()
 
-    def _load_shard(self, fetcher: ShardFetcher, s: int) -> _ShardColumns | None:
+    def _load_shard(self, fetcher: ShardFetcher, s: int) -> ShardColumns | None:
         url, info, _ = self._shards[s]
         try:
             m = self.manifests[self._shard_source[s]]
-            return _columns(decode_shard_joined(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s])))
+            return ShardColumns.of(decode_shard_joined(fetcher.get(s), m.codec(), url,
+                                                       m.expect(self._shard_local[s])))
         except ShardError as err:
             if self.on_error == "raise":
                 raise
             self.skipped[url] = err.reason
             log.warning("skipping %s (%d samples): %s", url, info.samples, err.reason)
             return None
-
-    def _gather(self, chunk: Chunk, decoded: dict[int, _ShardColumns | None]) -> dict:
-        """Columns of the chunk's samples, in chunk order (skipped shards' samples removed).
-
-        Every column is an array of length n (keys, label maps and views: object arrays; the
-        latter two None when no sample of the chunk has one), so slicing and joining them into
-        batches costs a few numpy calls, not a Python step per sample."""
-        keep = np.array([decoded[s] is not None for s in chunk.shards.tolist()], dtype=bool)
-        if not keep.all():
-            chunk = Chunk(chunk.positions[keep], chunk.shards[keep], chunk.rows[keep], chunk.pad[keep])
-        n = len(chunk.positions)
-        first = next((b for b in decoded.values() if b is not None), None)
-        if first is None or n == 0:
-            return {"n": 0}
-        tokens = np.empty((n, *first.tokens.shape[1:]), dtype=first.tokens.dtype)
-        labels = np.empty(n, dtype=np.int64)
-        image_size = np.empty((n, 2), dtype=np.int64)
-        crop_box = np.empty((n, 4), dtype=np.int64)
-        keys = np.empty(n, dtype=object)
-        labelmaps = views = None
-        for s, shard in decoded.items():
-            if shard is None:
-                continue
-            where = np.flatnonzero(chunk.shards == s)
-            if not len(where):
-                continue
-            rows = chunk.rows[where]
-            tokens[where] = shard.tokens[rows]
-            labels[where] = shard.labels[rows]
-            image_size[where] = shard.image_size[rows]
-            crop_box[where] = shard.crop_box[rows]
-            keys[where] = shard.keys[rows]
-            if shard.labelmaps is not None:
-                labelmaps = np.full(n, None, dtype=object) if labelmaps is None else labelmaps
-                labelmaps[where] = shard.labelmaps[rows]
-            if shard.views is not None:
-                views = np.full(n, None, dtype=object) if views is None else views
-                views[where] = shard.views[rows]
-        return {"n": n, "tokens": tokens, "label": labels, "source": self._shard_source[chunk.shards],
-                "index": chunk.positions, "pad": chunk.pad,
-                "image_size": image_size, "crop_box": crop_box, "key": keys, "labelmap": labelmaps, "views": views}
-
-    @staticmethod
-    def _slice(cols: dict, lo: int, hi: int) -> dict:
-        return {k: (v if k == "n" or v is None else v[lo:hi]) for k, v in cols.items()} | {"n": hi - lo}
-
-    @staticmethod
-    def _join(parts: list[dict]) -> dict:
-        if len(parts) == 1:
-            return parts[0]
-        out = {"n": sum(p["n"] for p in parts)}
-        for k in parts[0]:
-            if k == "n":
-                continue
-            vals = [p[k] for p in parts]
-            if all(v is None for v in vals):
-                out[k] = None
-                continue
-            vals = [np.full(p["n"], None, dtype=object) if v is None else v for v, p in zip(vals, parts)]
-            out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
-        return out
-
-    def _to_batch(self, cols: dict) -> Batch:
-        keys = cols["key"]
-        batch: Batch = {
-            "tokens": torch.from_numpy(cols["tokens"].astype(np.int64)),
-            "label": torch.from_numpy(cols["label"]),
-            "source": torch.from_numpy(cols["source"]),
-            "index": torch.from_numpy(cols["index"]),
-            "pad": torch.from_numpy(cols["pad"]),
-            "image_size": torch.from_numpy(cols["image_size"]),
-            "crop_box": torch.from_numpy(cols["crop_box"]),
-            "key": keys.tolist() if isinstance(keys, np.ndarray) else list(keys),
-            "epoch": self.epoch,
-        }
-        maps = cols["labelmap"]
-        if maps is not None and any(m is not None for m in maps):
-            batch["labelmap"] = _stack_or_list([m if m is not None else np.zeros((0, 0), np.uint8) for m in maps])
-        views = [v or () for v in cols["views"]] if cols["views"] is not None else []
-        if views and len({len(v) for v in views}) == 1 and len(views[0]) > 0:
-            batch["view_tokens"] = _stack_or_list([np.stack([v.tokens for v in vs]).astype(np.int64) for vs in views])
-            batch["view_box"] = torch.tensor([[list(v.crop_box) for v in vs] for vs in views], dtype=torch.int64)
-            batch["view_flip"] = torch.tensor([[v.flipped for v in vs] for vs in views], dtype=torch.bool)
-        return batch
-
-    def _sample_dicts(self, cols: dict) -> Iterator[dict]:
-        names = [k for k in cols if k != "n"]
-        for i in range(cols["n"]):
-            sample = {k: None if cols[k] is None else cols[k][i] for k in names}
-            sample["views"] = sample["views"] or ()
-            yield sample
-
-    def _collate_samples(self, samples: list[dict]) -> dict:
-        cols = {"n": len(samples)}
-        for k in samples[0]:
-            vals = [s[k] for s in samples]
-            numeric = isinstance(vals[0], np.ndarray | np.generic) and k not in ("labelmap",)
-            cols[k] = np.stack(vals) if numeric else vals
-        return cols
 
     def __iter__(self) -> Iterator[Batch | dict]:
         info = get_worker_info()
@@ -385,34 +231,34 @@ class TokenStream(IterableDataset):
         worker = roles[worker]
         consumed = taken[worker]
         skip = consumed * self._batch()
-        pending: list[dict] = []
-        pending_n = 0
-        size = self._batch()
-        for chunk, decoded in self._decoded_chunks(worker, num_workers, skip):
-            cols = self._gather(chunk, decoded)
-            if cols["n"] == 0:
-                continue
-            if self.batch_size is None or self.sample_transform is not None:
-                samples = self._sample_dicts(cols)
-                if self.sample_transform is not None:
-                    samples = map(self.sample_transform, samples)
-                if self.batch_size is None:
-                    yield from samples
-                    continue
-                cols = self._collate_samples(list(samples))
-            pending.append(cols)
-            pending_n += cols["n"]
-            while pending_n >= size:
-                joined = self._join(pending)
-                yield self._emit(self._slice(joined, 0, size))
-                rest = self._slice(joined, size, joined["n"])
-                pending, pending_n = ([rest], rest["n"]) if rest["n"] else ([], 0)
-        if pending_n:
-            yield self._emit(self._join(pending))
+        yield from self._batches(self._decoded_chunks(worker, num_workers, skip))
 
-    def _emit(self, cols: dict) -> Batch:
-        batch = self._to_batch(cols)
-        return self.batch_transform(batch) if self.batch_transform is not None else batch
+    def _batches(self, decoded_chunks: Iterator[tuple[Chunk, dict]]) -> Iterator[Batch | dict]:
+        """Samples or batches from the decoded chunks (``storage.batching``)."""
+        chunks = (cols for chunk, decoded in decoded_chunks
+                  if (cols := batching.gather(chunk, decoded, self._shard_source))["n"])
+        if self.batch_size is None or self.sample_transform is not None:
+            samples = (s for cols in chunks for s in batching.sample_dicts(cols))
+            if self.sample_transform is not None:
+                samples = map(self.sample_transform, samples)
+            if self.batch_size is None:
+                yield from samples
+                return
+            chunks = (batching.collate_samples(part) for part in _groups(samples, self.batch_size))
+        for cols in batching.batches(chunks, self.batch_size):
+            batch = batching.to_batch(cols, self.epoch)
+            yield self.batch_transform(batch) if self.batch_transform is not None else batch
+
+
+def _groups(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 class StreamLoader:
@@ -462,8 +308,11 @@ class StreamLoader:
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor or 2,
                       "multiprocessing_context": self.multiprocessing_context}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, collate_fn=_convert, **kwargs)
+        if self.num_workers == 0 and not self.pin_memory:  # what DataLoader would do, without its per-batch hooks
+            loader = map(batching.convert, self.dataset)
+        else:
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, collate_fn=batching.convert, **kwargs)
         for batch in loader:
             self.batches += 1
             yield batch
