@@ -285,13 +285,18 @@ def _tar_member(name: str, payload: bytes) -> bytes:
 def encode_shard(index: int, samples: Sequence[Sample], codec: TokenCodec, block_size: int = 256,
                  labelmap_method: str = "zstd") -> bytes:
     """Shard bytes for an ordered list of samples: blocks of ``block_size``, then tar's end marker."""
+    return _tar(index, _encode_blocks(samples, codec, block_size, labelmap_method))
+
+
+def _encode_blocks(samples: Sequence[Sample], codec: TokenCodec, block_size: int, labelmap_method: str) -> list[bytes]:
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    parts = [
-        _tar_member(f"{index:06d}-{b:05d}.{BLOCK_EXT}", pack_block(samples[start : start + block_size], codec,
-                                                                  labelmap_method))
-        for b, start in enumerate(range(0, len(samples), block_size))
-    ]
+    return [pack_block(samples[start : start + block_size], codec, labelmap_method)
+            for start in range(0, len(samples), block_size)]
+
+
+def _tar(index: int, blocks: list[bytes]) -> bytes:
+    parts = [_tar_member(f"{index:06d}-{b:05d}.{BLOCK_EXT}", block) for b, block in enumerate(blocks)]
     parts.append(b"\0" * (2 * tarfile.BLOCKSIZE))
     return b"".join(parts)
 
@@ -425,7 +430,13 @@ def _check_against_manifest(blocks: list[Block], expect: ShardExpect, url: str) 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One manifest row. ``url`` is relative to the manifest's directory."""
+    """One manifest row. ``url`` is relative to the manifest's directory.
+
+    The shard's block index, when known (shards written by ``ShardWriter``; () / 0 in manifests
+    written before): ``block_bytes``, the payload length of each block in order, and
+    ``block_samples``, the samples of every block but the last (which holds the rest). Payload b
+    starts at ``storage.tarindex.payload_offsets(block_bytes)[b]``, so a reader can fetch any
+    block with one range read and no tar header walk (``storage.dataset``)."""
 
     url: str
     samples: int
@@ -433,6 +444,11 @@ class ShardInfo:
     sha256: str
     first_key: str
     last_key: str
+    block_samples: int = 0
+    block_bytes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_bytes", tuple(int(b) for b in self.block_bytes))  # from JSON: a list
 
 
 def shard_name(index: int) -> str:
@@ -464,10 +480,12 @@ class ShardWriter:
         """Encode and atomically write shard ``index``; returns its manifest row."""
         if not samples:
             raise ValueError(f"shard {index}: no samples")
-        data = encode_shard(index, samples, self.codec, self.block_size, self.labelmap_method)
+        blocks = _encode_blocks(samples, self.codec, self.block_size, self.labelmap_method)
+        data = _tar(index, blocks)
         sio.write_bytes_atomic(self.url(index), data, self.storage_options)
         return ShardInfo(shard_name(index), len(samples), len(data), hashlib.sha256(data).hexdigest(),
-                         samples[0].key, samples[-1].key)
+                         samples[0].key, samples[-1].key, min(self.block_size, len(samples)),
+                         tuple(len(b) for b in blocks))
 
     def is_complete(self, info: ShardInfo) -> bool:
         """Whether shard ``info.url`` exists with exactly ``info.sha256`` (for idempotent re-runs)."""

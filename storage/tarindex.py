@@ -59,3 +59,13 @@ def members(data: bytes) -> list[BlockSpan] | None:
         out.append(BlockSpan(parsed[0], pos + TAR_BLOCK, parsed[1]))
         pos += TAR_BLOCK + -(-parsed[1] // TAR_BLOCK) * TAR_BLOCK
     return None  # no end marker: truncated
+
+
+def payload_offsets(block_bytes: tuple[int, ...] | list[int]) -> list[int]:
+    """Where each member's payload starts in a tar of members of these payload lengths, one after
+    another from byte 0 (each member: a header block, then its payload padded to whole blocks)."""
+    out, pos = [], 0
+    for size in block_bytes:
+        out.append(pos + TAR_BLOCK)
+        pos += TAR_BLOCK + -(-int(size) // TAR_BLOCK) * TAR_BLOCK
+    return out

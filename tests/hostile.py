@@ -49,11 +49,13 @@ def write_base(split_dir: Path, codec: str = "rans") -> Manifest:
 
 
 def set_shard(split_dir: Path, data: bytes, index: int = 1, **row) -> None:
-    """Replace shard ``index`` with ``data``; its manifest row gets the true size and sha256 (and ``row``)."""
+    """Replace shard ``index`` with ``data``; its manifest row gets the true size and sha256 (and ``row``),
+    and no block index (the crafted shard's blocks are not the written one's)."""
     m = read_manifest(str(split_dir))
     (split_dir / m.shards[index].url).write_bytes(data)
     infos = list(m.shards)
-    infos[index] = replace(infos[index], bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), **row)
+    infos[index] = replace(infos[index], bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), block_samples=0,
+                           block_bytes=(), **row)
     write_manifest(str(split_dir), m.meta, infos)
 
 
