@@ -98,8 +98,9 @@ class LazyTokens:
 def gather(chunk: Chunk, decoded: dict[int, ShardColumns | None], source_of_shard: np.ndarray) -> dict:
     """Columns of the chunk's samples, in chunk order (skipped shards' samples removed); tokens
     as ``LazyTokens``."""
-    keep = np.array([decoded[s] is not None for s in chunk.shards.tolist()], dtype=bool)
-    if not keep.all():
+    skipped = [s for s, c in decoded.items() if c is None]
+    if skipped:
+        keep = ~np.isin(chunk.shards, skipped)
         chunk = Chunk(chunk.positions[keep], chunk.shards[keep], chunk.rows[keep], chunk.pad[keep])
     n = len(chunk.positions)
     if n == 0:

@@ -33,6 +33,7 @@ import struct
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import zstandard
@@ -362,13 +363,13 @@ def decode_shard_joined(data: bytes, codec: TokenCodec, url: str = "<bytes>",
     shard differ in shape."""
     blocks, tokens = _decode_blocks(data, codec, url, expect, joined=True)
     return Block(
-        keys=[k for b in blocks for k in b.keys],
+        keys=list(chain.from_iterable(b.keys for b in blocks)),
         tokens=tokens,  # type: ignore[arg-type]
         labels=np.concatenate([b.labels for b in blocks]),
         image_size=np.concatenate([b.image_size for b in blocks]),
         crop_box=np.concatenate([b.crop_box for b in blocks]),
-        labelmaps=[m for b in blocks for m in b.labelmaps],
-        views=[v for b in blocks for v in b.views],
+        labelmaps=list(chain.from_iterable(b.labelmaps for b in blocks)),
+        views=list(chain.from_iterable(b.views for b in blocks)),
     )
 
 
@@ -393,7 +394,7 @@ def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect
         raise ShardError(url, "holds no blocks")
     out = None
     if joined:
-        shapes = {g for _, _, h in headers for g in h.grids}
+        shapes = set().union(*(h.grids for _, _, h in headers))
         if len(shapes) > 1:
             raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
         out = np.empty((sum(h.n for _, _, h in headers), *shapes.pop()), dtype=np.uint16)
