@@ -85,11 +85,11 @@ class LazyTokens:
         """The grids as one (n, h, w) array of ``dtype``."""
         first = next(iter(self.sources.values()))
         out = np.empty((len(self.rows), *first.shape[1:]), dtype=dtype)
-        present = np.unique(self.shards)
+        present = list(self.sources) if len(self.sources) == 1 else np.unique(self.shards).tolist()
         if len(present) == 1:
-            out[...] = self.sources[int(present[0])][self.rows]
+            out[...] = self.sources[present[0]][self.rows]
             return out
-        for s in present.tolist():
+        for s in present:
             where = np.flatnonzero(self.shards == s)
             out[where] = self.sources[s][self.rows[where]]
         return out
