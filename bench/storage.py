@@ -207,7 +207,7 @@ def block_payloads(manifest) -> list[tuple[bytes, int, int]]:
     return out
 
 
-def cpu_rates(epochs: dict[str, Callable[[], int]], seconds: float, rounds: int = 3) -> dict[str, float]:
+def cpu_rates(epochs: dict[str, Callable[[], int]], seconds: float, rounds: int = 4) -> dict[str, float]:
     """Items per CPU-second of this process for each epoch function (returns items done), measured
     in ``rounds`` interleaved rounds of at least ``seconds`` each; the best round of each."""
     for epoch in epochs.values():
