@@ -28,10 +28,9 @@ Shards are byte-identical for identical inputs: tar headers carry no time, owner
 from __future__ import annotations
 
 import hashlib
-import io
 import struct
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -39,7 +38,6 @@ import numpy as np
 import zstandard
 
 from storage import io as sio
-from storage import tarindex
 from storage.blockheader import (
     BLOCK_MAGIC,
     MAX_BLOCK_SAMPLES,
@@ -52,8 +50,8 @@ from storage.blockheader import (
 from storage.codec import TokenCodec
 from storage.errors import ShardError
 from storage.labelmap import decode_labelmap, encode_labelmap
+from storage.tarindex import BLOCK_EXT, block_bytes, iter_block_bytes  # noqa: F401  (re-exported)
 
-BLOCK_EXT = "vqb"
 Box = tuple[int, int, int, int]
 
 
@@ -302,49 +300,6 @@ def _tar(index: int, blocks: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _check_member(name: str, url: str, regular: bool = True) -> None:
-    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
-        raise ShardError(url, f"tar member with unsafe path {name!r}")
-    if not regular:
-        raise ShardError(url, f"tar member {name!r} is not a regular file")
-    if not name.endswith("." + BLOCK_EXT):
-        raise ShardError(url, f"unexpected tar member {name!r} (expected *.{BLOCK_EXT})")
-
-
-def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, block bytes) for each block in shard bytes, with the container checked.
-
-    Raises ShardError for a truncated or corrupt tar, members with absolute or ``..`` paths,
-    non-regular members, or members that are not blocks. Plain ustar (what ``ShardWriter``
-    writes) is read by ``storage.tarindex``; anything else by ``tarfile``.
-    """
-    yield from _blocks(data, url, as_views=False)
-
-
-def _blocks(data: bytes, url: str, as_views: bool) -> Iterator[tuple[str, bytes | memoryview]]:
-    """``iter_block_bytes``; with ``as_views``, plain ustar members come as memoryviews of ``data``
-    (no copy; every decoder reads any bytes-like)."""
-    spans = tarindex.members(data)
-    if spans is not None:
-        whole = memoryview(data) if as_views else data
-        for span in spans:
-            _check_member(span.name, url)
-            yield span.name, whole[span.offset : span.offset + span.size]
-        return
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                name = member.name
-                _check_member(name, url, member.isreg())
-                f = tar.extractfile(member)
-                payload = f.read() if f is not None else b""
-                if len(payload) != member.size:
-                    raise ShardError(url, f"truncated inside member {name!r}")
-                yield name, payload
-    except tarfile.TarError as err:
-        raise ShardError(url, f"not a readable tar (truncated or corrupt): {err}") from err
-
-
 def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
                  expect: ShardExpect | None = None) -> list[Block]:
     """All blocks of a shard, decoded. Errors are ShardError naming the shard, member and field.
@@ -380,7 +335,7 @@ def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect
     headers = []
     left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
     counted = expect is not None and expect.samples is not None
-    for name, payload in _blocks(data, url, as_views=True):
+    for name, payload in block_bytes(data, url, as_views=True):
         if left == 0:
             raise ShardError(url, f"member {name}: n: more samples than the manifest's {expect.samples}")  # type: ignore[union-attr]
         try:

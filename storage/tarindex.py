@@ -1,4 +1,4 @@
-"""Where a shard's blocks lie inside its tar: member headers parsed directly.
+"""A shard's tar container, read: where its blocks lie, and their bytes, checked.
 
 ``storage.shard`` writes plain POSIX ustar members (regular files, names under 100 characters, no
 time or owner noise) followed by tar's two zero blocks. ``members(data)`` reads such an archive's
@@ -6,12 +6,19 @@ headers with a few byte comparisons each (``tarfile`` costs ~0.2 ms per member, 
 a few samples), checksums included. Anything else (GNU or pax headers, name prefixes, a truncated
 archive, a bad checksum) gives None, and the caller reads the archive with ``tarfile``, which
 names what is wrong. ``BlockSpan`` is one member's payload: where it starts and how long it is.
+``iter_block_bytes`` yields each block's bytes with the container checked (ShardError otherwise).
 """
 
 from __future__ import annotations
 
+import io
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from storage.errors import ShardError
+
+BLOCK_EXT = "vqb"
 TAR_BLOCK = 512
 _ZERO = bytes(TAR_BLOCK)
 _MAGIC = b"ustar\x0000"  # POSIX ustar magic + version, what tarfile.USTAR_FORMAT writes
@@ -69,3 +76,46 @@ def payload_offsets(block_bytes: tuple[int, ...] | list[int]) -> list[int]:
         out.append(pos + TAR_BLOCK)
         pos += TAR_BLOCK + -(-int(size) // TAR_BLOCK) * TAR_BLOCK
     return out
+
+
+def _check_member(name: str, url: str, regular: bool = True) -> None:
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise ShardError(url, f"tar member with unsafe path {name!r}")
+    if not regular:
+        raise ShardError(url, f"tar member {name!r} is not a regular file")
+    if not name.endswith("." + BLOCK_EXT):
+        raise ShardError(url, f"unexpected tar member {name!r} (expected *.{BLOCK_EXT})")
+
+
+def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
+    """(member name, block bytes) for each block in shard bytes, with the container checked.
+
+    Raises ShardError for a truncated or corrupt tar, members with absolute or ``..`` paths,
+    non-regular members, or members that are not blocks. Plain ustar (what ``ShardWriter``
+    writes) is read by ``members``; anything else by ``tarfile``.
+    """
+    yield from block_bytes(data, url, as_views=False)
+
+
+def block_bytes(data: bytes, url: str, as_views: bool) -> Iterator[tuple[str, bytes | memoryview]]:
+    """``iter_block_bytes``; with ``as_views``, plain ustar members come as memoryviews of ``data``
+    (no copy; every decoder reads any bytes-like)."""
+    spans = members(data)
+    if spans is not None:
+        whole = memoryview(data) if as_views else data
+        for span in spans:
+            _check_member(span.name, url)
+            yield span.name, whole[span.offset : span.offset + span.size]
+        return
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                _check_member(name, url, member.isreg())
+                f = tar.extractfile(member)
+                payload = f.read() if f is not None else b""
+                if len(payload) != member.size:
+                    raise ShardError(url, f"truncated inside member {name!r}")
+                yield name, payload
+    except tarfile.TarError as err:
+        raise ShardError(url, f"not a readable tar (truncated or corrupt): {err}") from err
