@@ -17,32 +17,39 @@ are all in a small allowlist (numpy scalars/arrays, ``argparse.Namespace``, path
 scalers); otherwise it is refused. Nothing is ever unpickled freely.
 
 Readers: ``read_backbone`` (a ``VisionTransformer`` from either kind; ``prefix`` picks the encoder's keys
-of an objective), ``read_deepspeed`` (its state dict and config), ``read_trainer_state`` (the whole
-objective state and client state, for ``pretrain.objectives.load_objective``). The trainer's side:
+of an objective; a ZeRO-3 checkpoint is consolidated by ``consolidate_zero``: DeepSpeed's own code from
+the installed package, reading weights only, never a script from the checkpoint folder),
+``read_deepspeed`` (its state dict and config), ``read_trainer_state`` (the whole objective state
+and client state, for ``pretrain.objectives.load_objective``). The trainer's side:
 ``save_training`` / ``restore_training`` (engine, stream position, token identity) and
 ``use_safe_checkpoint_loading`` (DeepSpeed's own reads go through ``safe_load``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pretrain.vit import VisionTransformer, ViTConfig
 
-__all__ = ["DS_MODEL_FILE", "checkpoint_tag_dir", "safe_load", "save_backbone", "load_backbone", "read_deepspeed",
-           "read_backbone", "read_trainer_state", "use_safe_checkpoint_loading", "save_training",
-           "restore_training", "atomic_save"]
+__all__ = ["DS_MODEL_FILE", "checkpoint_tag_dir", "safe_load", "weights_only_loads", "consolidate_zero",
+           "save_backbone", "load_backbone", "read_deepspeed", "read_backbone", "read_trainer_state",
+           "use_safe_checkpoint_loading", "save_training", "restore_training", "atomic_save"]
 
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+ZERO_MODEL_FILES = "zero_pp_rank_*_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank, module partitioned
 _RESERVED = ("model", "vit_config")
 # Globals a DeepSpeed file may name that are safe to rebuild (plain data); anything else is refused.
 _SAFE_GLOBALS = frozenset({
@@ -122,7 +129,7 @@ def _torch_load(path: Path, map_location=None) -> object:
     try:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
+        raise ValueError(f"{path}: not a readable torch checkpoint ({err or type(err).__name__})") from err
 
 
 def _config_from_dict(raw: dict, source: str) -> ViTConfig:
@@ -146,8 +153,8 @@ def _build(state: dict, raw_cfg: dict, source: str) -> VisionTransformer:
                          f"{' ...' if len(unexpected) > 8 else ''}")
     empty = [k for k, v in state.items() if v.numel() == 0 and expected[k].numel() > 0]
     if empty:
-        raise ValueError(f"{source}: {len(empty)} weights are empty (e.g. {empty[0]}): a ZeRO-3 checkpoint holds "
-                         "partitioned weights; consolidate it with DeepSpeed's zero_to_fp32.py first")
+        raise ValueError(f"{source}: {len(empty)} weights are empty (e.g. {empty[0]}): a ZeRO-3 rank file holds "
+                         "partitioned weights; pass its checkpoint directory instead (the export consolidates it)")
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         k = bad[0]
@@ -197,17 +204,76 @@ def safe_load(path: str | os.PathLike, map_location=None) -> object:
             return _torch_load(path, map_location)
 
 
-def _ds_model_file(ckpt_dir: Path, tag: str | None) -> Path:
-    tag_dir = checkpoint_tag_dir(ckpt_dir, tag)
-    path = tag_dir / DS_MODEL_FILE
-    if not path.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
-        raise ValueError(f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over zero_pp_rank_* files); "
-                         f"consolidate it with {tag_dir.parent / 'zero_to_fp32.py'} and save the encoder with "
-                         "save_backbone, "
-                         "or export the run's backbone.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed model states not found: {path}")
-    return path
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """While the block runs, every ``torch.load`` of this process reads weights only, whatever its caller
+    asked (``$TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with the allowlisted globals (``_SAFE_GLOBALS``) permitted:
+    for library code that calls ``torch.load(..., weights_only=False)`` itself. Not thread-safe (it sets
+    environment variables); for one-shot commands such as the export."""
+    allowed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy.core's deprecated aliases
+        for name in sorted(_SAFE_GLOBALS):
+            with contextlib.suppress(ImportError, AttributeError):
+                allowed.append((_resolve_global(name), name))
+    import numpy as np
+
+    allowed += [c for n, c in vars(np.dtypes).items() if _NUMPY_DTYPE_CLASS.fullmatch(f"numpy.dtypes.{n}")]
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ[names[0]] = "1"
+    os.environ.pop(names[1], None)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole module's float32 state dict from a ZeRO-partitioned DeepSpeed checkpoint (one tag directory).
+
+    DeepSpeed's own consolidation from the installed package
+    (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``), run in this process with
+    every file read weights-only (``weights_only_loads``). Nothing found in the checkpoint folder is run
+    (it may hold DeepSpeed's ``zero_to_fp32.py``: a checkpoint is data, possibly someone else's) and
+    nothing in it is unpickled beyond the allowlist. Damaged or refused files raise ValueError naming them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{tag_dir}: holds objects that are not loaded for safety ({err})") from err
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{tag_dir}: an incomplete ZeRO checkpoint: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"{tag_dir}: {err}") from err
+        except (RuntimeError, EOFError, KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"{tag_dir}: not a readable ZeRO checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _ds_states(path: Path, tag: str | None) -> tuple[object, Path]:
+    """(model-states dict, the file it came from) of a DeepSpeed checkpoint: a file, or a checkpoints or tag
+    directory. A ZeRO-3 directory's partitioned module is consolidated (``consolidate_zero``) into its
+    ``"module"``; its client state (``vit_config``, ...) comes from rank 0's file."""
+    if path.is_file():
+        return safe_load(path), path
+    tag_dir = checkpoint_tag_dir(path, tag)
+    file = tag_dir / DS_MODEL_FILE
+    if file.is_file():
+        return safe_load(file), file
+    first = tag_dir / ZERO_MODEL_FILES.replace("*", "0")
+    if not first.is_file():
+        raise FileNotFoundError(f"DeepSpeed model states not found: {file} (nor a ZeRO-3 {first.name})")
+    client = safe_load(first)
+    if not isinstance(client, dict):
+        raise ValueError(f"{first}: not DeepSpeed model states (expected a dict)")
+    return {**client, "module": consolidate_zero(tag_dir)}, first
 
 
 def _strip_prefix(module_state: dict, prefix: str) -> dict:
@@ -238,8 +304,8 @@ def read_deepspeed(path: str | os.PathLike, tag: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    file = path if path.is_file() else _ds_model_file(path, tag)
-    return _from_ds_dict(safe_load(file), file, prefix)
+    ckpt, file = _ds_states(path, tag)
+    return _from_ds_dict(ckpt, file, prefix)
 
 
 def read_backbone(path: str | os.PathLike, tag: str | None = None,
@@ -252,8 +318,7 @@ def read_backbone(path: str | os.PathLike, tag: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    file = path if path.is_file() else _ds_model_file(path, tag)
-    ckpt = safe_load(file)
+    ckpt, file = _ds_states(path, tag)
     info: dict = {"source": str(path), "global_steps": None,
                   "tokens": ckpt.get("tokens") if isinstance(ckpt, dict) else None}
     if path.is_file() and isinstance(ckpt, dict) and "model" in ckpt and "vit_config" in ckpt:

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.tokenise import main as tokenise_main
 from pretrain.launch import deepspeed_command, shm_buffers
-from tests.conftest import shared_data_dir
 from vqpt.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,18 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 SMALL = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "objective.decoder_dim=64",
          "objective.decoder_heads=2", "objective.decoder_depth=1", "data.batch_size=16", "run.log_every=1",
          "run.progress=false", "optim.lr=2e-3", "optim.warmup_steps=3", "run.trace_samples=true"]
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory) -> Path:
-    """imagenet_sample/train (479 real JPEGs) tokenised by the pipeline's job (k-means, K=64, 8 x 8 grid)."""
-    src = shared_data_dir("imagenet_sample")
-    out = tmp_path_factory.mktemp("tok")
-    rc = tokenise_main(["--dataset", "imagenet", "--src", str(src), "--split", "train", "--out", str(out),
-                        "--resolution", "64", "--vocab", "64", "--fit-images", "200", "--shard-size", "64",
-                        "--num-cpus", "2"])
-    assert rc == 0
-    return out / "train"
 
 
 def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,

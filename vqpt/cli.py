@@ -82,6 +82,12 @@ def _verify(args: argparse.Namespace) -> int:
             if hashlib.sha256(data).hexdigest() != info.sha256:
                 raise StorageError(f"shard {url}: sha256 does not match the manifest")
             decode_shard(data, codec, url, m.expect(i))
+        except sio.Unreachable as err:  # the store stopped answering: every further shard would wait as long
+            for line in bad:
+                print(line, file=sys.stderr)
+            raise OSError(f"shard {url}: cannot be read: {err}; verification stopped after {i} of "
+                          f"{len(m.shards)} shards ({len(bad)} bad so far): check the store, then verify again") \
+                from err
         except OSError as err:
             bad.append(f"shard {url}: cannot be read: {err}")
         except StorageError as err:
