@@ -14,7 +14,15 @@ or --tokenizer CKPT):
 - ``mix_vs_single``: samples/s on one core of a two-source mix (the images split in two datasets,
   mixed 0.7 / 0.3, so one is repeated and one sub-sampled) over the single stream of all of them;
 - ``random_access_ms``: ms per ``TokenDataset[i]`` lookup at random indices that miss its block
-  LRU (one block read by range + decode), on local disk and on S3 (moto's server on 127.0.0.1).
+  LRU (one block read by range + decode), on local disk and on S3 (moto's server on 127.0.0.1);
+  ``random_access_first_touch``: the first lookup in a shard, with the block index the manifest
+  now holds (``after``: one range read) and with a manifest written without it (``before``: the
+  shard's tar headers are walked first), ms and range reads per lookup;
+- ``codec_decode_samples_per_s``: the bare codec decoding the token payloads of the same shards'
+  blocks (``codec.decode`` per block, no stream), and ``stream_vs_decode_limit``: the stream's
+  samples/s over that. Both per CPU-second of this process (``time.process_time``: the stream's
+  fetch thread counts, other processes on a shared machine do not), measured in interleaved
+  rounds, the best round of each.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +48,14 @@ from PIL import Image
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
+import pyarrow.parquet as pq  # noqa: E402
+
 import storage.io as sio  # noqa: E402
 from bench.common import jpeg_rate, rate, tokenise_folder, write_json  # noqa: E402
 from storage.codec import CODEC_NAMES, DEFAULT_CODEC, fit_codec, model_bytes, order0_entropy_bits  # noqa: E402
 from storage.labelmap import decode_labelmap, encode_labelmap  # noqa: E402
 from storage.manifest import DatasetMeta, write_split  # noqa: E402
-from storage.shard import Sample, iter_block_bytes  # noqa: E402
+from storage.shard import Sample, iter_block_bytes, read_block_header  # noqa: E402
 from storage.stream import Source, StreamLoader, TokenDataset, TokenStream  # noqa: E402
 from vqpt.local_s3 import LocalS3  # noqa: E402
 
@@ -149,6 +160,83 @@ def random_access_ms(url: str, lookups: int = 300, seed: int = 0) -> float:
     return (time.perf_counter() - t0) * 1000 / lookups
 
 
+def first_touch(url: str, lookups: int = 20, seed: int = 0) -> dict:
+    """ms and range reads per lookup in a shard not touched before (a fresh ``TokenDataset`` each
+    time, a random row of a random shard): what a map-style reader pays per shard it opens."""
+    manifest = TokenDataset(url).manifest
+    starts = np.cumsum([0] + [s.samples for s in manifest.shards])
+    rng = np.random.default_rng(seed)
+    reads, real = [0], sio.read_range
+
+    def counting(*args, **kwargs):
+        reads[0] += 1
+        return real(*args, **kwargs)
+
+    sio.read_range = counting
+    try:
+        t = 0.0
+        for _ in range(lookups):
+            ds = TokenDataset(manifest, cache_blocks=1)
+            shard = int(rng.integers(len(manifest.shards)))
+            i = int(rng.integers(starts[shard], starts[shard + 1]))
+            t0 = time.perf_counter()
+            ds[i]
+            t += time.perf_counter() - t0
+    finally:
+        sio.read_range = real
+    return {"ms": t * 1000 / lookups, "range_reads": reads[0] / lookups}
+
+
+def without_block_index(split_url: str) -> str:
+    """A copy of the split's manifest without the block index columns (as written before they
+    existed), beside it; returns its URL."""
+    table = pq.read_table(io.BytesIO(sio.read_bytes(f"{split_url}/manifest.parquet")))
+    buf = io.BytesIO()
+    pq.write_table(table.drop_columns(["block_samples", "block_bytes"]), buf)
+    sio.write_bytes_atomic(f"{split_url}/manifest-without-block-index.parquet", buf.getvalue())
+    return f"{split_url}/manifest-without-block-index.parquet"
+
+
+def block_payloads(manifest) -> list[tuple[bytes, int, int]]:
+    """(token payload, tokens, samples) of every block of the split's shards."""
+    out = []
+    for i, info in enumerate(manifest.shards):
+        for _, block in iter_block_bytes(sio.read_bytes(manifest.shard_url(i)), info.url):
+            header = read_block_header(block, manifest.expect(i))
+            out.append((block[header.offset : header.offset + header.token_bytes], header.total_tokens, header.n))
+    return out
+
+
+def cpu_rates(epochs: dict[str, Callable[[], int]], seconds: float, rounds: int = 4) -> dict[str, float]:
+    """Items per CPU-second of this process for each epoch function (returns items done), measured
+    in ``rounds`` interleaved rounds of at least ``seconds`` each; the best round of each."""
+    for epoch in epochs.values():
+        epoch()  # warm-up
+    best = dict.fromkeys(epochs, 0.0)
+    for _ in range(rounds):
+        for name, epoch in epochs.items():
+            done, t0 = 0, time.process_time()
+            while (elapsed := time.process_time() - t0) < seconds or not done:
+                done += epoch()
+            best[name] = max(best[name], done / elapsed)
+    return best
+
+
+def decode_limit(manifest, seconds: float) -> dict:
+    """``codec_decode_samples_per_s`` and ``stream_vs_decode_limit`` (see the module docstring)."""
+    codec, payloads = manifest.codec(), block_payloads(manifest)
+
+    def decode_epoch() -> int:
+        for payload, count, _ in payloads:
+            codec.decode(payload, count)
+        return sum(n for _, _, n in payloads)
+
+    loader = StreamLoader(TokenStream(manifest, BLOCK, partitions=1, shuffle_window=8192), num_workers=0)
+    got = cpu_rates({"decode": decode_epoch, "stream": lambda: sum(len(b["key"]) for b in loader)}, seconds)
+    return {"codec_decode_samples_per_s": got["decode"], "stream_cpu_samples_per_s": got["stream"],
+            "stream_vs_decode_limit": got["stream"] / got["decode"]}
+
+
 def s3_copy(split_dir: str, s3: LocalS3) -> str:
     """The split's files uploaded to a bucket of the local S3 server; returns the split's s3:// URL."""
     url = s3.bucket("bench") + "/train"
@@ -210,9 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
         mix = [Source(halves[0], proportion=0.7), Source(halves[1], proportion=0.3)]
         rounds = [(stream_rate(manifest, args.seconds), stream_rate(mix, args.seconds)) for _ in range(3)]
         single, mixed = (max(r[k] for r in rounds) for k in (0, 1))  # interleaved, best of 3: less noise
+        limit = decode_limit(manifest, args.seconds)
         random_ms = {"local": random_access_ms(manifest.url)}
+        split = os.path.join(tmp, "train")
+        touch = {"local": {"after": first_touch(split), "before": first_touch(without_block_index(split))}}
         with LocalS3() as s3:
-            random_ms["s3"] = random_access_ms(s3_copy(os.path.join(tmp, "train"), s3))
+            s3_split = s3_copy(split, s3)
+            random_ms["s3"] = random_access_ms(s3_split)
+            touch["s3"] = {"after": first_touch(s3_split), "before": first_touch(without_block_index(s3_split))}
     jpeg = jpeg_rate(folder.paths[: min(len(folder.paths), 400)], min_seconds=args.seconds)
     chosen = codecs[args.codec]
     result = {
@@ -239,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mix_samples_per_s": mixed,
         "mix_vs_single": mixed / single,
         "random_access_ms": random_ms,
+        "random_access_first_touch": touch,
+        **limit,
         "token_payload_sha256": hashlib.sha256(tokens.astype("<u2").tobytes()).hexdigest()[:16],
     }
     if args.labelmaps:
@@ -251,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stream_vs_jpeg_per_core >= 20": result["stream_vs_jpeg_per_core"] >= 20,
         "stream_vs_wds_per_member >= 2": result["stream_vs_wds_per_member"] >= 2,
         "mix_vs_single >= 0.9": result["mix_vs_single"] >= 0.9,
+        "stream_vs_decode_limit >= 0.8": result["stream_vs_decode_limit"] >= 0.8,
     }
     result["targets_met"] = targets
     write_json(args.json, result)

@@ -5,7 +5,7 @@
 
 The same command runs without a cluster (a local ``ray.init``) and as ``vqpt tokenise``.
 
-Stages (Ray): list and sort the source (``pipeline.readers``) -> shard i = items[i*S:(i+1)*S] ->
+Stages (Ray): list and sort the source (``pipeline.readers``) -> plan the shards (``pipeline.plan``) ->
 decode/resize in CPU tasks (``pipeline.prepare``) -> tokenise in an actor pool (one actor per GPU
 with ``num_gpus=1`` where GPUs exist, CPU actors otherwise) -> write shard i with
 ``storage.shard.ShardWriter`` -> after every shard, the manifest, ``rejects.jsonl`` and
@@ -38,8 +38,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import pyarrow as pa
 
+from pipeline.plan import DEFAULT_RUN_LENGTH, Plan, class_mixing
+from pipeline.plan import plan as make_plan
 from pipeline.prepare import PrepareConfig, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
 from pipeline.shardwork import (  # noqa: F401  (re-exported: the job's per-shard work)
@@ -79,6 +80,7 @@ class JobConfig:
     resolution: int = 256
     labelmap_resolution: int = 256
     shard_size: int = 4096
+    run_length: int = DEFAULT_RUN_LENGTH
     block_size: int = 256
     chunk_size: int = 128
     batch_size: int = 64
@@ -194,7 +196,7 @@ def dataset_meta(cfg: JobConfig, listing: Listing, tokenizer: Tokenizer, codec: 
 
 
 def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[dict], started: float,
-           how: str) -> dict:
+           how: str, mixing: dict | None = None) -> dict:
     """Manifest (last), rejects.jsonl and report.json from the shards' records."""
     records = sorted(records, key=lambda r: r["index"])
     infos = [ShardInfo(**r["info"]) for r in records if r["info"] is not None]
@@ -222,47 +224,17 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "codec": meta.codec.name,
         "nodes": dict(sorted(per_node.items())),  # images this run tokenised per Ray node id (resumed shards: none)
+        "run_length": cfg.run_length,
+        "class_mixing": mixing or {},  # classes per shard (pipeline.plan.class_mixing)
     }
     sio.write_bytes_atomic(sio.join(cfg.split_dir, "report.json"), (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
-class Plan(Sequence):
-    """The job's shards: shard i = ``items[order[i*S:(i+1)*S]]`` (S = ``shard_size``), made when asked
-    for, so a plan of 1.28 M items holds one permutation array and no list of items."""
-
-    def __init__(self, items: Sequence[SourceItem], order: np.ndarray, shard_size: int):
-        self.items, self.order, self.shard_size = items, order, shard_size
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.shard_size)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        return [self.items[int(j)] for j in self.order[i * self.shard_size : (i + 1) * self.shard_size]]
-
-    def digest(self, i: int) -> str:
-        """``shard_digest(self[i])``, from the keys alone (no ``SourceItem`` made for an ``ItemTable``)."""
-        part = self.order[i * self.shard_size : (i + 1) * self.shard_size]
-        keys = getattr(self.items, "keys", None)
-        if keys is None:
-            return shard_digest([self.items[int(j)] for j in part])
-        return digest_keys(keys.take(pa.array(part)).to_pylist())
-
-
 def plan(cfg: JobConfig, items: Sequence[SourceItem]) -> Plan:
-    """Shards of ``shard_size`` items, from the listing permuted with rng(``seed``).
-
-    Listings come sorted (ImageNet: class by class), and a reader can only shuffle within a window
-    of consecutive samples; unpermuted, every shard (and so every batch) would hold one or two
-    classes. The permutation is a pure function of the listing and the seed, so shard i always
-    holds the same images and a killed job resumes onto the same shard set.
-    """
-    return Plan(items, np.random.default_rng([cfg.seed, 0x5A4D]).permutation(len(items)), cfg.shard_size)
+    """The job's shards (``pipeline.plan``): runs of ``cfg.run_length`` members adjacent in the source,
+    dealt out to shards of ``cfg.shard_size`` in an order drawn from ``cfg.seed``."""
+    return make_plan(items, cfg.shard_size, cfg.seed, cfg.run_length)
 
 
 def run(cfg: JobConfig) -> dict:
@@ -285,7 +257,7 @@ def run(cfg: JobConfig) -> dict:
         shards = plan(cfg, listing.items)
         records = run_shards(cfg, shards, ckpt, codec, tokenizer.fingerprint)
         lock.check()
-        return finish(cfg, listing, meta, records, started, how)
+        return finish(cfg, listing, meta, records, started, how, class_mixing(shards))
 
 
 def no_images_message(cfg: JobConfig, listing: Listing) -> str:
@@ -316,6 +288,9 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--resolution", type=int, default=256, help="tokenizer input side in px")
     ap.add_argument("--labelmap-resolution", type=int, default=256, help="side of stored ADE20K label maps (px)")
     ap.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    ap.add_argument("--run-length", type=int, default=DEFAULT_RUN_LENGTH,
+                    help="images adjacent in the source that stay together in a shard (one ranged read per run; "
+                    "1: permute the whole listing, the plan before runs); see pipeline/plan.py")
     ap.add_argument("--block-size", type=int, default=256, help="images per block inside a shard")
     ap.add_argument("--chunk-size", type=int, default=128, help="images per decode task")
     ap.add_argument("--batch-size", type=int, default=64, help="images per tokenizer forward pass")
@@ -328,10 +303,13 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else start a local instance)")
     ap.add_argument("--max-inflight", type=int, default=4, help="shards in flight at once (bounds memory)")
     a = ap.parse_args(argv)
+    if a.run_length < 1:
+        ap.error(f"--run-length must be >= 1, got {a.run_length}")
     return JobConfig(
         dataset=a.dataset, src=a.src, out=a.out.rstrip("/"), split=a.split or DEFAULT_SPLITS[a.dataset],
         tokenizer=a.tokenizer, vocab=a.vocab, fit_images=a.fit_images, resolution=a.resolution,
-        labelmap_resolution=a.labelmap_resolution, shard_size=a.shard_size, block_size=a.block_size,
+        labelmap_resolution=a.labelmap_resolution, shard_size=a.shard_size, run_length=a.run_length,
+        block_size=a.block_size,
         chunk_size=a.chunk_size, batch_size=a.batch_size, codec=a.codec, views=a.views, seed=a.seed,
         max_pixels=a.max_pixels, num_cpus=a.num_cpus, actors=a.actors, address=a.address,
         max_inflight=a.max_inflight, format=a.format, columns=a.columns,

@@ -334,6 +334,11 @@ class Zstd2dCodec(TokenCodec):
             raise CodecError(f"zstd2d: corrupt {what} frame: {exc}") from exc
 
     def _decode(self, data: bytes, count: int) -> np.ndarray:
+        return self._decode_into(data, count, np.empty(count, dtype=np.uint16))
+
+    def _decode_into(self, data: bytes, count: int, out: np.ndarray) -> np.ndarray:
+        # Only literals are placed in ``out`` before the copies are resolved; a copy's own slot is
+        # never read (its value comes from ``source`` / the row above), so ``out`` needs no zeroing.
         if len(data) < 4:
             raise CodecError("zstd2d: payload shorter than its 4-byte header")
         n1 = int.from_bytes(data[:4], "little")
@@ -349,7 +354,6 @@ class Zstd2dCodec(TokenCodec):
         lit = raw[:n_lit].astype(np.uint16)
         if planes == 2:
             lit |= raw[n_lit:].astype(np.uint16) << 8
-        out = np.zeros(count, dtype=np.uint16)
         out[is_lit] = lit
         cell = self.h * self.w
         main = count - count % cell

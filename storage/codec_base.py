@@ -104,7 +104,9 @@ class TokenCodec:
 
     encode: ``ids`` any-shape integer array (flattened in C order), values in [0, K), else ValueError
     naming the value, its flat index and K. decode: ``data`` bytes-like, ``count`` tokens expected;
-    returns a new writable 1-D ``np.uint16`` array; CodecError (ValueError) on corrupt data.
+    returns a new writable 1-D ``np.uint16`` array, or fills and returns ``out`` (a writable,
+    C-contiguous uint16 array of ``count`` elements, e.g. a slice of a larger buffer: no copy);
+    CodecError (ValueError) on corrupt data (``out`` may then hold partial results).
     """
 
     name: ClassVar[str]
@@ -123,17 +125,21 @@ class TokenCodec:
     def encode(self, ids: np.ndarray) -> bytes:
         return self._encode(_as_ids(ids, self.vocab_size))
 
-    def decode(self, data: bytes, count: int) -> np.ndarray:
+    def decode(self, data: bytes, count: int, out: np.ndarray | None = None) -> np.ndarray:
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
             raise ValueError(f"count must be a non-negative int, got {count!r}")
         if count > MAX_DECODE_TOKENS:
             raise CodecError(f"{self.name}: {count} tokens asked for, the cap per call is {MAX_DECODE_TOKENS}")
-        out = self._decode(data, int(count))
-        if out.shape != (count,):
-            raise CodecError(f"{self.name}: decoded {out.size} tokens, expected {count}")
-        if count and int(out.max()) >= self.vocab_size:
-            raise CodecError(f"{self.name}: corrupt data: decoded id {int(out.max())} >= K={self.vocab_size}")
-        return out
+        if out is not None and (out.dtype != np.uint16 or out.shape != (count,) or not out.flags.c_contiguous
+                                or not out.flags.writeable):
+            raise ValueError(f"out must be a writable C-contiguous uint16 array of shape ({count},), got "
+                             f"{out.dtype} {out.shape}")
+        got = self._decode(data, int(count)) if out is None else self._decode_into(data, int(count), out)
+        if got.shape != (count,):
+            raise CodecError(f"{self.name}: decoded {got.size} tokens, expected {count}")
+        if count and int(got.max()) >= self.vocab_size:
+            raise CodecError(f"{self.name}: corrupt data: decoded id {int(got.max())} >= K={self.vocab_size}")
+        return got
 
     @classmethod
     def fit_params(cls, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None,
@@ -149,6 +155,14 @@ class TokenCodec:
 
     def _decode(self, data: bytes, count: int) -> np.ndarray:
         raise NotImplementedError
+
+    def _decode_into(self, data: bytes, count: int, out: np.ndarray) -> np.ndarray:
+        """``_decode`` into ``out`` (codecs that can write there directly override this)."""
+        got = self._decode(data, count)
+        if got.shape != (count,):
+            raise CodecError(f"{self.name}: decoded {got.size} tokens, expected {count}")
+        out[...] = got
+        return out
 
     def __reduce__(self) -> tuple:
         """Cross-process copies (Ray, spawn workers) are rebuilt from the spec, never from state. The class

@@ -5,13 +5,13 @@ shard order), which is what ``TokenStream(url, shuffle=False, partitions=1)`` yi
 
 How a lookup reads: the manifest's sample counts give the shard and the row in it; the shard's
 *block index* (payload offset and length of each tar member) gives the block; that block alone
-is read with one byte-range read (a ranged GET on S3) and decoded. A shard's block index comes
-from its tar headers (one 512-byte range read per block) the first time the shard is touched,
-and is kept (two ints per block). Blocks hold a fixed number of samples except a shard's last
-one (``ShardWriter``); that number is learnt from the first full block decoded. Decoded blocks
-are kept in an LRU of ``cache_blocks``. So a lookup in a known shard costs one block read
-(about 256 samples' bytes); the first lookup in a shard adds its headers; the dataset's first
-lookup may read one extra block to learn the block size.
+is read with one byte-range read (a ranged GET on S3) and decoded. The block index is in the
+manifest (``ShardInfo.block_bytes`` / ``block_samples``), so every lookup, a shard's first
+included, is one range read of one block (about 256 samples' bytes). Manifests written before
+the index existed lack it: then a shard's index comes from its tar headers (one 512-byte range
+read per block) the first time the shard is touched, and the block size is learnt from the first
+full block decoded (the dataset's first lookup may read one extra block). Either way the index
+is kept (two ints per block) and decoded blocks are kept in an LRU of ``cache_blocks``.
 
 Range reads cannot be checked against the manifest's sha256 (it covers whole shards): a damaged
 block fails to decode with a ShardError naming the shard and block.
@@ -29,6 +29,7 @@ from storage import io as sio
 from storage.errors import ShardError
 from storage.manifest import Manifest, read_manifest
 from storage.shard import BLOCK_EXT, Block, decode_block
+from storage.tarindex import payload_offsets
 
 _TAR_BLOCK = tarfile.BLOCKSIZE
 
@@ -120,7 +121,7 @@ class TokenDataset(Dataset):
             self._keys = {}
             for shard in range(len(self.manifest.shards)):
                 for b in range(len(self._index(shard))):
-                    block, first = self._block(shard, b)
+                    block, first = self._block(shard, b, self.manifest.shards[shard].block_samples)
                     start = int(self._starts[shard]) + first
                     self._keys.update((k, start + j) for j, k in enumerate(block.keys))
         if key not in self._keys:
@@ -131,13 +132,25 @@ class TokenDataset(Dataset):
 
     def _index(self, shard: int) -> np.ndarray:
         if shard not in self._block_index:
-            self._block_index[shard] = read_block_index(self.manifest.shard_url(shard),
-                                                        self.manifest.shards[shard].bytes, self.storage_options,
-                                                        self.retries)
+            info = self.manifest.shards[shard]
+            if info.block_bytes:  # in the manifest: nothing to read
+                self._block_index[shard] = np.stack([payload_offsets(info.block_bytes), info.block_bytes],
+                                                    axis=1).astype(np.int64)
+            else:
+                self._block_index[shard] = read_block_index(self.manifest.shard_url(shard), info.bytes,
+                                                            self.storage_options, self.retries)
         return self._block_index[shard]
 
     def _find(self, shard: int, row: int) -> tuple[Block, int]:
         """The block holding ``row`` of ``shard``, and the row of its first sample."""
+        per = self.manifest.shards[shard].block_samples
+        if per:  # the manifest's block index
+            b = row // per
+            block, first = self._block(shard, b, per)
+            if not first <= row < first + len(block):
+                raise ShardError(self.manifest.shard_url(shard), f"block {b} holds {len(block)} samples, the "
+                                 f"manifest's block index says {per} per block")
+            return block, first
         blocks = len(self._index(shard))
         if self._block_size is None and blocks > 1:  # guess by position; any block but the last is full
             guess = min(blocks - 1, row * blocks // self.manifest.shards[shard].samples)
@@ -153,8 +166,9 @@ class TokenDataset(Dataset):
                              f"(blocks of {self._block_size} samples expected)")
         return block, first
 
-    def _block(self, shard: int, b: int) -> tuple[Block, int]:
-        """Decoded block ``b`` of ``shard`` (LRU-cached), and the shard row of its first sample."""
+    def _block(self, shard: int, b: int, per: int = 0) -> tuple[Block, int]:
+        """Decoded block ``b`` of ``shard`` (LRU-cached), and the shard row of its first sample
+        (``per``: samples per block, from the manifest; 0: learnt from the blocks)."""
         index = self._index(shard)
         block = self._blocks.get((shard, b))
         if block is None:
@@ -171,6 +185,8 @@ class TokenDataset(Dataset):
             if b < len(index) - 1:
                 self._block_size = len(block)
         self._blocks.move_to_end((shard, b))
+        if per:
+            return block, b * per
         if b == len(index) - 1:
             return block, self.manifest.shards[shard].samples - len(block)
         return block, b * len(block)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from storage import batching
 from storage.workers import InWorkers, StopSignal, WorkerError
 
 Batch = dict
@@ -76,8 +77,11 @@ class StreamLoader:
                       "multiprocessing_context": self.multiprocessing_context}
             stop = StopSignal(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)
             dataset = InWorkers(self.dataset, stop)  # storage.workers: fail fast, errors as themselves
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=self.pin_memory, **kwargs))
+        if self.num_workers == 0 and not self.pin_memory:  # what DataLoader would do, without its per-batch hooks
+            batches = map(batching.convert, dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, collate_fn=batching.convert, **kwargs))
         try:
             for batch in batches:  # the local name keeps the iterator (and its workers) until the finally
                 if isinstance(batch, WorkerError):

@@ -6,7 +6,10 @@ Layout of a split directory (local or object store)::
     <split>/shard-000000.tar ... written first, each atomically
 
 Rows (one per shard): ``url`` (relative to the manifest's directory), ``samples``, ``bytes``,
-``sha256``, ``first_key``, ``last_key``. Dataset metadata (``DatasetMeta``) is JSON under the
+``sha256``, ``first_key``, ``last_key``, and the shard's block index: ``block_samples`` (samples
+per block but the last) and ``block_bytes`` (each block's payload length; see ``ShardInfo``).
+Manifests written before the block index existed have no such columns and read as before
+(their readers walk the shards' tar headers instead). Dataset metadata (``DatasetMeta``) is JSON under the
 parquet schema-metadata key ``vqpt.meta``: format version, split, tokenizer fingerprint,
 grid, vocabulary size, resolution, codec spec (with its frequency model or dictionary),
 class names, label-map description, and free-form ``extra``.
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +34,9 @@ from storage.blockheader import MAX_GRID_SIDE, MAX_LABELMAP_SIDE, ShardExpect
 from storage.codec import CodecSpec, TokenCodec, make_codec
 from storage.errors import FingerprintMismatch, ManifestError
 from storage.shard import Sample, ShardInfo, ShardWriter
+from storage.tarindex import payload_offsets
 
+log = logging.getLogger("vqpt.storage")
 FORMAT_VERSION = 1
 META_KEY = b"vqpt.meta"
 MANIFEST_NAME = "manifest.parquet"
@@ -47,8 +53,11 @@ _SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("first_key", pa.string()),
         ("last_key", pa.string()),
+        ("block_samples", pa.int64()),
+        ("block_bytes", pa.list_(pa.int32())),
     ]
 )
+_REQUIRED = _SCHEMA.names[:6]  # the block index columns are optional (older manifests lack them)
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,24 @@ class Manifest:
                            first_key=info.first_key, last_key=info.last_key)
 
 
+def block_index_problem(info: ShardInfo) -> str:
+    """Why ``info``'s block index cannot describe its shard ("" when it can, or when it has none)."""
+    sizes, per = info.block_bytes, info.block_samples
+    if not sizes and not per:
+        return ""
+    if not sizes or per < 1:
+        return f"block_samples {per} and {len(sizes)} block_bytes: both or neither"
+    last = info.samples - (len(sizes) - 1) * per
+    if not 1 <= last <= per:
+        return f"block_samples: {len(sizes)} blocks of {per} cannot hold {info.samples} samples"
+    if min(sizes) < 8:
+        return f"block_bytes: a block of {min(sizes)} bytes (a block is at least 8)"
+    end = payload_offsets(sizes)[-1] + sizes[-1]
+    if end > info.bytes:
+        return f"block_bytes: blocks end at byte {end}, past the shard's {info.bytes}"
+    return ""
+
+
 def manifest_url(split_dir: str) -> str:
     """The manifest URL inside a split directory."""
     return sio.join(split_dir, MANIFEST_NAME)
@@ -184,6 +211,7 @@ def write_manifest(split_dir: str, meta: DatasetMeta, shards: list[ShardInfo],
     for s in shards:
         check_relative_url(s.url)
     columns = {name: [getattr(s, name) for s in shards] for name in _SCHEMA.names}
+    columns["block_bytes"] = [list(b) for b in columns["block_bytes"]]
     table = pa.table(columns, schema=_SCHEMA.with_metadata({META_KEY: meta.to_json().encode()}))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -221,10 +249,10 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
         make_codec(meta.codec)  # built now: a bad codec model is the manifest's error, not a shard's
     except (ValueError, zstandard.ZstdError) as err:
         raise ManifestError(f"manifest {url}: codec: {err}") from err
-    missing = [n for n in _SCHEMA.names if n not in table.column_names]
+    missing = [n for n in _REQUIRED if n not in table.column_names]
     if missing:
         raise ManifestError(f"manifest {url}: missing columns {missing}")
-    rows = table.select(_SCHEMA.names).to_pylist()
+    rows = table.select([n for n in _SCHEMA.names if n in table.column_names]).to_pylist()
     shards = []
     for i, row in enumerate(rows):
         try:
@@ -235,9 +263,15 @@ def read_manifest(url: str, expected_fingerprint: str | None = None,
                 sha256=str(row["sha256"]),
                 first_key=str(row["first_key"]),
                 last_key=str(row["last_key"]),
+                block_samples=int(row.get("block_samples") or 0),
+                block_bytes=tuple(row.get("block_bytes") or ()),
             )
         except (TypeError, ValueError) as err:
             raise ManifestError(f"manifest {url}: row {i}: {err}") from err
+        problem = block_index_problem(info)
+        if problem:  # an optimisation only: readers fall back to the shard's tar headers, which its checks judge
+            log.warning("manifest %s: row %d (%s): block index ignored: %s", url, i, info.url, problem)
+            info = replace(info, block_samples=0, block_bytes=())
         if info.samples <= 0 or info.bytes <= 0:
             raise ManifestError(f"manifest {url}: row {i} ({info.url}): samples and bytes must be positive")
         if not _SHA256.match(info.sha256):

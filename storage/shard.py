@@ -13,6 +13,12 @@ Block layout (all integers little-endian)::
     header = zstd(JSON) with per-sample columns: keys, labels, image_size, crop_box, grids,
              views, byte lengths of the payloads
 
+The header is written compactly (``storage.blockheader.encode_header``; both forms are read):
+labels, image_size and crop_box packed as int64 ahead of the JSON (``b"VQC1" | u32 length |
+columns | JSON``), ``grids`` one ``[h, w]`` when every grid has that shape, ``views`` /
+``labelmaps`` ``[]`` when no sample has one. Blocks written before (a JSON object with one entry
+per sample in every column) read the same.
+
 The token payload is the codec's encoding of every token grid of the block concatenated
 (main grids in sample order, then all view grids), so an entropy coder runs once per block.
 
@@ -22,23 +28,30 @@ Shards are byte-identical for identical inputs: tar headers carry no time, owner
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import struct
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import zstandard
 
 from storage import io as sio
-from storage.blockheader import BLOCK_MAGIC, MAX_BLOCK_SAMPLES, ShardExpect, parse_header, read_header
+from storage.blockheader import (
+    BLOCK_MAGIC,
+    MAX_BLOCK_SAMPLES,
+    BlockHeader,
+    ShardExpect,
+    encode_header,
+    parse_header,
+    read_header_packed,
+)
 from storage.codec import TokenCodec
 from storage.errors import ShardError
 from storage.labelmap import decode_labelmap, encode_labelmap
+from storage.tarindex import BLOCK_EXT, block_bytes, iter_block_bytes  # noqa: F401  (re-exported)
 
-BLOCK_EXT = "vqb"
 Box = tuple[int, int, int, int]
 
 
@@ -130,65 +143,93 @@ def pack_block(samples: Sequence[Sample], codec: TokenCodec, labelmap_method: st
     except ValueError as err:
         raise ValueError(f"block starting at sample {samples[0].key!r}: {err}") from err
     maps = [encode_labelmap(s.labelmap, labelmap_method) if s.labelmap is not None else b"" for s in samples]
+    any_views = any(s.views for s in samples)
+    any_maps = any(s.labelmap is not None for s in samples)
     header = {
         "n": len(samples),
         "keys": [s.key for s in samples],
-        "labels": [int(s.label) for s in samples],
-        "image_size": [list(map(int, s.image_size)) for s in samples],
-        "crop_box": [list(map(int, s.crop_box)) for s in samples],
-        "grids": grids,
+        "grids": grids[0] if all(g == grids[0] for g in grids) else grids,
         "views": [
             [{"grid": g, "box": list(map(int, v.crop_box)), "flip": bool(v.flipped)} for g, v in zip(vg, s.views)]
             for vg, s in zip(view_grids, samples)
-        ],
+        ] if any_views else [],
         "token_bytes": len(token_bytes),
         "labelmap_method": labelmap_method,
         "labelmaps": [
             None if s.labelmap is None else [list(s.labelmap.shape), len(m)] for s, m in zip(samples, maps)
-        ],
+        ] if any_maps else [],
     }
-    header_bytes = zstandard.ZstdCompressor(level=10).compress(json.dumps(header, separators=(",", ":")).encode())
+    text = encode_header(header, np.array([int(s.label) for s in samples], dtype=np.int64),
+                         np.array([list(map(int, s.image_size)) for s in samples], dtype=np.int64),
+                         np.array([list(map(int, s.crop_box)) for s in samples], dtype=np.int64))
+    header_bytes = zstandard.ZstdCompressor(level=10).compress(text)
     return b"".join([BLOCK_MAGIC, struct.pack("<I", len(header_bytes)), header_bytes, token_bytes, *maps])
 
 
+def read_block_header(data: bytes, expect: ShardExpect | None = None,
+                      max_samples: int = MAX_BLOCK_SAMPLES) -> BlockHeader:
+    """A block's header, checked (``storage.blockheader``); ValueError naming the field at fault."""
+    raw, offset, packed = read_header_packed(data, max_samples)
+    return parse_header(raw, offset, len(data), expect, max_samples, packed)
+
+
 def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = None,
-                 max_samples: int = MAX_BLOCK_SAMPLES) -> Block:
+                 max_samples: int = MAX_BLOCK_SAMPLES, header: BlockHeader | None = None,
+                 tokens_out: np.ndarray | None = None) -> Block:
     """Decode one block's bytes into columns. Raises ValueError naming the malformed field.
 
     The header is checked before any payload is decoded (``storage.blockheader``): sizes against
     absolute caps and ``expect`` (the manifest's grid, classes, label-map size), the sample
     count against ``max_samples``; token ids against K by the codec; label-map values against
     ``expect.labelmap_classes``. Memory is bounded by what the checked header declares.
+    ``header``: this block's ``read_block_header``, when already read. ``tokens_out``: a uint16
+    (>= n, h, w) C-contiguous array; the main grids are decoded into its first n rows and the
+    block's ``tokens`` is that view (ValueError if the grids are not all (h, w)).
     """
-    raw, offset = read_header(data, max_samples)
-    header = parse_header(raw, offset, len(data), expect, max_samples)
-    n, grids = header.n, header.grids
-    counts = header.counts
+    header = header or read_block_header(data, expect, max_samples)
+    n, grids, offset = header.n, header.grids, header.offset
     token_end = offset + header.token_bytes
+    direct = tokens_out is not None and header.uniform and tuple(grids[0]) == tokens_out.shape[1:]
     try:
-        ids = codec.decode(data[offset:token_end], int(sum(counts)))
+        if direct:
+            ids = codec.decode(data[offset:token_end], header.total_tokens, out=tokens_out[:n].reshape(-1))  # type: ignore[index]
+        else:
+            ids = codec.decode(data[offset:token_end], header.total_tokens)
     except ValueError as err:
         raise ValueError(f"token payload: {err}") from err
-    bounds = np.cumsum([0, *counts])
-    main_total = int(bounds[n])
-    if len(set(grids)) == 1:
-        tokens: np.ndarray | list[np.ndarray] = ids[:main_total].reshape(n, *grids[0])
+    views: list[tuple[View, ...]]
+    if header.uniform:  # one grid shape, no views: no per-sample work
+        tokens: np.ndarray | list[np.ndarray] = tokens_out[:n] if direct else ids.reshape(n, *grids[0])  # type: ignore[index]
+        if tokens_out is not None and not direct:
+            tokens_out[:n] = tokens  # raises ValueError if the grid is not the shard's
+            tokens = tokens_out[:n]
+        views = [()] * n
     else:
-        tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
-    views: list[tuple[View, ...]] = []
-    k = n
-    for vs in header.views:
-        row = []
-        for v in vs:
-            row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v.grid), v.box, v.flip))
-            k += 1
-        views.append(tuple(row))
-    labelmaps: list[np.ndarray | None] = []
+        counts = header.counts
+        bounds = np.cumsum([0, *counts])
+        main_total = int(bounds[n])
+        if len(set(grids)) == 1:
+            tokens = ids[:main_total].reshape(n, *grids[0])
+        else:
+            tokens = [ids[bounds[i] : bounds[i + 1]].reshape(grids[i]) for i in range(n)]
+        if tokens_out is not None:
+            if isinstance(tokens, list) or tokens.shape[1:] != tokens_out.shape[1:]:
+                raise ValueError(f"grids: {sorted(set(grids))} are not the shard's {list(tokens_out.shape[1:])}")
+            tokens_out[:n] = tokens
+            tokens = tokens_out[:n]
+        views = []
+        k = n
+        for vs in header.views:
+            row = []
+            for v in vs:
+                row.append(View(ids[bounds[k] : bounds[k + 1]].reshape(v.grid), v.box, v.flip))
+                k += 1
+            views.append(tuple(row))
+    labelmaps: list[np.ndarray | None] = [None] * n
     pos = token_end
     top = None if expect is None else expect.labelmap_classes
-    for i, meta in enumerate(header.labelmaps):
+    for i, meta in enumerate(header.labelmaps if header.has_labelmaps else ()):
         if meta is None:
-            labelmaps.append(None)
             continue
         shape, length = meta
         try:
@@ -197,14 +238,14 @@ def decode_block(data: bytes, codec: TokenCodec, expect: ShardExpect | None = No
             raise ValueError(f"labelmaps[{i}]: {err}") from err
         if top is not None and labelmap.size and int(labelmap.max()) > top:
             raise ValueError(f"labelmaps[{i}]: value {int(labelmap.max())} is over the manifest's {top} classes")
-        labelmaps.append(labelmap)
+        labelmaps[i] = labelmap
         pos += length
     return Block(
         keys=header.keys,
         tokens=tokens,
-        labels=np.asarray(header.labels, dtype=np.int64),
-        image_size=np.asarray(header.image_size, dtype=np.int64).reshape(n, 2),
-        crop_box=np.asarray(header.crop_box, dtype=np.int64).reshape(n, 4),
+        labels=header.labels,
+        image_size=header.image_size,
+        crop_box=header.crop_box,
         labelmaps=labelmaps,
         views=views,
     )
@@ -243,40 +284,20 @@ def _tar_member(name: str, payload: bytes) -> bytes:
 def encode_shard(index: int, samples: Sequence[Sample], codec: TokenCodec, block_size: int = 256,
                  labelmap_method: str = "zstd") -> bytes:
     """Shard bytes for an ordered list of samples: blocks of ``block_size``, then tar's end marker."""
+    return _tar(index, _encode_blocks(samples, codec, block_size, labelmap_method))
+
+
+def _encode_blocks(samples: Sequence[Sample], codec: TokenCodec, block_size: int, labelmap_method: str) -> list[bytes]:
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    parts = [
-        _tar_member(f"{index:06d}-{b:05d}.{BLOCK_EXT}", pack_block(samples[start : start + block_size], codec,
-                                                                  labelmap_method))
-        for b, start in enumerate(range(0, len(samples), block_size))
-    ]
+    return [pack_block(samples[start : start + block_size], codec, labelmap_method)
+            for start in range(0, len(samples), block_size)]
+
+
+def _tar(index: int, blocks: list[bytes]) -> bytes:
+    parts = [_tar_member(f"{index:06d}-{b:05d}.{BLOCK_EXT}", block) for b, block in enumerate(blocks)]
     parts.append(b"\0" * (2 * tarfile.BLOCKSIZE))
     return b"".join(parts)
-
-
-def iter_block_bytes(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, block bytes) for each block in shard bytes, with the container checked.
-
-    Raises ShardError for a truncated or corrupt tar, members with absolute or ``..`` paths,
-    non-regular members, or members that are not blocks.
-    """
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                name = member.name
-                if name.startswith("/") or ".." in name.split("/") or "\\" in name:
-                    raise ShardError(url, f"tar member with unsafe path {name!r}")
-                if not member.isreg():
-                    raise ShardError(url, f"tar member {name!r} is not a regular file")
-                if not name.endswith("." + BLOCK_EXT):
-                    raise ShardError(url, f"unexpected tar member {name!r} (expected *.{BLOCK_EXT})")
-                f = tar.extractfile(member)
-                payload = f.read() if f is not None else b""
-                if len(payload) != member.size:
-                    raise ShardError(url, f"truncated inside member {name!r}")
-                yield name, payload
-    except tarfile.TarError as err:
-        raise ShardError(url, f"not a readable tar (truncated or corrupt): {err}") from err
 
 
 def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
@@ -287,21 +308,63 @@ def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
     samples in all, each block is checked against the manifest before it is decoded (grid,
     classes, label-map size), and the first and last keys must be the manifest's.
     """
-    blocks: list[Block] = []
+    return _decode_blocks(data, codec, url, expect, joined=False)[0]
+
+
+def decode_shard_joined(data: bytes, codec: TokenCodec, url: str = "<bytes>",
+                        expect: ShardExpect | None = None) -> Block:
+    """``decode_shard`` as one Block of all its samples in order, its tokens one uint16 (n, h, w)
+    array the codec decodes into (no copy to join blocks). ShardError if the main grids of the
+    shard differ in shape."""
+    blocks, tokens = _decode_blocks(data, codec, url, expect, joined=True)
+    return Block(
+        keys=list(chain.from_iterable(b.keys for b in blocks)),
+        tokens=tokens,  # type: ignore[arg-type]
+        labels=np.concatenate([b.labels for b in blocks]),
+        image_size=np.concatenate([b.image_size for b in blocks]),
+        crop_box=np.concatenate([b.crop_box for b in blocks]),
+        labelmaps=list(chain.from_iterable(b.labelmaps for b in blocks)),
+        views=list(chain.from_iterable(b.views for b in blocks)),
+    )
+
+
+def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect | None,
+                   joined: bool) -> tuple[list[Block], np.ndarray | None]:
+    """The blocks, and with ``joined`` the one array holding their tokens. Headers are read first
+    (checked, counted against the manifest), then the payloads."""
+    headers = []
     left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
-    for name, payload in iter_block_bytes(data, url):
+    counted = expect is not None and expect.samples is not None
+    for name, payload in block_bytes(data, url, as_views=True):
         if left == 0:
             raise ShardError(url, f"member {name}: n: more samples than the manifest's {expect.samples}")  # type: ignore[union-attr]
         try:
-            block = decode_block(payload, codec, expect, min(left, MAX_BLOCK_SAMPLES))
+            header = read_block_header(payload, expect, min(left, MAX_BLOCK_SAMPLES))
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:  # last resort: name the shard
             raise ShardError(url, f"member {name}: {err}") from err
-        blocks.append(block)
-        if expect is not None and expect.samples is not None:
-            left -= len(block)
+        headers.append((name, payload, header))
+        if counted:
+            left -= header.n
+    if not headers:
+        raise ShardError(url, "holds no blocks")
+    out = None
+    if joined:
+        shapes = set().union(*(h.grids for _, _, h in headers))
+        if len(shapes) > 1:
+            raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
+        out = np.empty((sum(h.n for _, _, h in headers), *shapes.pop()), dtype=np.uint16)
+    blocks: list[Block] = []
+    start = 0
+    for name, payload, header in headers:
+        try:
+            tokens_out = None if out is None else out[start : start + header.n]
+            blocks.append(decode_block(payload, codec, expect, header=header, tokens_out=tokens_out))
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:  # last resort: name the shard
+            raise ShardError(url, f"member {name}: {err}") from err
+        start += header.n
     if expect is not None:
         _check_against_manifest(blocks, expect, url)
-    return blocks
+    return blocks, out
 
 
 def _check_against_manifest(blocks: list[Block], expect: ShardExpect, url: str) -> None:
@@ -323,7 +386,13 @@ def _check_against_manifest(blocks: list[Block], expect: ShardExpect, url: str) 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One manifest row. ``url`` is relative to the manifest's directory."""
+    """One manifest row. ``url`` is relative to the manifest's directory.
+
+    The shard's block index, when known (shards written by ``ShardWriter``; () / 0 in manifests
+    written before): ``block_bytes``, the payload length of each block in order, and
+    ``block_samples``, the samples of every block but the last (which holds the rest). Payload b
+    starts at ``storage.tarindex.payload_offsets(block_bytes)[b]``, so a reader can fetch any
+    block with one range read and no tar header walk (``storage.dataset``)."""
 
     url: str
     samples: int
@@ -331,6 +400,11 @@ class ShardInfo:
     sha256: str
     first_key: str
     last_key: str
+    block_samples: int = 0
+    block_bytes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_bytes", tuple(int(b) for b in self.block_bytes))  # from JSON: a list
 
 
 def shard_name(index: int) -> str:
@@ -362,10 +436,12 @@ class ShardWriter:
         """Encode and atomically write shard ``index``; returns its manifest row."""
         if not samples:
             raise ValueError(f"shard {index}: no samples")
-        data = encode_shard(index, samples, self.codec, self.block_size, self.labelmap_method)
+        blocks = _encode_blocks(samples, self.codec, self.block_size, self.labelmap_method)
+        data = _tar(index, blocks)
         sio.write_bytes_atomic(self.url(index), data, self.storage_options)
         return ShardInfo(shard_name(index), len(samples), len(data), hashlib.sha256(data).hexdigest(),
-                         samples[0].key, samples[-1].key)
+                         samples[0].key, samples[-1].key, min(self.block_size, len(samples)),
+                         tuple(len(b) for b in blocks))
 
     def is_complete(self, info: ShardInfo) -> bool:
         """Whether shard ``info.url`` exists with exactly ``info.sha256`` (for idempotent re-runs)."""

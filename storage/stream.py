@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from storage import batching
+from storage.batching import ShardColumns
 from storage.dataset import TokenDataset
 from storage.errors import ShardError
 from storage.fetch import ShardCache, ShardFetcher, parse_size
@@ -51,7 +53,7 @@ from storage.loader import StreamLoader
 from storage.manifest import Manifest
 from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
 from storage.order import BatchLayout, Chunk, EpochOrder, OrderConfig, check_world_size
-from storage.shard import Block, decode_shard
+from storage.shard import decode_shard_joined
 
 __all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, StreamLoader, TokenDataset re-exported
 
@@ -63,27 +65,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _concat_blocks(blocks: list[Block], url: str) -> Block:
-    """One Block holding a whole shard's samples in order."""
-    if any(isinstance(b.tokens, list) for b in blocks) or len({b.tokens.shape[1:] for b in blocks}) > 1:
-        raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
-    return Block(
-        keys=[k for b in blocks for k in b.keys],
-        tokens=np.concatenate([b.tokens for b in blocks]),
-        labels=np.concatenate([b.labels for b in blocks]),
-        image_size=np.concatenate([b.image_size for b in blocks]),
-        crop_box=np.concatenate([b.crop_box for b in blocks]),
-        labelmaps=[m for b in blocks for m in b.labelmaps],
-        views=[v for b in blocks for v in b.views],
-    )
-
-
-def _stack_or_list(items: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
-    if len({a.shape for a in items}) == 1:
-        return torch.from_numpy(np.stack(items))
-    return [torch.from_numpy(a) for a in items]
 
 
 def _catch_up(todo: Iterator[int], until: int | None) -> Iterator[tuple[int, dict]]:
@@ -266,7 +247,7 @@ class TokenStream(IterableDataset):
     def _decoded_chunks(self, chunks: Callable[[], Iterator[tuple[int, Chunk]]]
                         ) -> Iterator[tuple[int, Chunk, dict]]:
         """``(offset, chunk, decoded)`` for each chunk of ``chunks()``: decoded = the shards it needs
-        ({shard: Block, or None if skipped}), fetched ahead in the order the chunks need them."""
+        ({shard: its columns, or None if skipped}), fetched ahead in the order the chunks need them."""
         plan, last = [], set()
         for _, chunk in chunks():
             needed = set(np.unique(chunk.shards).tolist())
@@ -274,7 +255,7 @@ class TokenStream(IterableDataset):
             last = needed
         cache = ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None
         fetcher = ShardFetcher(self._shards, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
-        decoded: dict[int, Block | None] = {}
+        decoded: dict[int, ShardColumns | None] = {}
         try:
             for offset, chunk in chunks():
                 needed = sorted(set(np.unique(chunk.shards).tolist()))
@@ -292,6 +273,7 @@ class TokenStream(IterableDataset):
         """``(k, columns)`` for each micro-batch k in ``ks`` (increasing) of ``reader``, in order; a micro-batch
         whose shards were all skipped (``on_error="skip"``) comes as ``{"n": 0}``."""
         size = layout.batch_size
+        dtype = np.uint16 if self.batch_size is None or self.sample_transform is not None else np.int64
         todo = iter(ks.tolist())
         pending: list[dict] = []
         pending_k = -1
@@ -302,7 +284,7 @@ class TokenStream(IterableDataset):
                 keep = ~np.isin(chunk.shards, skipped)
                 chunk = Chunk(chunk.positions[keep], chunk.shards[keep], chunk.rows[keep], chunk.pad[keep])
                 offsets = offsets[keep]
-            cols = self._gather(chunk, decoded)
+            cols = batching.gather(chunk, decoded, self._shard_source)
             if cols["n"] == 0:
                 continue
             batch_of = offsets // size
@@ -311,110 +293,27 @@ class TokenStream(IterableDataset):
                 k = int(batch_of[lo])
                 if k != pending_k and pending:
                     yield from _catch_up(todo, pending_k)
-                    yield pending_k, self._join(pending)
+                    yield pending_k, batching.join(pending)
                     pending = []
                 pending_k = k
-                pending.append(self._slice(cols, lo, hi))
+                pending.append(batching.materialise(batching.cut(cols, lo, hi), dtype))  # the shards can go
         if pending:
             yield from _catch_up(todo, pending_k)
-            yield pending_k, self._join(pending)
+            yield pending_k, batching.join(pending)
         yield from _catch_up(todo, None)
 
-    def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
+    def _load_shard(self, fetcher: ShardFetcher, s: int) -> ShardColumns | None:
         url, info, _ = self._shards[s]
         try:
             m = self.manifests[self._shard_source[s]]
-            blocks = decode_shard(fetcher.get(s), m.codec(), url, m.expect(self._shard_local[s]))
-            return _concat_blocks(blocks, url)
+            return ShardColumns.of(decode_shard_joined(fetcher.get(s), m.codec(), url,
+                                                       m.expect(self._shard_local[s])))
         except ShardError as err:
             if self.on_error == "raise":
                 raise
             self.skipped[url] = err.reason
             log.warning("skipping %s (%d samples): %s", url, info.samples, err.reason)
             return None
-
-    def _gather(self, chunk: Chunk, decoded: dict[int, Block | None]) -> dict:
-        """Columns of the chunk's samples, in chunk order (skipped shards' samples removed)."""
-        keep = np.array([decoded[s] is not None for s in chunk.shards.tolist()], dtype=bool)
-        if not keep.all():
-            chunk = Chunk(chunk.positions[keep], chunk.shards[keep], chunk.rows[keep], chunk.pad[keep])
-        n = len(chunk.positions)
-        first = next((b for b in decoded.values() if b is not None), None)
-        if first is None or n == 0:
-            return {"n": 0}
-        tokens = np.empty((n, *first.tokens.shape[1:]), dtype=first.tokens.dtype)
-        labels = np.empty(n, dtype=np.int64)
-        image_size = np.empty((n, 2), dtype=np.int64)
-        crop_box = np.empty((n, 4), dtype=np.int64)
-        keys: list = [None] * n
-        labelmaps: list = [None] * n
-        views: list = [()] * n
-        for s, block in decoded.items():
-            if block is None:
-                continue
-            where = np.flatnonzero(chunk.shards == s)
-            rows = chunk.rows[where]
-            tokens[where] = block.tokens[rows]
-            labels[where] = block.labels[rows]
-            image_size[where] = block.image_size[rows]
-            crop_box[where] = block.crop_box[rows]
-            for w, r in zip(where.tolist(), rows.tolist()):
-                keys[w] = block.keys[r]
-                labelmaps[w] = block.labelmaps[r]
-                views[w] = block.views[r]
-        return {"n": n, "tokens": tokens, "label": labels, "source": self._shard_source[chunk.shards],
-                "index": chunk.positions, "pad": chunk.pad,
-                "image_size": image_size, "crop_box": crop_box, "key": keys, "labelmap": labelmaps, "views": views}
-
-    @staticmethod
-    def _slice(cols: dict, lo: int, hi: int) -> dict:
-        return {k: (v if k == "n" else v[lo:hi]) for k, v in cols.items()} | {"n": hi - lo}
-
-    @staticmethod
-    def _join(parts: list[dict]) -> dict:
-        if len(parts) == 1:
-            return parts[0]
-        out = {"n": sum(p["n"] for p in parts)}
-        for k in parts[0]:
-            if k == "n":
-                continue
-            vals = [p[k] for p in parts]
-            out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
-        return out
-
-    def _to_batch(self, cols: dict) -> Batch:
-        batch: Batch = {
-            "tokens": torch.from_numpy(cols["tokens"].astype(np.int64)),
-            "label": torch.from_numpy(cols["label"]),
-            "source": torch.from_numpy(cols["source"]),
-            "index": torch.from_numpy(cols["index"]),
-            "pad": torch.from_numpy(cols["pad"]),
-            "image_size": torch.from_numpy(cols["image_size"]),
-            "crop_box": torch.from_numpy(cols["crop_box"]),
-            "key": cols["key"],
-            "epoch": self.epoch,
-        }
-        maps = cols["labelmap"]
-        if any(m is not None for m in maps):
-            batch["labelmap"] = _stack_or_list([m if m is not None else np.zeros((0, 0), np.uint8) for m in maps])
-        views = cols["views"]
-        if views and len({len(v) for v in views}) == 1 and len(views[0]) > 0:
-            batch["view_tokens"] = _stack_or_list([np.stack([v.tokens for v in vs]).astype(np.int64) for vs in views])
-            batch["view_box"] = torch.tensor([[list(v.crop_box) for v in vs] for vs in views], dtype=torch.int64)
-            batch["view_flip"] = torch.tensor([[v.flipped for v in vs] for vs in views], dtype=torch.bool)
-        return batch
-
-    def _sample_dicts(self, cols: dict) -> Iterator[dict]:
-        for i in range(cols["n"]):
-            yield {k: v[i] for k, v in cols.items() if k != "n"}
-
-    def _collate_samples(self, samples: list[dict]) -> dict:
-        cols = {"n": len(samples)}
-        for k in samples[0]:
-            vals = [s[k] for s in samples]
-            numeric = isinstance(vals[0], np.ndarray | np.generic) and k not in ("labelmap",)
-            cols[k] = np.stack(vals) if numeric else vals
-        return cols
 
     def __iter__(self) -> Iterator[Batch | dict]:
         info = get_worker_info()
@@ -442,15 +341,15 @@ class TokenStream(IterableDataset):
     def _emit_cols(self, cols: dict) -> Iterator[Batch | dict]:
         """One micro-batch's columns as a batch, or as samples with ``batch_size=None``."""
         if self.batch_size is None or self.sample_transform is not None:
-            samples = self._sample_dicts(cols)
+            samples = batching.sample_dicts(cols)
             if self.sample_transform is not None:
                 samples = map(self.sample_transform, samples)
             if self.batch_size is None:
                 yield from samples
                 return
-            cols = self._collate_samples(list(samples))
+            cols = batching.collate_samples(list(samples))
         yield self._emit(cols)
 
     def _emit(self, cols: dict) -> Batch:
-        batch = self._to_batch(cols)
+        batch = batching.to_batch(cols, self.epoch)
         return self.batch_transform(batch) if self.batch_transform is not None else batch

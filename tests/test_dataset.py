@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import storage.io as sio
@@ -12,11 +15,22 @@ from storage.stream import TokenDataset, TokenStream
 from tests.conftest import make_meta, make_samples, write_dataset
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
+def without_block_index(split_dir: str) -> None:
+    """Rewrite a split's manifest as one written before the block index existed (no such columns)."""
+    url = f"{split_dir}/manifest.parquet"
+    table = pq.read_table(io.BytesIO(sio.read_bytes(url))).drop_columns(["block_samples", "block_bytes"])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    sio.write_bytes_atomic(url, buf.getvalue())
+
+
+@pytest.fixture(scope="module", params=["block index in the manifest", "older manifest"])
+def split(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("ra")
     samples = make_samples(61, labelmap=(6, 6), views=2)
     write_dataset(str(root), samples, shard_size=23, block_size=5)  # partial last blocks and shards
+    if request.param == "older manifest":
+        without_block_index(str(root))
     return str(root)
 
 
@@ -44,13 +58,33 @@ def test_get_by_key(split):
         ds.get("img/999999")
 
 
-def test_on_s3_a_lookup_reads_one_block(s3_bucket, monkeypatch):
+def test_on_s3_every_lookup_is_one_range_read(s3_bucket, monkeypatch):
     samples = make_samples(200)
     manifest = write_split(f"{s3_bucket}/ra/train", samples, make_meta(samples), shard_size=100, block_size=10)
+    assert manifest.shards[1].block_samples == 10 and len(manifest.shards[1].block_bytes) == 10
     reads = []
     real = sio.read_range
     monkeypatch.setattr(sio, "read_range", lambda url, a, b, *r, **k: reads.append(b - a) or real(url, a, b, *r, **k))
     ds = TokenDataset(f"{s3_bucket}/ra/train")
+    for i in (105, 173, 118, 199, 3):  # first touches of shards 1 and 0 included: the manifest has their block index
+        reads.clear()
+        got = ds[i]
+        assert got["key"] == samples[i].key and np.array_equal(got["tokens"], samples[i].tokens)
+        assert len(reads) == 1 and reads[0] < manifest.shards[1].bytes / 8, reads
+    reads.clear()
+    ds[173]  # in the LRU: nothing read
+    assert reads == []
+
+
+def test_on_s3_an_older_manifest_walks_the_tar_headers_once(s3_bucket, monkeypatch):
+    samples = make_samples(200)
+    manifest = write_split(f"{s3_bucket}/ra-old/train", samples, make_meta(samples), shard_size=100, block_size=10)
+    without_block_index(f"{s3_bucket}/ra-old/train")
+    reads = []
+    real = sio.read_range
+    monkeypatch.setattr(sio, "read_range", lambda url, a, b, *r, **k: reads.append(b - a) or real(url, a, b, *r, **k))
+    ds = TokenDataset(f"{s3_bucket}/ra-old/train")
+    assert ds.manifest.shards[1].block_bytes == ()
     assert ds[105]["key"] == samples[105].key  # first touch of shard 1: its 10 tar headers, then blocks
     assert 10 <= len(reads) <= 10 + 2 and sum(reads) < manifest.shards[1].bytes
     for i in (173, 118, 199):  # shard 1 is indexed and the block size known: one ranged GET per lookup
