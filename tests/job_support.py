@@ -80,3 +80,17 @@ def local_ray(num_cpus: int = 2):
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_process_group(cmd: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own: on a timeout or an
+    interrupt the whole process group (a launcher and every rank it started) is killed, not only ``cmd``."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             **popen)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)

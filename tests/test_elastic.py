@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from pretrain.launch import deepspeed_command, shm_buffers
 from tests.conftest import make_samples, write_dataset
+from tests.job_support import run_process_group
 from vqpt.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,19 +54,14 @@ def train(data: Path, out: Path, ranks: int, *overrides: str, resume: str | None
                 "MASTER_PORT": str(port)}
     else:
         cmd = deepspeed_command("pretrain.train", args, ranks, port, cpu=True)
-    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
     try:
-        out, err = child.communicate(timeout=1200)
+        proc = run_process_group(cmd, timeout=1200, cwd=ROOT, env=env)  # a hung launcher dies with its ranks
         leftovers = shm_buffers(port)
     finally:
-        if child.poll() is None:  # timed out or interrupted: the launcher and its ranks, all of them
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
         for f in shm_buffers(port):
             f.unlink(missing_ok=True)
     assert not leftovers, f"the trainer left /dev/shm buffers behind: {leftovers}"
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+    return proc
 
 
 def run(*args, **kwargs) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pretrain.launch import deepspeed_command, shm_buffers
+from tests.job_support import run_process_group
 from vqpt.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: 
         cmd.append("--resume")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath])}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = run_process_group(cmd, timeout=600, cwd=ROOT, env=env)
         leftovers = shm_buffers(port)
     finally:
         for f in shm_buffers(port):
