@@ -4,6 +4,8 @@ methods) that knows its position, so a run can stop and resume, at the same or a
 from __future__ import annotations
 
 import multiprocessing
+import os
+import tempfile
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
@@ -12,6 +14,19 @@ from storage import batching
 from storage.workers import InWorkers, StopSignal, WorkerError
 
 Batch = dict
+# multiprocessing's socket for handing file descriptors to workers: $TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX
+_SOCKET_SUFFIX, _AF_UNIX_MAX = len("/pymp-XXXXXXXX/listener-XXXXXXXX"), 107
+
+
+def check_worker_tmpdir() -> None:
+    """Raise OSError (one line) when DataLoader workers could not hand batches back: torch shares their
+    tensors through an AF_UNIX socket under ``$TMPDIR``, whose path must fit 107 bytes. Without this
+    check a worker's send fails in a background thread and the training process waits forever."""
+    tmp = tempfile.gettempdir()
+    if len(os.fsencode(tmp)) + _SOCKET_SUFFIX > _AF_UNIX_MAX:
+        raise OSError(f"TMPDIR {tmp} is {len(os.fsencode(tmp))} bytes long: DataLoader workers need a socket "
+                      f"under it within {_AF_UNIX_MAX} bytes; set TMPDIR to a path of at most "
+                      f"{_AF_UNIX_MAX - _SOCKET_SUFFIX} bytes (e.g. /tmp) or use data.num_workers=0")
 
 
 class StreamLoader:
@@ -73,6 +88,7 @@ class StreamLoader:
         self.dataset.resume_batches = self.batches
         kwargs, dataset, stop = {}, self.dataset, None
         if self.num_workers > 0:
+            check_worker_tmpdir()
             kwargs = {"prefetch_factor": self.prefetch_factor or 2,
                       "multiprocessing_context": self.multiprocessing_context}
             stop = StopSignal(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)

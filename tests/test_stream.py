@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import tempfile
 
 import numpy as np
 import pytest
@@ -127,6 +128,18 @@ def test_resume_under_other_settings_is_refused(dataset):
     b = StreamLoader(TokenStream(manifest, 8, partitions=8, world_size=2, rank=0))
     with pytest.raises(ValueError, match="batch_size: saved 7 vs now 8"):
         b.load_state_dict(a.state_dict())
+
+
+def test_workers_under_a_too_long_tmpdir_are_refused_in_one_line(dataset, monkeypatch, tmp_path):
+    """torch hands worker tensors over an AF_UNIX socket under $TMPDIR: a path too long for one made a
+    worker's send fail in a background thread and the trainer wait forever; now it is refused up front."""
+    manifest, _ = dataset
+    long_tmp = tmp_path / ("x" * (100 - len(str(tmp_path))))
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with pytest.raises(OSError, match=r"TMPDIR .* bytes long.*set TMPDIR to a path of at most 75 bytes"):
+        next(iter(StreamLoader(TokenStream(manifest, 7, partitions=8), num_workers=1)))
+    assert len(list(StreamLoader(TokenStream(manifest, 7, partitions=8), num_workers=0))) > 0  # no socket needed
 
 
 def test_world_size_must_divide_partitions(dataset):

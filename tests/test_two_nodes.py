@@ -12,9 +12,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,7 +78,16 @@ def test_cpu_actors_are_spread_over_the_nodes_one_per_cpu():
     assert actor_options(2, 1, nodes) == [{"num_gpus": 1}] * 2
 
 
-def test_two_deepspeed_nodes_pretrain_from_s3_with_node_local_caches(s3_bucket, tmp_path):
+@pytest.fixture
+def short_tmpdir():
+    """A TMPDIR for launched processes under /tmp: torch's worker sockets live under it and AF_UNIX
+    paths must fit 107 bytes, which pytest-xdist's tmp paths do not leave room for."""
+    path = Path(tempfile.mkdtemp(prefix="vqpt-2n-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_deepspeed_nodes_pretrain_from_s3_with_node_local_caches(s3_bucket, tmp_path, short_tmpdir):
     """DeepSpeed's own multi-node launcher, one launcher per node as a scheduler would start them
     (``deepspeed --hostfile H --no_ssh --node_rank i --master_addr 127.0.0.1``), one rank per node, MTM
     pre-training for one epoch from shards on S3, each node caching the shards it reads in its own
@@ -87,8 +98,7 @@ def test_two_deepspeed_nodes_pretrain_from_s3_with_node_local_caches(s3_bucket, 
     manifest = write_dataset(data, samples, shard_size=20, block_size=8)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only: --no_ssh never contacts them
-    out, tmp = tmp_path / "run", tmp_path / "tmp"
-    tmp.mkdir()
+    out, tmp = tmp_path / "run", short_tmpdir
     port = free_port()
     # torch keeps its compile cache in $TMPDIR/torchinductor_<user> unless told otherwise: a cache meant to
     # outlive runs, so it goes elsewhere and TMPDIR must end empty
