@@ -84,7 +84,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
 
         pixels = PixelFolderStream(cfg.data.train, cfg.data.resolution, cfg.data.batch_size, train=True,
                                    augment=PixelAugment.from_options(cfg.augment and asdict(cfg.augment)),
-                                   seed=cfg.run.seed, rank=rank, world_size=world)
+                                   seed=cfg.run.seed, rank=rank, world_size=world, cache=cfg.data.pixel_cache,
+                                   cache_side=cfg.data.pixel_cache_side or None)
         spec = DataSpec(grid=(cfg.data.resolution,) * 2, vocab_size=1, num_classes=len(pixels.class_names))
         return StreamLoader(pixels, num_workers=cfg.data.num_workers), spec
     data = ([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
