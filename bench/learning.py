@@ -227,9 +227,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     args.arms = _arms(args.arms, args.token_aug)
-    names = {a for a, _ in args.arms}
-    if "addp" in names and "mtm" not in names:
-        p.error("the addp arm needs the mtm arm (its token predictor is the MTM run)")
+    for arm, aug in args.arms:
+        if arm == "addp" and ("mtm", aug) not in args.arms:
+            p.error(f"the addp arm needs the mtm arm with its augmentation (mtm:{aug}): its token predictor is that "
+                    "MTM run")
     unknown = sorted(set(args.equal_formats) - set(available_formats()))
     if unknown:
         p.error(f"--equal-formats {unknown} cannot be written by this Pillow; available: {available_formats()}")

@@ -150,7 +150,7 @@ def tokens_for(args: argparse.Namespace, work: Path, resolution: int, vocab: int
 
 
 def pixel_cache(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
-    """The decoded-pixel cache of a train folder at the tokens' source resolution (built once): (dir, side)."""
+    """The decoded-pixel cache of a split folder at the tokens' source resolution (built once): (dir, side)."""
     from pretrain.pixel_cache import build_pixel_cache
     from pretrain.pixels import list_split
 
@@ -171,9 +171,12 @@ def train_adapters(args: argparse.Namespace, tokens: Tokens, work: Path) -> dict
         ckpt = out / f"{kind}.pt"
         if not ckpt.exists():
             t0 = time.perf_counter()
-            train_adapter(["--kind", kind, "--images", str(args.train), "--tokenizer", str(tokens.tokenizer),
-                           "--out", str(ckpt), "--steps", str(args.adapter_steps), "--limit", str(args.adapter_images),
-                           "--json", str(out / f"{kind}.json")])
+            rc = train_adapter(["--kind", kind, "--images", str(args.train), "--tokenizer", str(tokens.tokenizer),
+                                "--out", str(ckpt), "--steps", str(args.adapter_steps),
+                                "--limit", str(args.adapter_images), "--json", str(out / f"{kind}.json"),
+                                "--threads", "1"])
+            if rc != 0:
+                raise SystemExit(f"training {kind} failed (rc {rc})")
             (out / f"{kind}.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
         result[kind] = str(ckpt)
         result["seconds"] += float((out / f"{kind}.seconds").read_text())
@@ -196,13 +199,14 @@ def launch(module: str, args: list[str], out: Path, ranks: int) -> float:
     return time.perf_counter() - t0
 
 
-def evaluate(ckpt: Path, data: Path) -> dict:
+def evaluate(ckpt: Path, data: Path, pixel_cache: Path | None = None) -> dict:
     import torch
 
     from pretrain.evaluate import evaluate as evaluate_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_run(str(ckpt), str(data), batch_size=128, device=device)
+    return evaluate_run(str(ckpt), str(data), batch_size=128, device=device,
+                        pixel_cache=None if pixel_cache is None else str(pixel_cache))
 
 
 def curve_steps(steps: int) -> list[int]:
@@ -268,7 +272,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         ft += SEIT_TOKEN_AUG
     elif token_arm and aug == "seitpp":
         ft += seitpp_overrides(adapters, pretraining=False)
-    train_data, val_data = tokens.train, tokens.val
+    train_data, val_data, val_cache = tokens.train, tokens.val, None
     if not token_arm:
         train_data, val_data = pixels or (args.train, args.val)
         res = args.resolution if arm == "pixel" else tokens.resolution  # pixel_matched: the tokens' source px
@@ -276,6 +280,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
                f"model.patch_size={16 * res // args.resolution}"]
         if args.pixel_cache:
             cache, side = pixel_cache(args, Path(train_data))
+            val_cache = pixel_cache(args, Path(val_data))[0]
             ft += [f"data.pixel_cache={cache}", f"data.pixel_cache_side={side}"]
     run = work / f"ft_{tag}"
     ft_s = launch("pretrain.finetune", ["--task", "classify", *init, "--config",
@@ -287,7 +292,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         ckpt = run / "checkpoints" / f"step{step:07d}"
         if not ckpt.exists():
             continue
-        metrics = evaluate(ckpt, Path(val_data))
+        metrics = evaluate(ckpt, Path(val_data), val_cache)
         images = n_train or jpeg_bytes(Path(train_data))[1]
         curve.append((round(step * args.batch_size * args.ranks / images, 3), metrics["top1"]))
     return {"top1": metrics["top1"], "top5": metrics["top5"], "val_samples": metrics["samples"], "curve": curve,

@@ -13,6 +13,7 @@ from storage.manifest import DatasetMeta, Manifest, write_split
 from storage.shard import Sample, View
 from vqpt.local_s3 import LocalS3
 
+pytest_plugins = ["tests.adapter_support"]  # the adapter tests' shared images, tokenizer and ids
 pytest.register_assert_rewrite("tests.deploy_support")  # plain asserts there report like test asserts
 
 SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

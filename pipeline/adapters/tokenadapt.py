@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters.common import (
+    AdapterSpec,
     embed_standardised,
     load_adapter,
     register_codebook,
@@ -59,19 +60,9 @@ from pipeline.adapters.common import (
 )
 from pipeline.tokenizer.base import Tokenizer
 
-__all__ = [
-    "TokenAdapt",
-    "TokenAdaptConfig",
-    "correction_gate",
-    "identity_theta",
-    "load_tokenadapt",
-    "naive_adapt",
-    "nearest_code",
-    "sample_affine",
-    "save_tokenadapt",
-    "warp",
-    "warp_images",
-]
+__all__ = ["TokenAdapt", "TokenAdaptConfig", "SPEC", "correction_gate", "identity_theta", "load_tokenadapt",
+           "naive_adapt", "nearest_code", "sample_affine", "save_tokenadapt", "single_aug_configs", "warp",
+           "warp_images"]
 
 KIND = "tokenadapt"
 
@@ -328,3 +319,30 @@ def load_tokenadapt(path: str | Path, tokenizer: Tokenizer | str) -> TokenAdapt:
     """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
     trained for a different tokenizer raises ValueError."""
     return load_adapter(path, KIND, tokenizer, TokenAdaptConfig, TokenAdapt)
+
+
+# ---- what the one adapter trainer needs (``pipeline.adapters.train``) --------------------------------
+def single_aug_configs(cfg: TokenAdaptConfig) -> dict[str, TokenAdaptConfig]:
+    """Identity, and one config per augmentation type with every other range switched off."""
+    still = dataclasses.replace(cfg, flip_p=0.0, max_rotate_deg=0.0, max_translate=0.0, max_shear_deg=0.0,
+                                scale_range=(1.0, 1.0), ratio_range=(1.0, 1.0))
+    return {
+        "identity": still,
+        "hflip": dataclasses.replace(still, flip_p=1.0),
+        "rotate": dataclasses.replace(still, max_rotate_deg=cfg.max_rotate_deg),
+        "translate": dataclasses.replace(still, max_translate=cfg.max_translate),
+        "shear": dataclasses.replace(still, max_shear_deg=cfg.max_shear_deg),
+        "resized_crop": dataclasses.replace(still, scale_range=cfg.scale_range, ratio_range=cfg.ratio_range),
+    }
+
+
+def _baselines(model: TokenAdapt, src: torch.Tensor, target: torch.Tensor,
+               theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Naive interpolation + nearest code, the operator TokenAdapt corrects."""
+    return {"naive": naive_adapt(src, theta, model.codebook, model.cfg.padding_mode)}
+
+
+SPEC = AdapterSpec(
+    kind=KIND, model=TokenAdapt, config=TokenAdaptConfig, learned="tokenadapt", sample=sample_affine,
+    pixels=lambda images, theta, cfg: warp_images(images, theta, cfg.padding_mode),
+    single_ops=single_aug_configs, baselines=_baselines, lr=1e-3)
