@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,14 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters.common import (
+    AdapterModel,
     AdapterSpec,
-    embed_standardised,
-    load_adapter,
+    checkpoint_io,
     register_codebook,
-    save_adapter,
     tied_logits,
 )
-from pipeline.tokenizer.base import Tokenizer
 from pipeline.tokenizer.codebook import adain, embed, requantize
 
 __all__ = ["ColorAdaptConfig", "LearnedColorAdapt", "NEUTRAL_JITTER", "SPEC", "adain_oracle", "color_jitter",
@@ -209,8 +206,10 @@ class _FiLMBlock(nn.Module):
         return x + self.pw2(F.gelu(self.pw1(y)))
 
 
-class LearnedColorAdapt(nn.Module):
+class LearnedColorAdapt(AdapterModel):
     """Predicts T(jitter(x)) from T(x) and the jitter params (module docstring)."""
+
+    config_class = ColorAdaptConfig
 
     def __init__(self, cfg: ColorAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: ColorAdaptConfig; codebook: float (K, D), frozen (stored as a buffer)."""
@@ -235,17 +234,6 @@ class LearnedColorAdapt(nn.Module):
         self.log_scale = nn.Parameter(-torch.log(_median_nn_sq_dist(codebook)))
         self.code_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> LearnedColorAdapt:
-        k, d = tokenizer.codebook.shape
-        cfg = ColorAdaptConfig(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
-                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
-        return cls(cfg, tokenizer.codebook)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        return embed_standardised(self, ids, self.cfg.grid)
-
     def forward(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """ids int64 (B, h, w), params float (B, 4) -> logits float32 (B, K, h, w) of T(jitter(x))."""
         emb = self.embed(ids)
@@ -268,16 +256,8 @@ def adain_oracle(ids: torch.Tensor, target_ids: torch.Tensor, codebook: torch.Te
     return requantize(adain(embed(ids.long(), cb), embed(target_ids.long(), cb)), cb)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-def save_coloradapt(model: LearnedColorAdapt, path: str | Path) -> None:
-    """Write ``{"kind": "coloradapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    save_adapter(model, path, KIND)
-
-
-def load_coloradapt(path: str | Path, tokenizer: Tokenizer | str) -> LearnedColorAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
-    trained for a different tokenizer raises ValueError."""
-    return load_adapter(path, KIND, tokenizer, ColorAdaptConfig, LearnedColorAdapt)
+# ---- checkpoints (``pipeline.adapters.common.checkpoint_io``) ------------------------------------------
+save_coloradapt, load_coloradapt = checkpoint_io(KIND, ColorAdaptConfig, LearnedColorAdapt)
 
 
 # ---- what the one adapter trainer needs (``pipeline.adapters.train``) ------------------------------------

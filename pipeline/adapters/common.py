@@ -49,6 +49,27 @@ class AdapterSpec:
     lr: float
 
 
+class AdapterModel(nn.Module):
+    """Base of the adapter models: ``cfg`` (a config with vocab_size, embed_dim, grid, tokenizer_fingerprint;
+    its class is ``config_class``), a frozen codebook (``register_codebook``), ``embed`` and
+    ``for_tokenizer``."""
+
+    config_class: Any = None
+    cfg: Any
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> AdapterModel:
+        """A fresh model sized for ``tokenizer`` (K, D, grid and fingerprint from it), config ``overrides``."""
+        k, d = tokenizer.codebook.shape
+        cfg = cls.config_class(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
+                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
+        return cls(cfg, tokenizer.codebook)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
+        return embed_standardised(self, ids, self.cfg.grid)
+
+
 def register_codebook(module: nn.Module, codebook: torch.Tensor, vocab_size: int, embed_dim: int) -> None:
     """Frozen (K, D) codebook plus its per-dimension mean and std as buffers (std floored at 1e-3).
 
@@ -130,3 +151,19 @@ def load_adapter(path: str | Path, kind: str, tokenizer: Tokenizer | str, config
     model = model_cls(cfg, ckpt["state_dict"]["codebook"])
     model.load_state_dict(ckpt["state_dict"])
     return model
+
+
+def checkpoint_io(kind: str, config_cls: Any, model_cls: Any) -> tuple[Callable, Callable]:
+    """(save, load) of one adapter kind: ``save(model, path)`` writes ``{"kind", "config", "state_dict"}``
+    atomically (``save_adapter``); ``load(path, tokenizer)`` reads one (``weights_only=True``, any
+    ``storage.io`` URL) for ``tokenizer`` (a Tokenizer or its fingerprint), refusing a checkpoint of another
+    kind or one trained for another tokenizer (ValueError, one line)."""
+
+    def save(model: nn.Module, path: str | Path) -> None:
+        save_adapter(model, path, kind)
+
+    def load(path: str | Path, tokenizer: Tokenizer | str) -> nn.Module:
+        return load_adapter(path, kind, tokenizer, config_cls, model_cls)
+
+    save.__name__, load.__name__ = f"save_{kind}", f"load_{kind}"
+    return save, load

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,14 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters.common import (
+    AdapterModel,
     AdapterSpec,
-    embed_standardised,
-    load_adapter,
+    checkpoint_io,
     register_codebook,
-    save_adapter,
     tied_logits,
 )
-from pipeline.tokenizer.base import Tokenizer
 
 __all__ = ["TokenAdapt", "TokenAdaptConfig", "SPEC", "correction_gate", "identity_theta", "load_tokenadapt",
            "naive_adapt", "nearest_code", "sample_affine", "save_tokenadapt", "single_aug_configs", "warp",
@@ -235,8 +232,10 @@ def _initial_log_scale(codebook: torch.Tensor, margin: float = 4.0) -> float:
     return float(math.log(margin / nn_sq))
 
 
-class TokenAdapt(nn.Module):
+class TokenAdapt(AdapterModel):
     """f (tokens -> 2x feature map), A (warp with theta), g (features -> K-way token logits)."""
+
+    config_class = TokenAdaptConfig
 
     def __init__(self, cfg: TokenAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: TokenAdaptConfig; codebook: float (K, D) tokenizer codebook, frozen (stored as a buffer)."""
@@ -272,18 +271,6 @@ class TokenAdapt(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> TokenAdapt:
-        """A fresh model sized for ``tokenizer`` (K, D, grid and fingerprint from it)."""
-        k, d = tokenizer.codebook.shape
-        cfg = TokenAdaptConfig(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
-                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
-        return cls(cfg, tokenizer.codebook)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        return embed_standardised(self, ids, self.cfg.grid)
-
     def f(self, emb: torch.Tensor) -> torch.Tensor:
         """float32 (B, D, h, w) -> (B, C, 2h, 2w) features."""
         b, _, h, w = emb.shape
@@ -309,16 +296,8 @@ class TokenAdapt(nn.Module):
         return self(ids, theta).argmax(1)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------
-def save_tokenadapt(model: TokenAdapt, path: str | Path) -> None:
-    """Write ``{"kind": "tokenadapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    save_adapter(model, path, KIND)
-
-
-def load_tokenadapt(path: str | Path, tokenizer: Tokenizer | str) -> TokenAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
-    trained for a different tokenizer raises ValueError."""
-    return load_adapter(path, KIND, tokenizer, TokenAdaptConfig, TokenAdapt)
+# ---- checkpoints (``pipeline.adapters.common.checkpoint_io``) ------------------------------------------
+save_tokenadapt, load_tokenadapt = checkpoint_io(KIND, TokenAdaptConfig, TokenAdapt)
 
 
 # ---- what the one adapter trainer needs (``pipeline.adapters.train``) --------------------------------
