@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "finetune_cls_tiny.yaml, SeiT's (synonyms, code swap, embedding noise, embedding-space crop, "
                         "CutMix), or SeiT++'s (learned TokenAdapt and ColorAdapt, trained on train first, Token-EDA, "
                         "CutMix; bench/learning_arms.py seitpp_overrides)")
-    p.add_argument("--adapter-steps", type=int, default=150, help="training steps of TokenAdapt and of ColorAdapt")
+    p.add_argument("--adapter-steps", type=int, default=100, help="training steps of TokenAdapt and of ColorAdapt")
     p.add_argument("--adapter-images", type=int, default=2000, help="train images the adapters are trained on")
     p.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay when fine-tuning pre-trained arms (default 1.0: off, measured best at "
@@ -276,10 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     adapters = None
-    if any(aug == "seitpp" for arm, aug in args.arms if arm not in PIXEL_ARMS):
-        print("[1/3] train TokenAdapt and ColorAdapt on train", flush=True)
-        adapters = train_adapters(args, tokens, args.work)
-        result["adapters"] = {k: v for k, v in adapters.items() if k not in ("tokenadapt", "coloradapt")}
     seeds_top1: dict[str, list[float]] = {}
     runs = [(arm, aug, seed) for seed in args.seeds for arm, aug in args.arms
             if seed == args.seeds[0] or arm in HEADLINE]
@@ -287,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         base = arm_key(arm, aug, args.token_aug)
         key = base if seed == args.seeds[0] else f"{base}_s{seed}"
         print(f"[2/3] arm {i}/{len(runs)}: {base} (seed {seed})", flush=True)
+        if aug == "seitpp" and arm not in PIXEL_ARMS and adapters is None:  # trained when first needed
+            print("  train TokenAdapt and ColorAdapt on train", flush=True)
+            adapters = train_adapters(args, tokens, args.work)
+            result["adapters"] = {k: v for k, v in adapters.items() if k not in ("tokenadapt", "coloradapt")}
         if arm == "jpeg_equal":
             per_format = equal_byte_arms(args, tokens, args.work, seed)
             reached = {f: r for f, r in per_format.items() if r["reachable"]}
