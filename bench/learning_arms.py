@@ -186,17 +186,20 @@ def train_adapters(args: argparse.Namespace, tokens: Tokens, work: Path) -> dict
 
 
 def launch(module: str, args: list[str], out: Path, ranks: int) -> float:
-    """One launcher run (skipped when ``out/backbone.pt`` exists); returns its wall seconds."""
+    """One launcher run (skipped when ``out/backbone.pt`` exists); returns its wall seconds (a reused run's
+    recorded ones, 0 if it has none)."""
     if (out / "backbone.pt").exists():
         print(f"  reuse {out}", flush=True)
-        return 0.0
+        return float((out / "wall_seconds").read_text()) if (out / "wall_seconds").exists() else 0.0
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = run_deepspeed(module, [*args, "--out", str(out), "run.progress=false"], ranks=ranks,
                          log=out.with_suffix(".log"))
     if proc.returncode != 0:
         raise SystemExit(f"{module} failed (rc {proc.returncode}); see {out.with_suffix('.log')}")
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    (out / "wall_seconds").write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def evaluate(ckpt: Path, data: Path, pixel_cache: Path | None = None) -> dict:
@@ -288,13 +291,17 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
                                         *ft], run, args.ranks)
     n_train = read_manifest(str(tokens.train / "manifest.parquet")).num_samples if token_arm else None
     curve, metrics, eval_s = [], {}, time.perf_counter()
+    done = run / f"eval_{Path(val_data).name}.json"  # a reused run's evaluations, on this split
+    evals = json.loads(done.read_text()) if done.exists() else {}
     for step in curve_steps(ft_steps):
         ckpt = run / "checkpoints" / f"step{step:07d}"
-        if not ckpt.exists():
-            continue
-        metrics = evaluate(ckpt, Path(val_data), val_cache)
-        images = n_train or jpeg_bytes(Path(train_data))[1]
-        curve.append((round(step * args.batch_size * args.ranks / images, 3), metrics["top1"]))
+        if str(step) not in evals and ckpt.exists():
+            evals[str(step)] = evaluate(ckpt, Path(val_data), val_cache)
+            done.write_text(json.dumps(evals) + "\n")
+        if str(step) in evals:
+            metrics = evals[str(step)]
+            images = n_train or jpeg_bytes(Path(train_data))[1]
+            curve.append((round(step * args.batch_size * args.ranks / images, 3), metrics["top1"]))
     return {"top1": metrics["top1"], "top5": metrics["top5"], "val_samples": metrics["samples"], "curve": curve,
             "aug": aug if token_arm else None, "pretrain_steps": pre_steps if arm in PRETRAIN else 0,
             "finetune_steps": ft_steps, "pretrain_s": round(pre_s, 1), "finetune_s": round(ft_s, 1),
