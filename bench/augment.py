@@ -110,6 +110,16 @@ def tokenadapt_agreement(args, folder) -> tuple[dict, torch.nn.Module]:
              "tokenadapt_eval_images": len(eval_images), "tokenadapt_train_steps": stats.get("steps")}, model)
 
 
+def coloradapt_agreement(args, folder, model: torch.nn.Module) -> dict:
+    """The learned ColorAdapt's token agreement with the tokens of really colour-jittered images, next to
+    AdaIN with the target's own statistics and copying the input (fixed-seed jitter; --val, else all of --data)."""
+    from pipeline.adapters.train import SPECS, evaluate, load_split
+
+    images, ids = load_split(args.val or list(folder.paths), folder.tokenizer)
+    out = evaluate(SPECS["coloradapt"], model, folder.tokenizer, images, ids, seed=0, breakdown=False)
+    return {f"coloradapt_{k}": v for k, v in out.items() if "agreement" in k}
+
+
 def adapter_costs(tokens: np.ndarray, labels: np.ndarray, codebook: torch.Tensor, tokenadapt: torch.nn.Module,
                   coloradapt: torch.nn.Module, device: str) -> dict[str, float]:
     """ms per 256 samples of the adapters' ops as the trainer runs them (``TokenAugment`` on ``device``, every
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(figures)
         coloradapt = (load_coloradapt(args.coloradapt, tok) if args.coloradapt
                       else LearnedColorAdapt.for_tokenizer(tok))
+        if args.coloradapt:  # a trained one: its agreement too, on the images TokenAdapt is evaluated on
+            result.update(coloradapt_agreement(args, folder, coloradapt))
         for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             result.update(adapter_costs(tokens, labels, codebook, tokenadapt, coloradapt, device))
     result["targets_met"] = {"pipeline_vs_jpeg_per_core >= 20": result["pipeline_vs_jpeg_per_core"] >= 20}
