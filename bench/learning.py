@@ -178,7 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(ARMS)}; a token arm may name its augmentation, "
                         "e.g. token:seitpp,mtm:seitpp (default: --token-aug)")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds for the headline arms "
-                   f"({', '.join(HEADLINE)}); others run with the first")
+                   "(--seeded-arms); others run with the first")
+    p.add_argument("--seeded-arms", type=lambda t: [a for a in t.split(",") if a], default=list(HEADLINE),
+                   help=f"the arms --seeds repeats, with any augmentation (default: {','.join(HEADLINE)})")
     p.add_argument("--dev-fraction", type=float, default=0.0,
                    help="hold out this seeded share of --train (per class) as a dev split, train on the rest and "
                         "evaluate on it instead of --val: for choosing settings without looking at val")
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = None
     seeds_top1: dict[str, list[float]] = {}
     runs = [(arm, aug, seed) for seed in args.seeds for arm, aug in args.arms
-            if seed == args.seeds[0] or arm in HEADLINE]
+            if seed == args.seeds[0] or arm in args.seeded_arms]
     for i, (arm, aug, seed) in enumerate(runs, 1):
         base = arm_key(arm, aug, args.token_aug)
         key = base if seed == args.seeds[0] else f"{base}_s{seed}"
