@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective
 from pretrain.objectives.parts import init_backbone, load_frozen_decoder, normalize_input
+from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig
 
 __all__ = ["ClassifyConfig", "Classify"]
@@ -60,6 +61,7 @@ class ClassifyConfig:
                              f"{self.head_init_std}, {self.pixel_patch}")
 
 
+@register_objective
 class Classify(Objective):
     """``forward(batch) -> (loss, {"acc", "loss_ce"})``; ``batch["tokens"]`` int64 (B, h, w), ``label`` (B,)
     (labels < 0 are left out), optional ``target`` float (B, C) soft labels (CutMix / Mixup)."""
@@ -87,6 +89,13 @@ class Classify(Objective):
         if cfg.linear_probe:
             for name, p in self.encoder.named_parameters():
                 p.requires_grad_(name.startswith("head."))
+
+    @classmethod
+    def assets(cls, cfg: ClassifyConfig) -> tuple[Asset, ...]:
+        """``init`` (a backbone of the data's tokens; its weights end up in this objective's checkpoints) and
+        ``decoder`` (the data's tokenizer)."""
+        return tuple(a for a in (Asset("init", cfg.init, "checkpoint", "the --init backbone", rebuild=False),
+                                 Asset("decoder", cfg.decoder, "tokenizer", "the decoder tokenizer")) if a.url)
 
     def train(self, mode: bool = True) -> Classify:
         super().train(mode)

@@ -59,8 +59,9 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids
 from pretrain.metrics import IGNORE_INDEX, ConfusionMatrix, ade20k_targets
-from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective
 from pretrain.objectives.parts import init_backbone
+from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig, interpolate_pos_embed
 
 __all__ = ["SegmentConfig", "Segment", "evaluate_segmentation", "class_names_of"]
@@ -165,6 +166,7 @@ class PUPHead(nn.Module):
         return self.cls(self.dropout(self.up(feats[-1])))
 
 
+@register_objective
 class Segment(Objective):
     """``forward(batch) -> (loss, {"acc", "miou_batch"})``.
 
@@ -198,6 +200,11 @@ class Segment(Objective):
         self.head = (UperNetHead if cfg.head == "upernet" else PUPHead)(vit.embed_dim, cfg)
         nn.init.normal_(self.head.cls.weight, std=0.01)
         nn.init.zeros_(self.head.cls.bias)
+
+    @classmethod
+    def assets(cls, cfg: SegmentConfig) -> tuple[Asset, ...]:
+        """``init``: a backbone of the data's tokens, whose weights end up in this objective's checkpoints."""
+        return (Asset("init", cfg.init, "checkpoint", "the --init backbone", rebuild=False),) if cfg.init else ()
 
     # -- the network ------------------------------------------------------------------------------
 
