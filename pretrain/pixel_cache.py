@@ -30,9 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.images import resize_center_crop
-from pipeline.readers import Listing, Reject, load_item
+from pipeline.readers import Listing, Reject, list_imagenet, load_item
 
-__all__ = ["PixelCache", "build_pixel_cache", "open_pixel_cache", "cache_name"]
+__all__ = ["PixelCache", "build_pixel_cache", "open_pixel_cache", "cache_name", "list_split"]
+
+
+def list_split(root: str | Path) -> Listing:
+    """The labelled images of an ImageNet-layout split folder (class sub-folders), sorted by key."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"pixel data: {root} is not a directory (expected <split>/<class>/<image>)")
+    listing = list_imagenet(root.parent, root.name)
+    if not listing.items:
+        raise ValueError(f"pixel data: no labelled images under {root} (expected <split>/<class>/<image>)")
+    return listing
 
 
 def cache_name(root: str | Path, listing: Listing, side: int) -> str:
@@ -108,7 +119,6 @@ def build_pixel_cache(root: str | Path, listing: Listing, side: int, cache: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.pixels import list_split
     from storage.cli import run_cli
 
     p = argparse.ArgumentParser(prog="python -m pretrain.pixel_cache", description=__doc__.split("\n\n")[0])

@@ -27,9 +27,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.images import resize_center_crop
-from pipeline.readers import Listing, Reject, list_imagenet, load_item
+from pipeline.readers import Reject, load_item
 from pretrain.augment import cutmix, one_hot_targets
 from pretrain.augment_geometry import random_resized_crop_params
+from pretrain.pixel_cache import list_split, open_pixel_cache  # list_split re-exported
 
 __all__ = ["PixelAugment", "PixelFolderStream", "list_split", "MEAN", "STD"]
 
@@ -54,17 +55,6 @@ class PixelAugment:
             return None
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
                       if k in cls.__dataclass_fields__})
-
-
-def list_split(root: str | Path) -> Listing:
-    """The labelled images of an ImageNet-layout split folder (class sub-folders), sorted by key."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"pixel data: {root} is not a directory (expected <split>/<class>/<image>)")
-    listing = list_imagenet(root.parent, root.name)
-    if not listing.items:
-        raise ValueError(f"pixel data: no labelled images under {root} (expected <split>/<class>/<image>)")
-    return listing
 
 
 def _normalise(pixels: np.ndarray) -> torch.Tensor:
@@ -116,8 +106,6 @@ class PixelFolderStream(IterableDataset):
         self.skipped = {r.path: r.reason for r in self.listing.rejects}  # path -> why it was left out
         self.cache = None
         if cache is not None:
-            from pretrain.pixel_cache import open_pixel_cache
-
             self.cache = open_pixel_cache(root, self.listing, cache_side or resolution, cache)
 
     # -- order ---------------------------------------------------------------------------------
