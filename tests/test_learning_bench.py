@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.job_support import local_ray
 from vqpt.sample_data import generate_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,28 +32,17 @@ CHANCE = 1 / 3
 BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def ray_instance(tmp_path_factory):
-    """One local Ray instance for both tokenise calls of the run (each would start its own otherwise)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray", numbered=True)))
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def test_one_run_every_new_arm_and_flag(ray_instance, tmp_path):
+def test_one_run_every_new_arm_and_flag(tmp_path):
     data = generate_imagenet(tmp_path / "imgs", classes=3, train_per_class=10, val_per_class=2)
     out = tmp_path / "learning.json"
-    assert main(["--train", str(data / "train"), "--val", str(data / "val"), "--json", str(out), "--work",
-                 str(tmp_path / "work"), "--arms", "pixel,pixel_matched,token,token:seitpp",
-                 "--resolution", "32", "--token-resolution", "64", "--depth", "1", "--batch-size", str(BATCH),
-                 "--ranks", "1", "--workers", "0", "--finetune-steps", "12", "--budget-scale", "2",
-                 "--dev-fraction", "0.3", "--tokenizer-kind", "kmeans_residual", "--vocab", "32",
-                 "--adapter-steps", "2", "--adapter-images", "12", "--equal-formats", "webp"]) == 0
+    with local_ray():  # one Ray instance for both tokenise calls (each would start its own otherwise)
+        rc = main(["--train", str(data / "train"), "--val", str(data / "val"), "--json", str(out), "--work",
+                   str(tmp_path / "work"), "--arms", "pixel,pixel_matched,token,token:seitpp",
+                   "--resolution", "32", "--token-resolution", "64", "--depth", "1", "--batch-size", str(BATCH),
+                   "--ranks", "1", "--workers", "0", "--finetune-steps", "12", "--budget-scale", "2",
+                   "--dev-fraction", "0.3", "--tokenizer-kind", "kmeans_residual", "--vocab", "32",
+                   "--adapter-steps", "2", "--adapter-images", "12", "--equal-formats", "webp"])
+    assert rc == 0
     result = json.loads(out.read_text())
     # --dev-fraction: 3 of each class's 10 train images held out (disjoint), evaluated there, not on val.
     assert result["evaluated_on"].startswith("dev") and result["reported_val"] == str(data / "val")

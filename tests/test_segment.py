@@ -3,6 +3,7 @@ loading, and (slow, real data) ADE20K end to end: tokenise, 2-rank DeepSpeed fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ from pretrain.objectives.segment import Segment, SegmentConfig
 from pretrain.train import build_model
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.conftest import shared_data_dir
+from tests.job_support import local_ray
 from tests.test_train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,17 +205,11 @@ def ade_tokens(tmp_path_factory) -> Path:
 
     src = shared_data_dir("ade20k_sample")
     out = tmp_path_factory.mktemp("ade")
-    started = not ray.is_initialized()
-    if started:  # one Ray instance for both splits (each job would start and stop its own)
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-                 log_to_driver=False)
-    try:
+    # one Ray instance for both splits (each job would start and stop its own)
+    with contextlib.nullcontext() if ray.is_initialized() else local_ray():
         for split in ("training", "validation"):  # the second run reuses the k-means tokenizer of the first
             assert tokenise_main(["--dataset", "ade20k", "--src", str(src), "--split", split, "--out", str(out),
                                   "--resolution", "64", "--labelmap-resolution", "64", "--vocab", "32"]) == 0
-    finally:
-        if started:
-            ray.shutdown()
     return out
 
 

@@ -1,7 +1,8 @@
 """Train a token adapter (TokenAdapt or ColorAdapt) on real images and evaluate it against its baselines.
 
     python -m pipeline.adapters.train --kind tokenadapt|coloradapt --images DIR --tokenizer CKPT --out CKPT \\
-        [--val DIR] [--minutes M] [--steps N] [--batch 32] [--seed 0] [--model KEY=VALUE ...] [--json OUT]
+        [--val DIR] [--minutes M] [--steps N] [--batch 32] [--device cuda] [--seed 0] [--model KEY=VALUE ...] \\
+        [--json OUT]
 
 One loop for both adapters (``AdapterSpec`` in ``pipeline.adapters.common`` says what differs). Training
 pairs: every image x is decoded at the tokenizer's resolution and tokenised once (T(x), kept in memory
@@ -81,6 +82,7 @@ def train(spec: AdapterSpec, model: nn.Module, tokenizer: Tokenizer, images: np.
         raise ValueError("set --steps and/or --minutes")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device  # the model's device; targets are tokenised on the tokenizer's
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.99))
     model.train()
     start, step, losses, accs = time.monotonic(), 0, [], []
@@ -94,7 +96,8 @@ def train(spec: AdapterSpec, model: nn.Module, tokenizer: Tokenizer, images: np.
         idx = rng.integers(0, len(images), size=batch)
         params = spec.sample(batch, model.cfg, gen)
         src, tgt = make_batch(spec, images, ids, idx, params, tokenizer, model.cfg)
-        logits = model(src, params)
+        src, tgt = src.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+        logits = model(src, params.to(device))
         loss = F.cross_entropy(logits, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,7 +110,8 @@ def train(spec: AdapterSpec, model: nn.Module, tokenizer: Tokenizer, images: np.
             print(f"{spec.kind} step {step} t={time.monotonic() - start:.0f}s loss={np.mean(losses[-log_every:]):.3f} "
                   f"acc={np.mean(accs[-log_every:]):.3f} lr={opt.param_groups[0]['lr']:.1e}", flush=True)
     k = max(1, min(50, len(losses)))
-    return {"steps": step, "train_seconds": round(time.monotonic() - start, 1),
+    seconds = time.monotonic() - start
+    return {"steps": step, "train_seconds": round(seconds, 1), "steps_per_s": step / max(seconds, 1e-9),
             "first_loss": losses[0] if losses else None,
             "final_loss": float(np.mean(losses[-k:])) if losses else None,
             "final_train_agreement": float(np.mean(accs[-k:])) if accs else None}
@@ -175,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: --steps only)")
     p.add_argument("--steps", type=int, default=0, help="max training steps (0: --minutes only)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="where the adapter trains (and a network tokenizer encodes the "
+                   "targets): cpu, cuda, cuda:N")
     p.add_argument("--lr", type=float, help="peak learning rate (default: tokenadapt 1e-3, coloradapt 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
@@ -198,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
+    if hasattr(tokenizer, "to"):  # a network tokenizer encodes the targets on the training device too
+        tokenizer.to(args.device)
     t0 = time.monotonic()
     images, ids = load_split(args.images, tokenizer, args.limit)
     print(f"loaded + tokenised {len(images)} training images at {tokenizer.resolution} px -> grid {tokenizer.grid} "
@@ -209,8 +217,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{spec.kind} {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
     lr = args.lr or spec.lr
+    model.to(args.device)
     stats = train(spec, model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
                   lr=lr, seed=args.seed)
+    model.cpu()  # saved and evaluated on the CPU
+    if hasattr(tokenizer, "to"):
+        tokenizer.to("cpu")
     save_adapter(model, args.out, spec.kind)
     result: dict[str, Any] = {"kind": spec.kind, "config": model.cfg.to_dict(), "n_train_images": len(images),
                               "batch": args.batch, "lr": lr, "seed": args.seed, "init": args.init, "params": n_params,
