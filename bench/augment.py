@@ -1,7 +1,8 @@
-"""Augmentation benchmark: the whole token data path against the JPEG pipeline, and TokenAdapt agreement.
+"""Augmentation benchmark: the token data path against the JPEG pipeline, the adapters' training-side cost,
+and TokenAdapt agreement.
 
     python bench/augment.py --data ../shared/data/imagenette/val --json out/augment.json \
-        [--tokenizer CKPT] [--tokenadapt CKPT | --tokenadapt-steps N | --tokenadapt-minutes M]
+        [--tokenizer CKPT] [--tokenadapt CKPT | --tokenadapt-steps N | --tokenadapt-minutes M] [--coloradapt CKPT]
 
 In one run, on the images under --data (tokenised with --tokenizer, or a k-means tokenizer fitted
 on them):
@@ -11,6 +12,10 @@ on them):
 - the JPEG pipeline over the same images (PIL decode, RandomResizedCrop 224, flip, to tensor);
 - the training-side embedding ops (bicubic RRC in embedding space, ColorAdapt, noise, Mixup) per
   batch of 256 on one CPU core, for the record (they belong on the accelerator, batched);
+- the learned adapters as the trainer runs them (``augment.tokenadapt`` / ``augment.coloradapt``, in the
+  training step): TokenAdapt's crop + flip and ColorAdapt's colour jitter on all 256 samples, next to the
+  naive ops they replace (nearest crop on ids, bicubic crop in embedding space + nearest code, AdaIN + nearest
+  code), ms per 256 samples on one CPU core, and on the GPU when there is one;
 - TokenAdapt vs the naive baseline (interpolate embeddings, nearest code): token agreement with
   the tokens of the really warped images, over random warps with a fixed seed, on images TokenAdapt
   was not trained on (a seeded ``--holdout`` share of --data, or the images under ``--val``).
@@ -59,12 +64,16 @@ def stream_rate(split_dir: str, transform, seconds: float) -> float:
     return rate(lambda: sum(len(b["key"]) for b in loader), seconds)
 
 
-def per_batch_ms(transform, tokens: np.ndarray, labels: np.ndarray, repeats: int = 3) -> float:
-    batch = {"tokens": torch.from_numpy(tokens[:BATCH].astype(np.int64)), "label": torch.from_numpy(labels[:BATCH])}
+def per_batch_ms(transform, tokens: np.ndarray, labels: np.ndarray, repeats: int = 3, device: str = "cpu") -> float:
+    batch = {"tokens": torch.from_numpy(tokens[:BATCH].astype(np.int64)).to(device),
+             "label": torch.from_numpy(labels[:BATCH]).to(device)}
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     transform(batch)
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         transform(batch)
+    sync()
     return (time.perf_counter() - t0) * 1000 / repeats
 
 
@@ -75,14 +84,14 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, n
     return np.sort(order[:-n_out]), np.sort(order[-n_out:])
 
 
-def tokenadapt_agreement(args, folder) -> dict:
+def tokenadapt_agreement(args, folder) -> tuple[dict, torch.nn.Module]:
     """TokenAdapt vs naive agreement on held-out images: a given checkpoint, or one trained here for
-    ``--tokenadapt-steps`` (or ``--tokenadapt-minutes``) on the other images of --data."""
+    ``--tokenadapt-steps`` (or ``--tokenadapt-minutes``) on the other images of --data. Returns (figures, model)."""
     from pipeline.adapters import load_tokenadapt
     from pipeline.adapters.tokenadapt import TokenAdapt
-    from pipeline.adapters.train_tokenadapt import evaluate, load_split, train
+    from pipeline.adapters.train import SPECS, evaluate, load_split, train
 
-    tok = folder.tokenizer
+    tok, spec = folder.tokenizer, SPECS["tokenadapt"]
     images, ids = load_split(list(folder.paths), tok)
     if args.val:
         train_idx, eval_images, eval_ids = np.arange(len(images)), *load_split(args.val, tok)
@@ -94,11 +103,43 @@ def tokenadapt_agreement(args, folder) -> dict:
     else:
         torch.manual_seed(0)
         model = TokenAdapt.for_tokenizer(tok)
-        stats = train(model, tok, images[train_idx], ids[train_idx], steps=args.tokenadapt_steps,
+        stats = train(spec, model, tok, images[train_idx], ids[train_idx], steps=args.tokenadapt_steps,
                       minutes=args.tokenadapt_minutes, batch=32, lr=1e-3, seed=0)
-    out = evaluate(model, tok, eval_images, eval_ids, seed=0, breakdown=False)
-    return {**{k: v for k, v in out.items() if "agreement" in k}, "tokenadapt_train_images": len(train_idx),
-            "tokenadapt_eval_images": len(eval_images), "tokenadapt_train_steps": stats.get("steps")}
+    out = evaluate(spec, model, tok, eval_images, eval_ids, seed=0, breakdown=False)
+    return ({**{k: v for k, v in out.items() if "agreement" in k}, "tokenadapt_train_images": len(train_idx),
+             "tokenadapt_eval_images": len(eval_images), "tokenadapt_train_steps": stats.get("steps")}, model)
+
+
+def coloradapt_agreement(args, folder, model: torch.nn.Module) -> dict:
+    """The learned ColorAdapt's token agreement with the tokens of really colour-jittered images, next to
+    AdaIN with the target's own statistics and copying the input (fixed-seed jitter; --val, else all of --data)."""
+    from pipeline.adapters.train import SPECS, evaluate, load_split
+
+    images, ids = load_split(args.val or list(folder.paths), folder.tokenizer)
+    out = evaluate(SPECS["coloradapt"], model, folder.tokenizer, images, ids, seed=0, breakdown=False)
+    return {f"coloradapt_{k}": v for k, v in out.items() if "agreement" in k}
+
+
+def adapter_costs(tokens: np.ndarray, labels: np.ndarray, codebook: torch.Tensor, tokenadapt: torch.nn.Module,
+                  coloradapt: torch.nn.Module, device: str) -> dict[str, float]:
+    """ms per 256 samples of the adapters' ops as the trainer runs them (``TokenAugment`` on ``device``, every
+    sample through the op) and of the naive ops they replace."""
+    crop = {"rrc": True, "rrc_scale": (0.35, 1.0), "hflip_p": 0.5}
+    colour = {"rrc": False, "hflip_p": 0.0, "color_adapt_p": 1.0}
+    settings = {
+        "naive_crop_nearest_ids": (TokenAugConfig(interpolation="nearest", **crop), {}),
+        "naive_crop_bicubic_requantized": (TokenAugConfig(interpolation="bicubic", **crop), {}),
+        "tokenadapt_crop": (TokenAugConfig(interpolation="nearest", tokenadapt="given", **crop),
+                            {"tokenadapt": tokenadapt}),
+        "adain_colour_requantized": (TokenAugConfig(**colour), {}),
+        "coloradapt_colour": (TokenAugConfig(coloradapt="given", **colour), {"coloradapt": coloradapt}),
+    }
+    out = {}
+    for name, (cfg, models) in settings.items():
+        augment = TokenAugment(cfg, codebook, **models).to(device)
+        out[f"{name}_ms_per_256_{'cpu' if device == 'cpu' else 'gpu'}"] = per_batch_ms(augment, tokens, labels,
+                                                                                       device=device)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--holdout", type=float, default=0.2,
                     help="share of --data held out of TokenAdapt training for its evaluation (seeded)")
     ap.add_argument("--val", help="evaluate TokenAdapt on these images instead (then it trains on all of --data)")
-    ap.add_argument("--no-tokenadapt", action="store_true", help="skip the TokenAdapt agreement")
+    ap.add_argument("--no-tokenadapt", action="store_true", help="skip the TokenAdapt agreement and the adapter costs")
+    ap.add_argument("--coloradapt", help="a trained ColorAdapt checkpoint for the adapter cost (default: a fresh one; "
+                    "its cost does not depend on its weights)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per throughput figure")
     args = ap.parse_args(argv)
 
@@ -148,7 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                          tokens, labels),
     }
     if not args.no_tokenadapt:
-        result.update(tokenadapt_agreement(args, folder))
+        from pipeline.adapters import LearnedColorAdapt, load_coloradapt
+
+        figures, tokenadapt = tokenadapt_agreement(args, folder)
+        result.update(figures)
+        coloradapt = (load_coloradapt(args.coloradapt, tok) if args.coloradapt
+                      else LearnedColorAdapt.for_tokenizer(tok))
+        if args.coloradapt:  # a trained one: its agreement too, on the images TokenAdapt is evaluated on
+            result.update(coloradapt_agreement(args, folder, coloradapt))
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            result.update(adapter_costs(tokens, labels, codebook, tokenadapt, coloradapt, device))
     result["targets_met"] = {"pipeline_vs_jpeg_per_core >= 20": result["pipeline_vs_jpeg_per_core"] >= 20}
     if "tokenadapt_agreement" in result:
         result["targets_met"]["tokenadapt beats naive"] = result["tokenadapt_agreement"] > result["naive_agreement"]

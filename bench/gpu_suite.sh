@@ -10,7 +10,7 @@
 # 2. tokenise (budget 140 s): GPU tokenisation images/s of the Ray job (SeiT-sized VQGAN, 32 x 32 tokens at
 #    256 px, K = 8192) against the bare encoder on the same GPU: bench/gpu_tokenise.py.
 # 3. tokenadapt (budget 90 s): TokenAdapt training steps/s on the GPU (batch 32, the same tokenizer, 512
-#    generated images, 100 steps): bench/gpu_tokenadapt.py (pipeline.adapters.train_tokenadapt --device cuda).
+#    generated images, 100 steps): bench/gpu_tokenadapt.py (pipeline.adapters.train --kind tokenadapt --device cuda).
 #
 # Each stage runs under `timeout` with its budget (520 s in all, data generation included; a stage that ignores
 # the stop is killed 5 s later, so the suite ends within 535 s),

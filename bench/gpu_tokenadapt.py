@@ -1,4 +1,4 @@
-"""TokenAdapt training speed on one device: ``pipeline.adapters.train_tokenadapt`` on generated images.
+"""TokenAdapt training speed on one device: ``pipeline.adapters.train --kind tokenadapt`` on generated images.
 
     python bench/gpu_tokenadapt.py --json OUT.json [--steps 150] [--batch 32] [--images 512] [--dry-run]
 
@@ -24,7 +24,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import torch  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
-from pipeline.adapters import train_tokenadapt  # noqa: E402
+from pipeline.adapters.train import parse_args, run  # noqa: E402
 from pipeline.tokenizer.vqgan import VQGANTokenizer, seit_preset, tiny_preset  # noqa: E402
 from vqpt.sample_data import generate_imagenet_folder  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
     config, images, steps, batch = (tiny_preset(resolution=32, n_embed=64), 8, 3, 4) if dry else \
         (seit_preset(), args.images, args.steps, args.batch)
-    extra = ["--width", "16", "--heads", "2"] if dry else []
+    extra = ["--model", "width=16", "heads=2"] if dry else []
     with tempfile.TemporaryDirectory(prefix="vqpt-gpu-tokenadapt-") as tmp:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  per_class=4 if dry else images // 16)
         VQGANTokenizer(config, seed=0).save(tmp_path / "tokenizer.pt")
         generate_s = time.perf_counter() - t0
-        stats = train_tokenadapt.main(["--images", str(tmp_path / "src"), "--tokenizer", str(tmp_path / "tokenizer.pt"),
-                                       "--out", str(tmp_path / "tokenadapt.pt"), "--steps", str(steps), "--batch",
-                                       str(batch), "--device", device, *extra])
+        stats = run(parse_args(["--kind", "tokenadapt", "--images", str(tmp_path / "src"), "--tokenizer",
+                                str(tmp_path / "tokenizer.pt"), "--out", str(tmp_path / "tokenadapt.pt"), "--steps",
+                                str(steps), "--batch", str(batch), "--device", device, *extra]))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dry_run": dry,
               "torch": torch.__version__, "tokenizer": {"preset": "tiny" if dry else "seit",
                                                         "resolution": config.resolution, "K": config.n_embed},

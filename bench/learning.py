@@ -1,16 +1,20 @@
 """The learning benchmark: top-1 against storage for pixels, tokens, and tokens + pre-training.
 
-    python bench/learning.py --train ../shared/data/imagenette/train --val ../shared/data/imagenette/val \\
-        --json out/learning.json --png docs/learning_imagenette.png
+    python bench/learning.py --train ../shared/data/imagenette_full/train --val ../shared/data/imagenette_full/val \\
+        --json out/learning.json --arms pixel,pixel_matched,token,token:seitpp,mtm:seitpp --budget-scale 1
 
 Both roots are ImageNet-layout split folders (one sub-folder per class, the same classes). Stages,
-every one the shipped tool under its real launcher:
+every one the shipped tool under its real launcher (``bench/learning_arms.py``):
 
-1. tokenise train and val with ``pipeline.tokenise`` (a k-means tokenizer fitted on train, or
-   ``--tokenizer``), at ``--resolution`` px;
+1. tokenise train and val with ``pipeline.tokenise`` (a tokenizer fitted on train, k-means unless
+   ``--tokenizer-kind``, or ``--tokenizer``), at ``--token-resolution`` px; with a ``seitpp`` arm, train
+   TokenAdapt and ColorAdapt on train for that tokenizer (``pipeline.adapters.train``, time counted);
 2. arms, each fine-tuned with ``pretrain.finetune --task classify`` (configs/finetune_cls_tiny.yaml,
-   same steps, batch, lr and augmentation) and evaluated with ``pretrain.evaluate`` on val:
-   ``pixel``  pixel-stem ViT from scratch on the JPEGs (``data.input: pixels``, patch 16 px),
+   same steps, batch, lr and sequence length: 8x8 patches) and evaluated with ``pretrain.evaluate`` on
+   val at 25 / 50 / 75 / 100 % of its fine-tuning steps (the ``curve``):
+   ``pixel``  pixel-stem ViT from scratch on the JPEGs decoded at ``--resolution`` (patch 16 px),
+   ``pixel_matched`` the same at the tokens' source resolution (``--token-resolution``, patch 32 px at
+              256): the fair pixel baseline, as much image as the tokens were made from;
    ``token``  token-stem ViT from scratch on the tokens (patch 2 x 2 tokens: the same sequence length),
    ``mtm``    MTM pre-training on the train tokens, then fine-tuning,
    ``m3i``    M3I pre-training (intra-view MTM + inter-view + category), then fine-tuning,
@@ -20,19 +24,24 @@ every one the shipped tool under its real launcher:
               (``bench/equal_bytes.py``: per format JPEG / WebP / AVIF, the highest-PSNR side and
               quality within 5 % of the budget), a pixel arm trained on each format that can get
               that small, and the best of them reported;
+   a token arm may name its augmentation: ``token:seitpp``, ``mtm:seitpp`` (ids | seit | seitpp);
 3. with ``--frontier``: pixel arms at ``--pixel-budgets`` bytes/image (best-PSNR format each) and token
-   arms at ``--token-variants`` (resolution, hence grid, and codebook size K');
-4. JSON (``top1_<arm>``, ``bytes_per_image_<jpeg|token|jpeg_equal>``, ratios, ``targets``, ``frontier``,
-   ``wall_s``, per-arm details) and a PNG: top-1 against bytes/image, a line for pixels, one for
-   tokens, points for MTM / M3I / ADDP.
+   arms at ``--token-variants`` (resolution, hence grid, codebook size K' and tokenizer kind);
+4. JSON (``top1_<arm>[_<aug>]``, ``top1_pixel_best`` (the better pixel arm), ``top1_token_best``,
+   ``bytes_per_image_<jpeg|token|jpeg_equal>``, ratios, ``targets`` (each against ``top1_pixel_best``),
+   ``curve`` (arm -> [(epochs, top-1), ...]), ``frontier``, ``wall_s``, per-arm details) and a PNG: top-1
+   against bytes/image, and top-1 against epochs, one line per arm.
 
-``--seeds 0,1`` runs the headline arms (pixel, token, mtm, jpeg_equal) once per seed and reports the
-mean (``top1_<arm>``) and the spread (``top1_<arm>_spread``: half the max-min range). ``--token-aug
-seit`` fine-tunes token arms with SeiT's token augmentation (synonym replacement 0.25, code swap 0.25,
-embedding noise 0.5, random resized crop in embedding space, CutMix) instead of the ids-only recipe.
+``--budget-scale S`` multiplies every pre-training and fine-tuning step count (warm-ups are fractions of
+them). ``--seeds 0,1`` runs the headline arms (pixel, pixel_matched, token, mtm, jpeg_equal, with any
+augmentation) once per seed and reports the mean (``top1_<arm>``) and the spread (``top1_<arm>_spread``:
+half the max-min range). ``--dev-fraction 0.12`` holds a seeded share of train out as a dev split and
+evaluates there instead of val: settings (recipes, probabilities, tokenizers) are chosen on dev, never
+on the val that is reported. Pixel arms read their images decoded once into a uint8 cache
+(``pretrain/pixel_cache.py``, at the tokens' source resolution; ``--no-pixel-cache`` decodes every epoch).
 
 Pre-training and fine-tuning use the train split only; val is only evaluated. Scratch arms train
-without layer-wise lr decay, fine-tuned arms with the config's (0.75). Every arm's budget is in the
+without layer-wise lr decay, fine-tuned arms with ``--layer-decay``. Every arm's budget is in the
 JSON. A stage whose outputs exist is reused (``--work``); ``--fresh`` starts over.
 """
 
@@ -43,256 +52,117 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.equal_bytes import Setting, available_formats, best_setting, write_folder  # noqa: E402
+from bench.equal_bytes import available_formats  # noqa: E402
+from bench.learning_arms import (  # noqa: E402
+    PIXEL_ARMS,
+    dev_split,
+    equal_byte_arms,
+    frontier,
+    jpeg_bytes,
+    run_arm,
+    tokens_for,
+    train_adapters,
+)
 from bench.learning_plot import plot  # noqa: E402
-from pipeline.images import list_images  # noqa: E402
-from pipeline.readers import list_imagenet  # noqa: E402
-from pretrain.launch import run_deepspeed  # noqa: E402
-from storage.manifest import read_manifest  # noqa: E402
 
-ARMS = ("pixel", "token", "mtm", "m3i", "addp", "jpeg_equal")
-HEADLINE = ("pixel", "token", "mtm", "jpeg_equal")  # the arms ``--seeds`` repeats
+ARMS = ("pixel", "pixel_matched", "token", "mtm", "m3i", "addp", "jpeg_equal")
+AUGS = ("ids", "seit", "seitpp")
+HEADLINE = ("pixel", "pixel_matched", "token", "mtm", "jpeg_equal")  # the arms ``--seeds`` repeats
 BUDGET_KEYS = ("resolution", "token_resolution", "vocab", "depth", "token_patch", "batch_size", "ranks", "workers",
-               "pretrain_steps", "finetune_steps", "pretrain_lr", "finetune_lr", "seeds", "token_aug", "layer_decay",
-               "equal_formats")
-# SeiT's fine-tuning token augmentation (naver-ai/seit token_transform.py), on ids with re-quantisation.
-SEIT_TOKEN_AUG = ["augment.replace_p=0.25", "augment.swap_p=0.25", "augment.noise_p=0.5",
-                  "augment.interpolation=bicubic", "augment.cutmix_alpha=1.0"]
-PRETRAIN = {"mtm": "mtm_vit_tiny.yaml", "m3i": "m3i_vit_tiny.yaml", "addp": "addp_vit_tiny.yaml"}
+               "pretrain_steps", "finetune_steps", "budget_scale", "pretrain_lr", "finetune_lr", "seeds", "token_aug",
+               "layer_decay", "equal_formats", "dev_fraction", "adapter_steps", "adapter_images")
 
 
-def jpeg_bytes(split: Path) -> tuple[int, int, list[str]]:
-    """(bytes, images, class names) of the labelled images of an ImageNet-layout split folder."""
-    listing = list_imagenet(split.parent, split.name)
-    if not listing.items:
-        raise SystemExit(f"{split}: no labelled images (expected <split>/<class>/<image>)")
-    return sum(Path(i.path).stat().st_size for i in listing.items), len(listing.items), listing.class_names
+def arm_key(arm: str, aug: str, default_aug: str) -> str:
+    """The JSON key of an arm: its name, plus ``_<aug>`` for a token arm whose augmentation is not the default."""
+    return arm if arm in PIXEL_ARMS or arm == "jpeg_equal" or aug == default_aug else f"{arm}_{aug}"
 
 
-def token_bytes(split_dir: Path) -> tuple[int, int]:
-    """(shard bytes, samples) of a tokenised split."""
-    m = read_manifest(str(split_dir / "manifest.parquet"))
-    return sum(s.bytes for s in m.shards), m.num_samples
-
-
-def tokenise(split: Path, out: Path, args: argparse.Namespace, tokenizer: str | None,
-             resolution: int | None = None, vocab: int | None = None) -> Path:
-    """``pipeline.tokenise`` of one split folder into ``out/<split name>`` (at ``resolution`` px with a
-    fitted K = ``vocab`` tokenizer, default the arguments'); reused when present."""
-    from pipeline.tokenise import main as tokenise_main
-
-    done = out / split.name / "manifest.parquet"
-    if not done.exists():
-        argv = ["--dataset", "imagenet", "--src", str(split.parent), "--split", split.name, "--out", str(out),
-                "--resolution", str(resolution or args.resolution), "--vocab", str(vocab or args.vocab),
-                "--shard-size", "256", "--num-cpus", str(args.cpus)]
-        if tokenizer:
-            argv += ["--tokenizer", tokenizer]
-        if tokenise_main(argv) != 0:
-            raise SystemExit(f"tokenising {split} failed")
-    return out / split.name
-
-
-def train(module: str, args: list[str], out: Path, ranks: int) -> float:
-    """One launcher run (skipped when ``out/backbone.pt`` exists); returns its wall seconds."""
-    if (out / "backbone.pt").exists():
-        print(f"  reuse {out}", flush=True)
-        return 0.0
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = run_deepspeed(module, [*args, "--out", str(out), "run.progress=false"], ranks=ranks,
-                         log=out.with_suffix(".log"))
-    if proc.returncode != 0:
-        raise SystemExit(f"{module} failed (rc {proc.returncode}); see {out.with_suffix('.log')}")
-    return time.perf_counter() - t0
-
-
-def evaluate(run: Path, data: Path) -> dict:
-    import torch
-
-    from pretrain.evaluate import evaluate as evaluate_run
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_run(str(run / "checkpoints"), str(data), batch_size=128, device=device)
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """A tokenised train/val pair and what the token-stem arms need to know about it."""
-
-    train: Path
-    val: Path
-    tokenizer: Path
-    bytes_per_image: float  # shards of both splits / images of both splits
-    resolution: int  # px of the images the tokens were made from
-    grid: int
-    vocab: int
-    token_patch: int  # tokens per patch side of the token stem
-
-    @property
-    def name(self) -> str:
-        """What names the runs trained on these tokens: ``r<resolution>_k<vocab>``."""
-        return f"r{self.resolution}_k{self.vocab}"
-
-
-def tokens_for(args: argparse.Namespace, work: Path, resolution: int, vocab: int, tokenizer: str | None,
-               n_images: int) -> Tokens:
-    """Tokenise train (fitting a k-means K = ``vocab`` tokenizer unless ``tokenizer``) and val with it, at
-    ``resolution`` px. The token stem's patch (``--token-patch``, default: grid * 16 / --resolution)
-    gives the same sequence length as the pixel arms' 16-px patches at --resolution."""
-    root = work / "tokens" / ("given" if tokenizer else f"r{resolution}_k{vocab}")
-    train_tok = tokenise(args.train, root / "train_root", args, tokenizer, resolution, vocab)
-    tok_path = tokenizer or str(root / "train_root" / "tokenizer.pt")
-    val_tok = tokenise(args.val, root / "val_root", args, tok_path, resolution, vocab)
-    (tb_train, _), (tb_val, _) = token_bytes(train_tok), token_bytes(val_tok)
-    meta = read_manifest(str(train_tok / "manifest.parquet")).meta
-    grid = int(meta.grid[0])
-    patch = args.token_patch or max(1, grid * 16 // args.resolution)
-    return Tokens(train_tok, val_tok, Path(tok_path), (tb_train + tb_val) / n_images, int(meta.resolution), grid,
-                  int(meta.vocab_size), patch)
-
-
-def model_overrides(args: argparse.Namespace, seed: int) -> list[str]:
-    return [f"model.depth={args.depth}", f"data.batch_size={args.batch_size}", f"run.seed={seed}",
-            f"data.num_workers={args.workers}"]
-
-
-def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed: int = 0, name: str | None = None,
-            pixels: tuple[Path, Path] | None = None) -> dict:
-    """Pre-train (if the arm does) and fine-tune one arm; returns its metrics and timings.
-
-    ``name`` names its run folders (default: the arm, plus ``_r<res>_k<K>`` of the tokens for arms that
-    read them); seeds other than 0 add ``_s<seed>``. ``pixels`` (train, val) folders replace
-    --train/--val for pixel arms (the equal-byte copies)."""
-    seit = arm in ("token", "mtm", "m3i") and args.token_aug == "seit"
-    decay = arm in PRETRAIN and args.layer_decay is not None
-    name = name or (arm if arm == "pixel" else f"{arm}_{tokens.name}")
-    tag = (name + ("_seitaug" if seit else "") + (f"_ld{args.layer_decay:g}" if decay else "")
-           + ("" if seed == 0 else f"_s{seed}"))
-    sfx = f"_{tokens.name}" + ("" if seed == 0 else f"_s{seed}")
-    common = model_overrides(args, seed)
-    if arm not in ("pixel", "addp"):  # token-stem encoders
-        common.append(f"model.patch_size={tokens.token_patch}")
-    pre_s = 0.0
-    init: list[str] = []
-    extra: list[str] = []
-    pixel_patch = 16 * tokens.resolution // args.resolution  # ADDP decodes tokens to pixels: same sequence
-    if arm in PRETRAIN:
-        pre = [f"run.steps={args.pretrain_steps}", f"optim.lr={args.pretrain_lr}",
-               f"optim.warmup_steps={max(1, args.pretrain_steps // 20)}", *common]
-        pre += ["objective.decoder_dim=128", "objective.decoder_heads=4"]  # a CPU-sized decoder for all three
-        if arm == "addp":
-            pre += [f"objective.tokenizer={tokens.tokenizer}", f"objective.pixel_patch={pixel_patch}",
-                    f"objective.predictor={work / f'pre_mtm{sfx}' / 'checkpoints'}"]
-            extra = [f"objective.decoder={tokens.tokenizer}", f"objective.pixel_patch={pixel_patch}"]
-        pre_s = train("pretrain.train", ["--config", str(ROOT / "configs" / PRETRAIN[arm]), "--data",
-                                         str(tokens.train), *pre], work / f"pre_{arm}{sfx}", args.ranks)
-        init = ["--init", str(work / f"pre_{arm}{sfx}" / "checkpoints")]
-    ft = [f"run.steps={args.finetune_steps}", f"optim.lr={args.finetune_lr}",
-          f"optim.warmup_steps={max(1, args.finetune_steps // 10)}", *common, *extra]
-    if arm in ("pixel", "token"):
-        ft.append("optim.layer_decay=1.0")
-    elif decay:
-        ft.append(f"optim.layer_decay={args.layer_decay}")
-    if seit:
-        ft += SEIT_TOKEN_AUG
-    train_data, val_data = tokens.train, tokens.val
-    if arm == "pixel":
-        train_data, val_data = pixels or (args.train, args.val)
-        ft += ["data.input=pixels", f"data.resolution={args.resolution}", "model.stem=pixel", "model.patch_size=16"]
-    ft_s = train("pretrain.finetune", ["--task", "classify", *init, "--config",
-                                       str(ROOT / "configs" / "finetune_cls_tiny.yaml"), "--data", str(train_data),
-                                       *ft], work / f"ft_{tag}", args.ranks)
-    metrics = evaluate(work / f"ft_{tag}", val_data)
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "val_samples": metrics["samples"],
-            "pretrain_s": round(pre_s, 1), "finetune_s": round(ft_s, 1)}
-
-
-def reencoded(args: argparse.Namespace, work: Path, setting: Setting, target: float) -> tuple[Path, Path, float]:
-    """Both splits re-encoded with ``setting`` (quality refitted on train to ``target``): (train, val, bytes/image)."""
-    root = work / "equal" / f"{setting.fmt}_{round(target)}"
-    tr = write_folder(args.train, root / "train", setting, target)
-    va = write_folder(args.val, root / "val", Setting(**tr["setting"]))
-    return root / "train", root / "val", (tr["bytes"] + va["bytes"]) / (tr["images"] + va["images"])
-
-
-def equal_byte_arms(args: argparse.Namespace, tokens: Tokens, work: Path, seed: int) -> dict[str, dict]:
-    """A pixel arm per format that reaches the token arm's bytes/image (within 5 %); unreachable formats
-    are listed with ``reachable: false``."""
-    paths, target, arms = list_images(args.train), tokens.bytes_per_image, {}
-    for fmt in args.equal_formats:
-        setting = best_setting(paths, target, fmt, args.resolution)
-        if setting is None:
-            arms[fmt] = {"reachable": False, "target_bytes_per_image": target}
-            continue
-        train_dir, val_dir, bpi = reencoded(args, work, setting, target)
-        run = run_arm("pixel", args, tokens, work, seed, f"pixel_{fmt}_{round(target)}", (train_dir, val_dir))
-        arms[fmt] = {**run, "reachable": True, "bytes_per_image": bpi,
-                     "setting": json.loads((train_dir / "equal_bytes.json").read_text())["setting"]}
-    return arms
-
-
-def frontier(args: argparse.Namespace, tokens: Tokens, work: Path, n_images: int) -> list[dict]:
-    """Pixel arms at ``--pixel-budgets`` (best-PSNR format each) and token arms at ``--token-variants``."""
-    points, paths = [], list_images(args.train)
-    for budget in args.pixel_budgets:
-        found = [s for f in args.equal_formats if (s := best_setting(paths, budget, f, args.resolution))]
-        if not found:
-            points.append({"kind": "pixel", "target_bytes_per_image": budget, "reachable": False})
-            continue
-        best = max(found, key=lambda s: s.psnr)
-        train_dir, val_dir, bpi = reencoded(args, work, best, budget)
-        run = run_arm("pixel", args, tokens, work, 0, f"pixel_{round(budget)}", (train_dir, val_dir))
-        points.append({"kind": "pixel", "label": f"{best.fmt} {best.side}px", "bytes_per_image": bpi, **run})
-    for res, vocab in args.token_variants:
-        variant = tokens_for(args, work, res, vocab, None, n_images)
-        run = run_arm("token", args, variant, work, 0)
-        points.append({"kind": "token", "label": f"{variant.grid}x{variant.grid} K={vocab}",
-                       "bytes_per_image": variant.bytes_per_image, **run})
-    return points
+def _best(result: dict, prefix: str) -> tuple[str, float] | None:
+    """(key, top-1) of the best ``top1_<prefix>`` / ``top1_<prefix>_<aug>`` in ``result`` (None if none)."""
+    found = [(k[5:], v) for k, v in result.items() if v is not None and not k.endswith(("_spread", "_seeds", "_best"))
+             and (k == f"top1_{prefix}" or any(k == f"top1_{prefix}_{a}" for a in AUGS))]
+    return max(found, key=lambda kv: kv[1]) if found else None
 
 
 def summarise(result: dict, seeds_top1: dict[str, list[float]]) -> None:
-    """Means and spreads over seeds, the ratios and the issue's targets, into ``result``."""
-    for arm, values in seeds_top1.items():
-        result[f"top1_{arm}"] = sum(values) / len(values)
+    """Means and spreads over seeds, the best pixel and token arms, the ratios and the issue's targets."""
+    for key, values in seeds_top1.items():
+        result[f"top1_{key}"] = sum(values) / len(values)
         if len(values) > 1:
-            result[f"top1_{arm}_spread"] = (max(values) - min(values)) / 2
-            result[f"top1_{arm}_seeds"] = values
-    top = {a: result.get(f"top1_{a}") for a in ARMS}
-    if top["pixel"] and top["token"] is not None:
-        result["token_vs_pixel_top1"] = top["token"] / top["pixel"]
-    for arm in ("mtm", "m3i", "addp", "jpeg_equal"):
-        if top[arm] is not None and top["token"] is not None:
-            result[f"{arm}_minus_token_points"] = 100 * (top[arm] - top["token"])
+            result[f"top1_{key}_spread"] = (max(values) - min(values)) / 2
+            result[f"top1_{key}_seeds"] = values
+    pixels = [(a, result[f"top1_{a}"]) for a in PIXEL_ARMS if result.get(f"top1_{a}") is not None]
+    token, mtm = _best(result, "token"), _best(result, "mtm")
     targets = {}
-    if top["pixel"] and top["token"] is not None:
-        targets["token >= 0.90 x pixel with <= 1200 B/image"] = bool(
-            top["token"] >= 0.9 * top["pixel"] and result["bytes_per_image_token"] <= 1200)
-    if top["jpeg_equal"] is not None and top["token"] is not None:
-        targets["token >= jpeg_equal + 0.05"] = bool(top["token"] >= top["jpeg_equal"] + 0.05)
-    if top["mtm"] is not None and top["token"] is not None:
-        targets["mtm >= token + 0.03 (CPU budget)"] = bool(top["mtm"] >= top["token"] + 0.03)
+    if pixels:
+        result["pixel_best"], result["top1_pixel_best"] = max(pixels, key=lambda kv: kv[1])
+    if token:
+        result["token_best"], result["top1_token_best"] = token
+    best_pixel, best_token = result.get("top1_pixel_best"), result.get("top1_token_best")
+    if best_pixel and best_token is not None:
+        result["token_vs_pixel_best_top1"] = best_token / best_pixel
+        targets["token (best aug) >= 0.90 x top1_pixel_best with <= 1200 B/image"] = bool(
+            best_token >= 0.9 * best_pixel and result["bytes_per_image_token"] <= 1200)
+    if result.get("top1_pixel") and result.get("top1_token") is not None:
+        result["token_vs_pixel_top1"] = result["top1_token"] / result["top1_pixel"]
+    ids, seitpp = (_seed_mean(result, "token", a, result["budget"]["token_aug"]) for a in ("ids", "seitpp"))
+    if ids is not None and seitpp is not None:
+        result["seitpp_minus_ids_points"] = 100 * (seitpp - ids)
+        targets["seitpp aug >= ids aug + 2 points"] = bool(seitpp >= ids + 0.02)
+    if mtm and token:
+        result["mtm_best"], result["top1_mtm_best"] = mtm
+        result["mtm_minus_token_points"] = 100 * (mtm[1] - token[1])
+        targets["mtm >= token + 3 points (best aug each)"] = bool(mtm[1] >= token[1] + 0.03)
+    for arm in ("m3i", "addp", "jpeg_equal"):
+        if result.get(f"top1_{arm}") is not None and best_token is not None:
+            result[f"{arm}_minus_token_points"] = 100 * (result[f"top1_{arm}"] - best_token)
+    if result.get("top1_jpeg_equal") is not None and best_token is not None:
+        targets["token >= jpeg_equal + 0.05"] = bool(best_token >= result["top1_jpeg_equal"] + 0.05)
     result["targets"] = targets
+
+
+def _seed_mean(result: dict, arm: str, aug: str, default_aug: str) -> float | None:
+    return result.get(f"top1_{arm_key(arm, aug, default_aug)}")
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _variants(text: str) -> list[tuple[int, int]]:
-    """"128:64,256:512" -> [(128, 64), (256, 512)] (resolution px : codebook size K')."""
-    try:
-        return [(int(r), int(k)) for r, k in (v.split(":") for v in text.split(",") if v)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token variants are RES:K pairs separated by commas, got {text!r}") from None
+def _variants(text: str) -> list[tuple[int, int, str]]:
+    """"128:64,256:512:zca" -> [(128, 64, "kmeans"), (256, 512, "zca")] (resolution px : K' [: tokenizer kind])."""
+    out = []
+    for v in (v for v in text.split(",") if v):
+        parts = v.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            out.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "kmeans"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"token variants are RES:K[:KIND] separated by commas, got {text!r}") \
+                from None
+    return out
+
+
+def _arms(text: str, default_aug: str) -> list[tuple[str, str]]:
+    """"pixel,token,token:seitpp" -> [("pixel", default), ("token", default), ("token", "seitpp")]."""
+    out = []
+    for spec in (a for a in text.split(",") if a):
+        arm, _, aug = spec.partition(":")
+        if arm not in ARMS or (aug and aug not in AUGS):
+            raise SystemExit(f"error: unknown arm {spec!r}; arms: {', '.join(ARMS)}, optionally ARM:AUG with AUG one "
+                             f"of {', '.join(AUGS)} for token arms")
+        if aug and (arm in PIXEL_ARMS or arm == "jpeg_equal"):
+            raise SystemExit(f"error: {spec!r}: only token arms take an augmentation")
+        out.append((arm, aug or default_aug))
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -304,23 +174,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, help="storage-vs-accuracy chart (default: next to --json)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "learning", help="tokens, runs and logs")
     p.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished stages")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default="pixel,pixel_matched,token,mtm,m3i,addp,jpeg_equal",
+                   help=f"comma-separated subset of {','.join(ARMS)}; a token arm may name its augmentation, "
+                        "e.g. token:seitpp,mtm:seitpp (default: --token-aug)")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds for the headline arms "
-                   f"({', '.join(HEADLINE)}); others run with the first")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: fit k-means on train)")
+                   "(--seeded-arms); others run with the first")
+    p.add_argument("--seeded-arms", type=lambda t: [a for a in t.split(",") if a], default=list(HEADLINE),
+                   help=f"the arms --seeds repeats, with any augmentation (default: {','.join(HEADLINE)})")
+    p.add_argument("--dev-fraction", type=float, default=0.0,
+                   help="hold out this seeded share of --train (per class) as a dev split, train on the rest and "
+                        "evaluate on it instead of --val: for choosing settings without looking at val")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: fit one on train, see --tokenizer-kind)")
+    p.add_argument("--tokenizer-kind", default="kmeans",
+                   help="registered tokenizer kind fitted on train when --tokenizer is not given (bench/tokenizers.py)")
     p.add_argument("--resolution", type=int, default=128,
-                   help="image side in px of the pixel arms (16-px patches: the sequence every arm gets)")
+                   help="image side in px of the pixel arm (16-px patches: the sequence every arm gets)")
     p.add_argument("--token-resolution", type=int,
-                   help="image side in px the tokens are made from (default: 2 x --resolution, i.e. 32x32 "
-                        "k-means tokens at 256 px: the best found, 45.8 vs 40.9 %% for 16x16 at 128 px)")
-    p.add_argument("--vocab", type=int, default=512, help="K of the fitted k-means tokenizer")
+                   help="image side in px the tokens are made from, and the pixel_matched arm's (default: 2 x "
+                        "--resolution, i.e. 32x32 k-means tokens at 256 px: 45.8 vs 40.9 %% for 16x16 at 128 px)")
+    p.add_argument("--vocab", type=int, default=512, help="K of the fitted tokenizer")
     p.add_argument("--depth", type=int, default=4, help="ViT-Tiny blocks (192 wide)")
     p.add_argument("--token-patch", type=int,
                    help="tokens per patch side of the token stem (default: the pixel arms' sequence length, "
                         "e.g. 4 for 32x32 tokens against 128 px / 16)")
-    p.add_argument("--token-aug", choices=("ids", "seit"), default="ids",
-                   help="token arms' fine-tuning augmentation: the ids-only recipe of finetune_cls_tiny.yaml, "
-                        "or SeiT's (synonyms, code swap, embedding noise, embedding-space crop, CutMix)")
+    p.add_argument("--token-aug", choices=AUGS, default="ids",
+                   help="token arms' augmentation when the arm names none: the ids-only recipe of "
+                        "finetune_cls_tiny.yaml, SeiT's (synonyms, code swap, embedding noise, embedding-space crop, "
+                        "CutMix), or SeiT++'s (learned TokenAdapt and ColorAdapt, trained on train first, Token-EDA, "
+                        "CutMix; bench/learning_arms.py seitpp_overrides)")
+    p.add_argument("--adapter-steps", type=int, default=100, help="training steps of TokenAdapt and of ColorAdapt")
+    p.add_argument("--adapter-images", type=int, default=2000, help="train images the adapters are trained on")
     p.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay when fine-tuning pre-trained arms (default 1.0: off, measured best at "
                         "the CPU budget, MTM 39.4 vs 37.0 %% with MAE's 0.75; scratch arms always train without)")
@@ -329,28 +212,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frontier", action="store_true", help="also the pixel budgets and token variants below")
     p.add_argument("--pixel-budgets", type=_ints, default=[4000, 2000, 1000, 500],
                    help="bytes/image of the frontier's pixel arms")
-    p.add_argument("--token-variants", type=_variants, default=[(128, 64), (256, 512)],
-                   help="RES:K token arms of the frontier (grid = RES / 8 with k-means codes)")
+    p.add_argument("--token-variants", type=_variants, default=[(128, 64, "kmeans"), (256, 512, "kmeans")],
+                   help="RES:K[:KIND] token arms of the frontier (grid = RES / 8 with k-means codes)")
+    p.add_argument("--no-pixel-cache", dest="pixel_cache", action="store_false",
+                   help="pixel arms decode the JPEGs every epoch instead of reading them decoded once "
+                        "(pretrain/pixel_cache.py, at --token-resolution)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs for the tokenisation job")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=500, help="at --budget-scale 1")
+    p.add_argument("--finetune-steps", type=int, default=400, help="at --budget-scale 1")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiplies every pre-training and fine-tuning step count (warm-ups are fractions of them)")
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     args = p.parse_args(argv)
-    args.arms = [a for a in args.arms.split(",") if a]
-    bad = sorted(set(args.arms) - set(ARMS))
-    if bad:
-        p.error(f"unknown arm(s) {bad}; arms: {', '.join(ARMS)}")
-    if "addp" in args.arms and "mtm" not in args.arms:
-        p.error("the addp arm needs the mtm arm (its token predictor is the MTM run)")
+    args.arms = _arms(args.arms, args.token_aug)
+    for arm, aug in args.arms:
+        if arm == "addp" and ("mtm", aug) not in args.arms:
+            p.error(f"the addp arm needs the mtm arm with its augmentation (mtm:{aug}): its token predictor is that "
+                    "MTM run")
     unknown = sorted(set(args.equal_formats) - set(available_formats()))
     if unknown:
         p.error(f"--equal-formats {unknown} cannot be written by this Pillow; available: {available_formats()}")
     if not args.seeds:
         p.error("--seeds needs at least one seed")
+    if not 0 <= args.dev_fraction < 1 or args.budget_scale <= 0:
+        p.error("--dev-fraction must be in [0, 1) and --budget-scale > 0")
     args.token_resolution = args.token_resolution or 2 * args.resolution
     return args
 
@@ -361,31 +250,45 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    reported_val = args.val
+    if args.dev_fraction:
+        args.train, args.val = dev_split(args.train, args.dev_fraction, 0, args.work / "dev_split")
     jpeg_train, n_train, classes = jpeg_bytes(args.train)
     jpeg_val, n_val, val_classes = jpeg_bytes(args.val)
     if list(classes) != list(val_classes):
         raise SystemExit(f"train and val class lists differ: {len(classes)} vs {len(val_classes)} classes")
     n_images = n_train + n_val
-    print(f"[1/3] tokenise {n_train} train + {n_val} val images at {args.token_resolution} px", flush=True)
-    tokens = tokens_for(args, args.work, args.token_resolution, args.vocab, args.tokenizer, n_images)
+    print(f"[1/3] tokenise {n_train} train + {n_val} {'dev' if args.dev_fraction else 'val'} images at "
+          f"{args.token_resolution} px", flush=True)
+    tokens = tokens_for(args, args.work, args.token_resolution, args.vocab, args.tokenizer, n_images,
+                        args.tokenizer_kind)
     result: dict = {"train": str(args.train), "val": str(args.val), "train_images": n_train, "val_images": n_val,
-                    "classes": len(classes), "bytes_jpeg": jpeg_train + jpeg_val,
+                    "evaluated_on": "dev (held out of train)" if args.dev_fraction else "val",
+                    "reported_val": str(reported_val), "classes": len(classes), "bytes_jpeg": jpeg_train + jpeg_val,
                     "bytes_tokens": round(tokens.bytes_per_image * n_images),
                     "bytes_per_image_jpeg": (jpeg_train + jpeg_val) / n_images,
                     "bytes_per_image_token": tokens.bytes_per_image, "token_grid": tokens.grid,
                     "token_patch": tokens.token_patch, "token_resolution": tokens.resolution,
-                    "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "arms": {}}
+                    "tokenizer_kind": tokens.kind,
+                    "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "arms": {}, "curve": {}}
     result["storage_fraction"] = result["bytes_tokens"] / result["bytes_jpeg"]
 
     def save() -> None:  # partial results survive an interruption
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
+    adapters = None
     seeds_top1: dict[str, list[float]] = {}
-    runs = [(arm, seed) for seed in args.seeds for arm in args.arms if seed == args.seeds[0] or arm in HEADLINE]
-    for i, (arm, seed) in enumerate(runs, 1):
-        print(f"[2/3] arm {i}/{len(runs)}: {arm} (seed {seed})", flush=True)
-        key = arm if seed == args.seeds[0] else f"{arm}_s{seed}"
+    runs = [(arm, aug, seed) for seed in args.seeds for arm, aug in args.arms
+            if seed == args.seeds[0] or arm in args.seeded_arms]
+    for i, (arm, aug, seed) in enumerate(runs, 1):
+        base = arm_key(arm, aug, args.token_aug)
+        key = base if seed == args.seeds[0] else f"{base}_s{seed}"
+        print(f"[2/3] arm {i}/{len(runs)}: {base} (seed {seed})", flush=True)
+        if aug == "seitpp" and arm not in PIXEL_ARMS and adapters is None:  # trained when first needed
+            print("  train TokenAdapt and ColorAdapt on train", flush=True)
+            adapters = train_adapters(args, tokens, args.work)
+            result["adapters"] = {k: v for k, v in adapters.items() if k not in ("tokenadapt", "coloradapt")}
         if arm == "jpeg_equal":
             per_format = equal_byte_arms(args, tokens, args.work, seed)
             reached = {f: r for f, r in per_format.items() if r["reachable"]}
@@ -397,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             result["arms"][key] = {**reached[best], "format": best, "formats": per_format}
             result["bytes_per_image_jpeg_equal"] = reached[best]["bytes_per_image"]
         else:
-            result["arms"][key] = run_arm(arm, args, tokens, args.work, seed)
-        seeds_top1.setdefault(arm, []).append(result["arms"][key]["top1"])
-        print(f"  {arm}: top-1 {100 * result['arms'][key]['top1']:.1f} %", flush=True)
+            result["arms"][key] = run_arm(arm, args, tokens, args.work, seed, aug=aug, adapters=adapters)
+        result["curve"][key] = result["arms"][key].get("curve", [])
+        seeds_top1.setdefault(base, []).append(result["arms"][key]["top1"])
+        print(f"  {key}: top-1 {100 * result['arms'][key]['top1']:.1f} %", flush=True)
         summarise(result, seeds_top1)
         save()
     if args.frontier:
@@ -410,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     png = args.png or args.json.with_suffix(".png")
     plot(result, png)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "budget", "frontier")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "budget", "frontier", "curve")}, indent=2))
     print(f"wrote {args.json} and {png}")
     return 0
 

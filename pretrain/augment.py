@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.tokenizer.codebook import adain, channel_stats, embed, requantize
+from pretrain.augment_adapters import AdapterOps
 from pretrain.augment_geometry import (
     affine,
     box_theta,
@@ -71,7 +72,8 @@ def replace_synonyms(ids: torch.Tensor, table: torch.Tensor, p: float,
     Synonyms are looked up only at the replaced positions (a few percent): the data path's cost.
     """
     where = (torch.rand(ids.shape, generator=gen) < p).view(-1).nonzero().squeeze(1)
-    pick = torch.randint(0, table.shape[1], where.shape, generator=gen)
+    pick = torch.randint(0, table.shape[1], where.shape, generator=gen).to(ids.device)
+    where = where.to(ids.device)
     out = ids.clone()
     flat = out.view(-1)
     flat[where] = table[flat[where], pick]
@@ -99,7 +101,7 @@ def swap_patches(x: torch.Tensor, scale: tuple[float, float] = (0.0, 0.25), gen:
     sample with probability ``p``. A permutation of positions, so each sample keeps its multiset
     of ids. Works on ids (B, h, w) or embeddings (B, D, h, w); returns the same shape and dtype.
     """
-    chosen = (torch.rand(x.shape[0], generator=gen) < p).nonzero().squeeze(1)
+    chosen = (torch.rand(x.shape[0], generator=gen) < p).nonzero().squeeze(1).to(x.device)
     if len(chosen) < x.shape[0]:  # swap only the chosen samples (cheaper than computing no-op swaps)
         out = x.clone()
         if len(chosen):
@@ -125,7 +127,7 @@ def swap_patches(x: torch.Tensor, scale: tuple[float, float] = (0.0, 0.25), gen:
     dy, dx = by - ay, bx - ax
     src_y = torch.where(in_a, yy + dy, torch.where(in_b, yy - dy, yy))
     src_x = torch.where(in_a, xx + dx, torch.where(in_b, xx - dx, xx))
-    src = (src_y * w + src_x).flatten(1)  # (B, h*w)
+    src = (src_y * w + src_x).flatten(1).to(x.device)  # (B, h*w)
     flat = x.flatten(-2)
     if x.dim() == 4:
         src = src[:, None, :].expand(-1, x.shape[1], -1)
@@ -179,10 +181,11 @@ def cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float
     xx = torch.arange(w).view(1, 1, w)
     box = ((yy >= y0.view(-1, 1, 1)) & (yy < y1.view(-1, 1, 1))
            & (xx >= x0.view(-1, 1, 1)) & (xx < x1.view(-1, 1, 1)))  # (B, h, w)
-    pasted = box.flatten(1).float().mean(1)  # exact area fraction
-    mask = box if x.dim() == 3 else box[:, None]
+    pasted = box.flatten(1).float().mean(1).to(x.device)  # exact area fraction
+    mask = (box if x.dim() == 3 else box[:, None]).to(x.device)
+    perm = perm.to(x.device)
     mixed = torch.where(mask, x[perm], x)
-    targets = one_hot_targets(labels, num_classes, smoothing)
+    targets = one_hot_targets(labels, num_classes, smoothing).to(x.device)
     targets = (1.0 - pasted)[:, None] * targets + pasted[:, None] * targets[perm]
     return mixed, targets
 
@@ -195,11 +198,11 @@ def mixup(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: floa
     targets float32 (B, C) with rows summing to 1).
     """
     bsz = emb.shape[0]
-    lam = _beta(alpha, bsz, gen)
-    perm = torch.randperm(bsz, generator=gen)
+    lam = _beta(alpha, bsz, gen).to(emb.device)
+    perm = torch.randperm(bsz, generator=gen).to(emb.device)
     lam_e = lam.to(emb.dtype).view(-1, 1, 1, 1)
     mixed = lam_e * emb + (1.0 - lam_e) * emb[perm]
-    targets = one_hot_targets(labels, num_classes, smoothing)
+    targets = one_hot_targets(labels, num_classes, smoothing).to(emb.device)
     targets = lam[:, None] * targets + (1.0 - lam)[:, None] * targets[perm]
     return mixed, targets
 
@@ -213,9 +216,9 @@ def embedding_noise(emb: torch.Tensor, p: float, scale: float = 1.0, std: float 
     emb float (B, D, h, w) -> float (B, D, h, w) (a new tensor; the input is not modified).
     """
     b, d = emb.shape[:2]
-    on = (torch.rand(b, generator=gen) < p).to(emb.dtype).view(-1, 1, 1, 1)
+    on = (torch.rand(b, generator=gen) < p).to(emb).view(-1, 1, 1, 1)
     noise = torch.randn((b, d, 1, 1), generator=gen) * scale + torch.randn(emb.shape, generator=gen) * std
-    return emb + on * noise.to(emb.dtype)
+    return emb + on * noise.to(emb)
 
 
 def color_adapt(emb: torch.Tensor, p: float, gen: torch.Generator | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -226,8 +229,8 @@ def color_adapt(emb: torch.Tensor, p: float, gen: torch.Generator | None = None,
     unselected samples get scale 1 / shift 0, so the map is a single fused multiply-add.
     """
     bsz = emb.shape[0]
-    on = (torch.rand(bsz, generator=gen) < p).view(-1, 1, 1, 1)
-    perm = torch.randperm(bsz, generator=gen)
+    on = (torch.rand(bsz, generator=gen) < p).view(-1, 1, 1, 1).to(emb.device)
+    perm = torch.randperm(bsz, generator=gen).to(emb.device)
     mu, sd = channel_stats(emb, eps)
     scale = torch.where(on, sd[perm] / sd, torch.ones_like(sd))
     shift = torch.where(on, mu[perm] - mu * scale, torch.zeros_like(mu))
@@ -255,6 +258,15 @@ class TokenAugConfig:
         num_classes 0 with the data's classes).
     metric: requantisation metric, "l2" or "cosine".
     seed: base seed of the transform's own generator (see ``TokenAugment``).
+    tokenadapt: URL of a TokenAdapt checkpoint (``pipeline.adapters``, trained for the data's tokenizer):
+        the random resized crop and flip of a ``tokenadapt_p`` share of the samples go through it
+        (``pretrain.augment_adapters``), with probability ``affine_p`` also a rotation / shift / shear in
+        the ranges it was trained on; the other samples take the ``interpolation`` path.
+    coloradapt: URL of a learned ColorAdapt checkpoint: the ``color_adapt_p`` samples get colour jitter
+        through it (ids -> ids) instead of AdaIN with another sample's statistics.
+    in_step: run the whole transform in the training step, batched on the rank's device, instead of in
+        the DataLoader workers; None: in the step exactly when an adapter is given (models belong on the
+        accelerator). Randomness is keyed by the batch either way (``BatchSeededAugment``).
     """
 
     output: str = "ids"
@@ -280,6 +292,11 @@ class TokenAugConfig:
     label_smoothing: float = 0.0
     metric: str = "l2"
     seed: int = 0
+    tokenadapt: str | None = None
+    tokenadapt_p: float = 1.0
+    affine_p: float = 0.0
+    coloradapt: str | None = None
+    in_step: bool | None = None
 
     def __post_init__(self) -> None:
         if self.output not in ("ids", "embeddings"):
@@ -294,6 +311,23 @@ class TokenAugConfig:
             raise ValueError(f"augment.num_classes must be >= 0 (0: the data's classes), got {self.num_classes}")
         if self.mixup_alpha > 0 and self.output == "ids":
             raise ValueError("mixup blends embeddings and has no id form; use output='embeddings'")
+        for name in ("tokenadapt_p", "affine_p", "color_adapt_p", "hflip_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.tokenadapt and self.out_hw is not None:
+            raise ValueError("augment.tokenadapt keeps the grid; set augment.out_hw: null")
+        if self.affine_p > 0 and not self.tokenadapt:
+            raise ValueError("augment.affine_p warps through TokenAdapt; set augment.tokenadapt to a checkpoint")
+        if self.coloradapt and self.color_adapt_p == 0:
+            raise ValueError("augment.coloradapt is used on augment.color_adapt_p of the samples; set it above 0")
+        if self.in_step is False and (self.tokenadapt or self.coloradapt):
+            raise ValueError("augment.tokenadapt / augment.coloradapt run in the training step, batched on the rank's "
+                             "device; leave augment.in_step unset (or true)")
+
+    @property
+    def runs_in_step(self) -> bool:
+        """Whether the trainer runs this transform in the training step (on the rank's device)."""
+        return self.in_step if self.in_step is not None else bool(self.tokenadapt or self.coloradapt)
 
     @property
     def mixing(self) -> bool:
@@ -302,9 +336,9 @@ class TokenAugConfig:
     @property
     def needs_embeddings(self) -> bool:
         """Whether any op needs the embedding map (otherwise ids mode never leaves ids)."""
-        resample = (self.rrc or self.out_hw is not None) and self.interpolation != "nearest"
-        return (self.output == "embeddings" or resample
-                or self.color_adapt_p > 0 or self.noise_p > 0 or self.mixup_alpha > 0)
+        resample = (self.rrc or self.out_hw is not None) and self.interpolation != "nearest" and not self.tokenadapt
+        return (self.output == "embeddings" or resample or (self.color_adapt_p > 0 and not self.coloradapt)
+                or self.noise_p > 0 or self.mixup_alpha > 0)
 
     def replace(self, **changes) -> TokenAugConfig:
         return dataclasses.replace(self, **changes)
@@ -328,12 +362,18 @@ class TokenAugment:
     epoch from the main process's RNG), so workers and epochs differ yet a seeded run repeats.
     """
 
-    def __init__(self, config: TokenAugConfig, codebook: torch.Tensor, synonyms: torch.Tensor | None = None):
+    def __init__(self, config: TokenAugConfig, codebook: torch.Tensor, synonyms: torch.Tensor | None = None,
+                 tokenadapt: torch.nn.Module | None = None, coloradapt: torch.nn.Module | None = None):
         """codebook float (K, D); synonyms: int64 (K, S) given synonym lists (SeiT's ``synonyms.json``, first
         ``synonym_k`` of each row used), else the ``synonym_k`` most cosine-similar codes. Mixing needs
-        ``config.num_classes`` >= 1 (ValueError)."""
+        ``config.num_classes`` >= 1 (ValueError). tokenadapt, coloradapt: the loaded models of
+        ``config.tokenadapt`` / ``config.coloradapt`` (``pipeline.adapters``; required when those are set)."""
         if config.mixing and config.num_classes < 1:
             raise ValueError("num_classes must be set when cutmix_alpha or mixup_alpha > 0")
+        if bool(config.tokenadapt) != (tokenadapt is not None) or bool(config.coloradapt) != (coloradapt is not None):
+            raise ValueError("pass the TokenAdapt / ColorAdapt models exactly when augment.tokenadapt / "
+                             "augment.coloradapt are set")
+        self.adapters = AdapterOps(tokenadapt, coloradapt)
         self.config = config
         self.codebook = codebook.float().contiguous()
         needs_table = config.replace_p > 0
@@ -343,6 +383,13 @@ class TokenAugment:
             self.table = synonym_table(self.codebook, config.synonym_k) if needs_table else None
         self._gen: torch.Generator | None = None
         self._gen_key: tuple[int, int] | None = None
+
+    def to(self, device: torch.device | str) -> TokenAugment:
+        """Move the codebook, synonym table and adapters to ``device`` (in place); returns self."""
+        self.codebook = self.codebook.to(device)
+        self.table = None if self.table is None else self.table.to(device)
+        self.adapters.to(device)
+        return self
 
     def _generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
@@ -365,13 +412,17 @@ class TokenAugment:
             ids = replace_synonyms(ids, self.table, cfg.replace_p, gen)
         if cfg.swap_p > 0:
             ids = swap_patches(ids, cfg.swap_scale, gen, p=cfg.swap_p)
-        if cfg.hflip_p > 0:
+        if self.adapters.tokenadapt is not None:  # crop + flip (+ affine) through TokenAdapt, on ids
+            ids = self.adapters.geometry(ids, cfg, self.codebook, gen)
+        elif cfg.hflip_p > 0:
             ids = random_hflip(ids, cfg.hflip_p, gen)
-        if cfg.interpolation == "nearest" and (cfg.rrc or cfg.out_hw is not None):
+        if self.adapters.tokenadapt is None and cfg.interpolation == "nearest" and (cfg.rrc or cfg.out_hw is not None):
             hw = tuple(ids.shape[-2:])
             boxes = (random_resized_crop_params(ids.shape[0], cfg.rrc_scale, cfg.rrc_ratio, gen, hw) if cfg.rrc
                      else torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(ids.shape[0], 4))
             ids = crop_ids(ids, boxes, cfg.out_hw)
+        if self.adapters.coloradapt is not None:  # colour commutes with geometry in pixels: here, on ids
+            ids = self.adapters.colour(ids, cfg.color_adapt_p, gen)
         target = None
         # 2. Embedding-space ops; mixup happens there, cutmix on whatever form is output.
         if cfg.needs_embeddings:
@@ -411,12 +462,14 @@ class TokenAugment:
         hw = tuple(ids.shape[-2:])
         out_hw = cfg.out_hw if cfg.out_hw is not None else hw
         emb = embed(ids, self.codebook)
-        if cfg.rrc:
+        # Unless it already ran on ids (TokenAdapt, or the nearest-cell crop).
+        geometry = self.adapters.tokenadapt is None and cfg.interpolation != "nearest"
+        if geometry and cfg.rrc:
             boxes = random_resized_crop_params(ids.shape[0], cfg.rrc_scale, cfg.rrc_ratio, gen, hw)
             emb = crop_resize(emb, boxes, out_hw, cfg.interpolation)
-        elif out_hw != hw:
+        elif geometry and out_hw != hw:
             emb = F.interpolate(emb, size=out_hw, mode=cfg.interpolation, align_corners=False)
-        if cfg.color_adapt_p > 0:
+        if cfg.color_adapt_p > 0 and self.adapters.coloradapt is None:
             emb = color_adapt(emb, cfg.color_adapt_p, gen)
         if cfg.noise_p > 0:
             emb = embedding_noise(emb, cfg.noise_p, cfg.noise_scale, cfg.noise_std, gen)

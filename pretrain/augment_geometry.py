@@ -12,7 +12,9 @@ consumer needs ids.
 
 Boxes are normalised ``(x0, y0, x1, y1)`` in [0, 1] of the grid's width/height (pixel edges,
 matching ``align_corners=False``). All functions take an explicit ``torch.Generator`` so a seed
-fixes the output.
+fixes the output. Random draws are made on the CPU (the generator's device) and applied on the
+tensor's device, so the same seed gives the same augmentation in DataLoader workers and, batched, on
+the rank's GPU (``augment.in_step``).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def crop_resize(emb: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int] 
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     b, d, h, w = emb.shape
     oh, ow = out_hw if out_hw is not None else (h, w)
-    boxes = boxes.to(emb.dtype)
+    boxes = boxes.to(emb)
     wx = interp_matrix(boxes[:, 0], boxes[:, 2], w, ow, mode)  # (B, w', w)
     wy = interp_matrix(boxes[:, 1], boxes[:, 3], h, oh, mode)  # (B, h', h)
     # Work channels-last: (B, h, w*D) is a free view of what ``embed`` returns, so neither
@@ -159,7 +161,7 @@ def crop_ids(ids: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int] | N
     cx = (torch.arange(ow, dtype=torch.float64) + 0.5) / ow
     rows = ((boxes[:, 1:2] + cy * (boxes[:, 3:4] - boxes[:, 1:2])) * h).floor().long().clamp_(0, h - 1)  # (B, h')
     cols = ((boxes[:, 0:1] + cx * (boxes[:, 2:3] - boxes[:, 0:1])) * w).floor().long().clamp_(0, w - 1)  # (B, w')
-    flat = rows[:, :, None] * w + cols[:, None, :]  # (B, h', w')
+    flat = (rows[:, :, None] * w + cols[:, None, :]).to(ids.device)  # (B, h', w')
     return ids.reshape(b, h * w).gather(1, flat.reshape(b, oh * ow)).reshape(b, oh, ow)
 
 
@@ -181,19 +183,19 @@ def interp_matrix(lo: torch.Tensor, hi: torch.Tensor, n_in: int, n_out: int, mod
     source coordinate (lo + (hi - lo) * (i + 0.5) / n_out) * n_in - 0.5; bicubic clamps each of its
     4 taps to the grid, bilinear clamps the coordinate. Rows sum to 1.
     """
-    i = (torch.arange(n_out, dtype=lo.dtype) + 0.5) / n_out
+    i = (torch.arange(n_out, dtype=lo.dtype, device=lo.device) + 0.5) / n_out
     src = (lo[:, None] + (hi - lo)[:, None] * i) * n_in - 0.5  # (B, n_out)
     if mode == "bilinear":
         src = src.clamp(0, n_in - 1)
     base = src.floor()
     t = src - base
     if mode == "bicubic":
-        taps = base.long()[..., None] + torch.arange(-1, 3)
+        taps = base.long()[..., None] + torch.arange(-1, 3, device=lo.device)
         weights = _cubic_weights(t)
     else:
-        taps = base.long()[..., None] + torch.arange(0, 2)
+        taps = base.long()[..., None] + torch.arange(0, 2, device=lo.device)
         weights = torch.stack([1 - t, t], -1)
-    out = torch.zeros((*src.shape, n_in), dtype=lo.dtype)
+    out = torch.zeros((*src.shape, n_in), dtype=lo.dtype, device=lo.device)
     return out.scatter_add_(-1, taps.clamp(0, n_in - 1), weights)
 
 
@@ -207,6 +209,6 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
 
 def random_hflip(x: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each sample of ``x`` (ids (B, h, w) or embeddings (B, D, h, w)) with probability ``p``."""
-    flip = torch.rand(x.shape[0], generator=gen) < p
+    flip = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)
     flip = flip.view(-1, *([1] * (x.dim() - 1)))
     return torch.where(flip, x.flip(-1), x)

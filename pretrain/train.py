@@ -6,8 +6,9 @@
     python -m pretrain.train --config ...            # one process, no launcher
 
 One step: each rank takes its next batch from ``storage.stream`` (rank-aware by construction, so
-no sampler; token augmentation, ``pretrain.augment``, already ran in its DataLoader workers), the
-objective returns
+no sampler; token augmentation, ``pretrain.augment``, already ran in its DataLoader workers, or, with
+``augment.in_step`` (the default when TokenAdapt / ColorAdapt are given), runs batched on the rank's
+device once the batch is there), the objective returns
 ``loss, metrics`` and DeepSpeed does backward, gradient all-reduce (or ZeRO), clipping and the
 optimizer step (``pretrain.optim``).
 
@@ -87,7 +88,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
 
         pixels = PixelFolderStream(cfg.data.train, cfg.data.resolution, cfg.data.batch_size, train=True,
                                    augment=PixelAugment.from_options(cfg.augment and asdict(cfg.augment)),
-                                   seed=cfg.run.seed, rank=rank, world_size=world)
+                                   seed=cfg.run.seed, rank=rank, world_size=world, cache=cfg.data.pixel_cache,
+                                   cache_side=cfg.data.pixel_cache_side or None)
         spec = DataSpec(grid=(cfg.data.resolution,) * 2, vocab_size=1, num_classes=len(pixels.class_names))
         return StreamLoader(pixels, num_workers=cfg.data.num_workers), spec
     data = ([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
@@ -101,7 +103,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
     fingerprint = None if cfg.data.allow_tokenizer_mismatch else meta.tokenizer_fingerprint
     spec = DataSpec(grid=tuple(meta.grid), vocab_size=meta.vocab_size, num_classes=len(meta.class_names),
                     tokenizer_fingerprint=fingerprint)
-    augment = runtime.build_augment(cfg, stream.manifest, spec)
+    in_step = cfg.augment is not None and cfg.augment.runs_in_step  # then ``runtime.step_augment`` runs it
+    augment = None if in_step else runtime.build_augment(cfg, stream.manifest, spec)
     stream.batch_transform = None if augment is None else BatchSeededAugment(augment, cfg.run.seed)
     return StreamLoader(stream, num_workers=cfg.data.num_workers), spec
 
@@ -179,6 +182,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     import deepspeed
 
     tokens = check_tokens(cfg, resume)  # before any process group: a refusal costs seconds
+    runtime.check_adapters(cfg, tokens and tokens["tokenizer_fingerprint"])
     rank, world = runtime.init_distributed()
     runtime.set_threads()
     out = Path(cfg.run.out)
@@ -194,6 +198,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         model=objective, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.engine, cfg.optim, cfg.data.batch_size, world))
     checkpoint.use_safe_checkpoint_loading(engine)
+    step_aug = runtime.step_augment(cfg, getattr(loader.dataset, "manifest", None), spec, engine.device)
     step = 0
     if resume is not None:
         step = checkpoint.restore_training(engine, loader, resume or str(out / "checkpoints"), rank)
@@ -219,7 +224,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 trace.write(json.dumps({"step": step + 1, "micro": micro, "epoch": batch["epoch"],
                                         "index": batch["index"].tolist(), "key": batch.get("key")}) + "\n")
             torch.manual_seed(step_seed(cfg.run.seed, rank + world * micro, step))
-            loss, m = engine(_to_device(batch, engine.device))
+            on_device = _to_device(batch, engine.device)
+            loss, m = engine(on_device if step_aug is None else step_aug(on_device))
             engine.backward(loss)
             engine.step()
             m = {"loss": loss.detach(), **{k: v.detach() for k, v in m.items()}}

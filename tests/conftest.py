@@ -16,6 +16,7 @@ from storage.manifest import DatasetMeta, Manifest, write_split
 from storage.shard import Sample, View
 from vqpt.local_s3 import LocalS3
 
+pytest_plugins = ["tests.adapter_support"]  # the adapter tests' shared images, tokenizer and ids
 pytest.register_assert_rewrite("tests.deploy_support")  # plain asserts there report like test asserts
 
 # DeepSpeed builds its CPU shared-memory allreduce op with torch's JIT extension builder on a rank's first
@@ -134,9 +135,9 @@ def token_data(tmp_path_factory) -> Path:
 # worker that needs it; token_data once per run (the workers share it, see there). (xdist's own --dist
 # loadgroup cannot group with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
 LONGEST_FIRST = ("test_train", "test_elastic", "test_learning_bench", "test_gpu_suite", "test_train_objectives",
-                 "test_sources", "test_segment", "test_seit", "test_cli", "test_tokenise", "test_tokenadapt",
-                 "test_ray_job", "test_two_nodes", "test_finetune", "test_tokenizer_train", "test_tokenise_s3",
-                 "test_fail_fast", "test_extending", "test_vqgan", "test_guard_rails", "test_job_guards")
+                 "test_sources", "test_segment", "test_seit", "test_cli", "test_tokenise", "test_ray_job",
+                 "test_two_nodes", "test_finetune", "test_tokenizer_train", "test_tokenise_s3", "test_fail_fast",
+                 "test_augment", "test_extending", "test_vqgan", "test_guard_rails", "test_job_guards")
 PER_TEST = frozenset({"test_train", "test_elastic"})  # test_elastic's module fixture is 120 generated samples
 
 

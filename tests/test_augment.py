@@ -315,3 +315,158 @@ def test_batch_seeded_augment_is_the_same_whichever_worker_makes_the_batch(tmp_p
     raw = TokenStream(manifest, 8, seed=3, rank=0, world_size=1, partitions=4)
     first = next(iter(raw))
     assert not torch.equal(serial[(0, int(first["index"][0]))], first["tokens"])
+
+
+# -- the learned adapters in the augmentation (augment.tokenadapt / augment.coloradapt) ------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """A k-means tokenizer of 64-px images (8x8 grid, K 32), a split of its tokens with ``tokenizer.pt`` beside
+    it, and a TokenAdapt and a ColorAdapt for it whose learned parts are non-zero (as after training)."""
+    from pipeline.adapters import LearnedColorAdapt, TokenAdapt, save_coloradapt, save_tokenadapt
+    from pipeline.tokenizer import KMeansTokenizer
+    from storage.codec import DEFAULT_CODEC, fit_codec
+    from storage.manifest import DatasetMeta, write_split
+    from storage.shard import Sample
+    from tests.conftest import synthetic_images
+
+    root = tmp_path_factory.mktemp("adapted")
+    images = synthetic_images(64, 64, 0)
+    tok = KMeansTokenizer.fit(images, vocab_size=32, patch=8, iters=10, seed=0, max_patches=2000)
+    ids = tok.encode(images)
+    tok.save(root / "tokenizer.pt")
+    meta = DatasetMeta(split="train", codec=fit_codec(DEFAULT_CODEC, ids, 32, grid=tok.grid).spec,
+                       tokenizer_fingerprint=tok.fingerprint, grid=tuple(tok.grid), vocab_size=32,
+                       resolution=64, class_names=("a", "b", "c", "d"))
+    write_split(str(root / "train"), [Sample(key=f"s/{i:03d}", tokens=t, label=i % 4) for i, t in enumerate(ids)],
+                meta, shard_size=32, block_size=16)
+    torch.manual_seed(0)
+    ta = TokenAdapt.for_tokenizer(tok, width=32, heads=2)
+    ca = LearnedColorAdapt.for_tokenizer(tok, width=32, blocks=1, cond_dim=32)
+    with torch.no_grad():  # the zero-initialised corrections, as training leaves them: not zero
+        for layer in (ta.head[-1], ca.out):
+            layer.weight.normal_(0, 0.5)
+        ca.log_scale.fill_(float(ta.log_scale))
+    save_tokenadapt(ta, root / "ta.pt")
+    save_coloradapt(ca, root / "ca.pt")
+    other = KMeansTokenizer.fit(images, vocab_size=32, patch=8, iters=10, seed=1, max_patches=2000)
+    save_tokenadapt(TokenAdapt.for_tokenizer(other, width=32, heads=2), root / "ta_other.pt")
+    return {"root": root, "tok": tok, "ids": torch.from_numpy(ids), "ta": ta, "ca": ca}
+
+
+def _augmented(adapted, **config) -> torch.Tensor:
+    from pipeline.adapters import load_coloradapt, load_tokenadapt
+
+    cfg = TokenAugConfig(interpolation="nearest", rrc_scale=(0.35, 1.0), **config)
+    fp = adapted["tok"].fingerprint
+    models = {"tokenadapt": load_tokenadapt(cfg.tokenadapt, fp) if cfg.tokenadapt else None,
+              "coloradapt": load_coloradapt(cfg.coloradapt, fp) if cfg.coloradapt else None}
+    ids = adapted["ids"]
+    b = {"tokens": ids, "label": torch.zeros(len(ids), dtype=torch.long), "index": torch.arange(len(ids)), "epoch": 0}
+    return BatchSeededAugment(TokenAugment(cfg, adapted["tok"].codebook, **models), seed=5)(b)["tokens"]
+
+
+def test_tokenadapt_changes_the_augmented_batch_and_is_exact_at_the_identity(adapted):
+    ta = str(adapted["root"] / "ta.pt")
+    naive = _augmented(adapted)
+    learned = _augmented(adapted, tokenadapt=ta)
+    assert learned.shape == naive.shape and learned.dtype == torch.int64
+    changed = (learned != naive).flatten(1).any(1)
+    assert float(changed.float().mean()) > 0.3 and float((learned != naive).float().mean()) > 0.05
+    # The same draws with TokenAdapt on no sample are the naive batch exactly; on half, half the samples move.
+    assert torch.equal(_augmented(adapted, tokenadapt=ta, tokenadapt_p=0.0), naive)
+    half = (_augmented(adapted, tokenadapt=ta, tokenadapt_p=0.5) != naive).flatten(1).any(1)
+    assert 0 < int(half.sum()) < int(changed.sum())
+    # Identity warp (no crop, no flip): the input ids, exactly, whatever the correction learned.
+    assert torch.equal(_augmented(adapted, tokenadapt=ta, rrc=False, hflip_p=0.0), adapted["ids"])
+    # Rotations / shifts / shears in the model's trained ranges run too, and move more tokens.
+    warped = _augmented(adapted, tokenadapt=ta, affine_p=1.0)
+    assert float((warped != learned).float().mean()) > 0.05
+
+
+def test_coloradapt_changes_the_augmented_batch(adapted):
+    ca = str(adapted["root"] / "ca.pt")
+    naive = _augmented(adapted)
+    coloured = _augmented(adapted, coloradapt=ca, color_adapt_p=1.0)
+    assert float((coloured != naive).float().mean()) > 0.05
+    some = (_augmented(adapted, coloradapt=ca, color_adapt_p=0.3) != naive).flatten(1).any(1)
+    assert 0 < int(some.sum()) < len(some)
+    # AdaIN (no model given) is another operator.
+    adain_ids = _augmented(adapted, color_adapt_p=1.0)
+    assert float((adain_ids != coloured).float().mean()) > 0.05
+
+
+def test_adapters_run_in_the_step_and_are_checked_before_any_rank_starts(adapted, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.launch import run_deepspeed
+    from pretrain.runtime import check_adapters
+
+    root = adapted["root"]
+    base = [f"data.train={root / 'train'}", f"augment.tokenadapt={root / 'ta.pt'}", "augment.interpolation=nearest"]
+    cfg = load_config(ROOT / "configs" / "mtm_vit_tiny.yaml", base)
+    assert cfg.augment.runs_in_step and cfg.augment.tokenadapt.endswith("ta.pt")
+    check_adapters(cfg)  # the right tokenizer: passes
+    # What the trainer runs in the step: the whole transform, with the model loaded through storage.io.
+    from pretrain.objectives import DataSpec
+    from pretrain.runtime import step_augment
+    from storage.manifest import read_manifest
+
+    manifest = read_manifest(str(root / "train" / "manifest.parquet"))
+    step = step_augment(cfg, manifest, DataSpec(grid=(8, 8), vocab_size=32, num_classes=4), "cpu")
+    assert step.augment.adapters.tokenadapt is not None and step.augment.adapters.coloradapt is None
+    ids = adapted["ids"]
+    batch = {"tokens": ids, "label": torch.zeros(len(ids), dtype=torch.long), "index": torch.arange(len(ids)),
+             "epoch": 0}
+    assert torch.equal(step(batch)["tokens"], step(batch)["tokens"])  # keyed by the batch
+    assert not torch.equal(step(batch)["tokens"], ids)
+    with pytest.raises(ValueError, match="in_step"):
+        load_config(ROOT / "configs" / "mtm_vit_tiny.yaml", [*base, "augment.in_step=false"])
+    bad = [f"augment.tokenadapt={root / 'ta_other.pt'}" if a.startswith("augment.tokenadapt") else a for a in base]
+    with pytest.raises(ValueError, match="refusing tokenizer") as err:  # preflight: before any process starts
+        run_deepspeed("pretrain.train", ["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"),
+                                         "--out", str(tmp_path / "run"), *bad], ranks=2)
+    assert "\n" not in str(err.value) and "ta_other.pt" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_mtm_with_both_adapters_resumes_to_the_straight_losses(adapted, tmp_path):
+    """TokenAdapt + ColorAdapt in the training step (keyed by the batch) keep the resume exact."""
+    import json
+    import os
+    import subprocess
+
+    from pretrain.launch import deepspeed_command, shm_buffers
+    from vqpt.local_s3 import free_port
+
+    root = adapted["root"]
+    common = [f"augment.tokenadapt={root / 'ta.pt'}", "augment.tokenadapt_p=0.5", "augment.affine_p=0.5",
+              f"augment.coloradapt={root / 'ca.pt'}", "augment.color_adapt_p=0.5", "augment.interpolation=nearest",
+              "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=2",
+              "objective.decoder_dim=32", "objective.decoder_heads=2", "objective.decoder_depth=1",
+              "data.batch_size=8", "data.num_workers=1", "run.log_every=1", "run.progress=false", "run.steps=6",
+              "optim.lr=2e-3", "optim.warmup_steps=2"]
+
+    def launch(out, *extra, resume=False):
+        port = free_port()
+        cmd = deepspeed_command("pretrain.train", ["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data",
+                                                   str(root / "train"), "--out", str(out), *common, *extra],
+                                2, port, cpu=True) + (["--resume"] if resume else [])
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)},
+                                  capture_output=True, text=True, timeout=600)
+        finally:
+            for f in shm_buffers(port):
+                f.unlink(missing_ok=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    straight = launch(tmp_path / "straight")
+    launch(tmp_path / "staged", "run.stop_at=3")
+    staged = launch(tmp_path / "staged", resume=True)
+    assert [r["step"] for r in staged] == [r["step"] for r in straight] == list(range(1, 7))
+    for a, b in zip(straight, staged):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]

@@ -1,29 +1,13 @@
-"""Token-space adapters: models that transform token grids without decoding them to pixels."""
+"""Token-space adapters: models that transform token grids without decoding them to pixels.
 
-from pipeline.adapters.tokenadapt import (
-    TokenAdapt,
-    TokenAdaptConfig,
-    correction_gate,
-    identity_theta,
-    load_tokenadapt,
-    naive_adapt,
-    nearest_code,
-    sample_affine,
-    save_tokenadapt,
-    warp,
-    warp_images,
-)
+``tokenadapt`` (geometry: TokenAdapt, a learned correction of naive embedding interpolation) and
+``coloradapt`` (colour: a learned ColorAdapt, measured against AdaIN), both trained by one trainer,
+``python -m pipeline.adapters.train --kind tokenadapt|coloradapt``, and both used by the trainer's token
+augmentation (``augment.tokenadapt``, ``augment.coloradapt``).
+"""
 
-__all__ = [
-    "TokenAdapt",
-    "TokenAdaptConfig",
-    "correction_gate",
-    "identity_theta",
-    "load_tokenadapt",
-    "naive_adapt",
-    "nearest_code",
-    "sample_affine",
-    "save_tokenadapt",
-    "warp",
-    "warp_images",
-]
+from pipeline.adapters.coloradapt import LearnedColorAdapt, load_coloradapt, save_coloradapt
+from pipeline.adapters.tokenadapt import TokenAdapt, load_tokenadapt, save_tokenadapt
+
+__all__ = ["TokenAdapt", "LearnedColorAdapt", "load_tokenadapt", "load_coloradapt", "save_tokenadapt",
+           "save_coloradapt"]

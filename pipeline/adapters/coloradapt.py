@@ -23,20 +23,17 @@ of the 4 parameters), clamping to [0, 1] after every step:
 ``params`` is float (N, 4) = (b, c, s, h); (1, 1, 1, 0) is the identity (up to float rounding).
 ``sample_jitter`` draws b, c, s uniform in [1 - 0.4, 1 + 0.4] and h uniform in [-0.1, 0.1].
 
-CLI (training + evaluation against AdaIN with oracle statistics and the copy baseline)::
+Trained and evaluated (against AdaIN with oracle statistics and the copy baseline) by the one adapter
+trainer::
 
-    python -m pipeline.adapters.coloradapt --images DIR --tokenizer CKPT --out CKPT \
-        [--val DIR] [--minutes M] [--steps N] [--batch 32] [--limit N] [--val-limit N] [--json OUT]
+    python -m pipeline.adapters.train --kind coloradapt --images DIR --tokenizer CKPT --out CKPT \
+        [--val DIR] [--minutes M] [--steps N] [--batch 32] [--limit N] [--json OUT]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,31 +42,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters.common import (
-    embed_standardised,
-    load_adapter,
+    AdapterModel,
+    AdapterSpec,
+    checkpoint_io,
     register_codebook,
-    save_adapter,
     tied_logits,
 )
-from pipeline.tokenizer.base import Tokenizer, load_tokenizer
 from pipeline.tokenizer.codebook import adain, embed, requantize
 
-__all__ = [
-    "ColorAdaptConfig",
-    "LearnedColorAdapt",
-    "NEUTRAL_JITTER",
-    "adain_oracle",
-    "color_jitter",
-    "evaluate",
-    "load_coloradapt",
-    "main",
-    "sample_jitter",
-    "save_coloradapt",
-]
+__all__ = ["ColorAdaptConfig", "LearnedColorAdapt", "NEUTRAL_JITTER", "SPEC", "adain_oracle", "color_jitter",
+           "load_coloradapt", "sample_jitter", "save_coloradapt", "single_jitter_configs"]
 
 KIND = "coloradapt"
 NEUTRAL_JITTER = (1.0, 1.0, 1.0, 0.0)
-EVAL_SEED_OFFSET = 10_007  # eval jitter comes from seed + this, never from the training stream
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -221,8 +206,10 @@ class _FiLMBlock(nn.Module):
         return x + self.pw2(F.gelu(self.pw1(y)))
 
 
-class LearnedColorAdapt(nn.Module):
+class LearnedColorAdapt(AdapterModel):
     """Predicts T(jitter(x)) from T(x) and the jitter params (module docstring)."""
+
+    config_class = ColorAdaptConfig
 
     def __init__(self, cfg: ColorAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: ColorAdaptConfig; codebook: float (K, D), frozen (stored as a buffer)."""
@@ -247,17 +234,6 @@ class LearnedColorAdapt(nn.Module):
         self.log_scale = nn.Parameter(-torch.log(_median_nn_sq_dist(codebook)))
         self.code_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> LearnedColorAdapt:
-        k, d = tokenizer.codebook.shape
-        cfg = ColorAdaptConfig(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
-                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
-        return cls(cfg, tokenizer.codebook)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        return embed_standardised(self, ids, self.cfg.grid)
-
     def forward(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """ids int64 (B, h, w), params float (B, 4) -> logits float32 (B, K, h, w) of T(jitter(x))."""
         emb = self.embed(ids)
@@ -280,152 +256,26 @@ def adain_oracle(ids: torch.Tensor, target_ids: torch.Tensor, codebook: torch.Te
     return requantize(adain(embed(ids.long(), cb), embed(target_ids.long(), cb)), cb)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-def save_coloradapt(model: LearnedColorAdapt, path: str | Path) -> None:
-    """Write ``{"kind": "coloradapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    save_adapter(model, path, KIND)
+# ---- checkpoints (``pipeline.adapters.common.checkpoint_io``) ------------------------------------------
+save_coloradapt, load_coloradapt = checkpoint_io(KIND, ColorAdaptConfig, LearnedColorAdapt)
 
 
-def load_coloradapt(path: str | Path, tokenizer: Tokenizer | str) -> LearnedColorAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
-    trained for a different tokenizer raises ValueError."""
-    return load_adapter(path, KIND, tokenizer, ColorAdaptConfig, LearnedColorAdapt)
+# ---- what the one adapter trainer needs (``pipeline.adapters.train``) ------------------------------------
+def single_jitter_configs(cfg: ColorAdaptConfig) -> dict[str, ColorAdaptConfig]:
+    """Identity (every range 0), and one config per jitter op with the others switched off."""
+    still = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    return {"identity": still, **{op: dataclasses.replace(still, **{op: getattr(cfg, op)})
+                                  for op in ("brightness", "contrast", "saturation", "hue")}}
 
 
-# ---- training / evaluation --------------------------------------------------------------------------------
-def make_batch(images: np.ndarray, ids: np.ndarray, idx: np.ndarray, params: torch.Tensor,
-               tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T(x) int64 (B, h, w), T(jitter(x)) int64 (B, h, w)) for images[idx] and jitter params (B, 4)."""
-    target = tokenizer.encode(color_jitter(images[idx], params))
-    return torch.from_numpy(ids[idx]), torch.from_numpy(target)
+def _baselines(model: LearnedColorAdapt, src: torch.Tensor, target: torch.Tensor,
+               params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AdaIN with the statistics of the target tokens (the parameter-free op at its best)."""
+    return {"adain_oracle": adain_oracle(src, target, model.codebook)}
 
 
-def train(model: LearnedColorAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, *, steps: int,
-          minutes: float, batch: int, lr: float, seed: int, warmup: float = 0.05, log_every: int = 10,
-          ) -> dict[str, Any]:
-    """Train in place until ``steps`` or ``minutes`` (schedule on max of the two progresses). Returns stats."""
-    from pipeline.adapters.train_tokenadapt import lr_at
-
-    if steps <= 0 and minutes <= 0:
-        raise ValueError("set --steps and/or --minutes")
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.99))
-    model.train()
-    start, step, losses, accs = time.monotonic(), 0, [], []
-    while True:
-        elapsed = time.monotonic() - start
-        progress = max(step / steps if steps > 0 else 0.0, elapsed / (60 * minutes) if minutes > 0 else 0.0)
-        if progress >= 1.0:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(progress, lr, warmup)
-        idx = rng.integers(0, len(images), size=batch)
-        params = sample_jitter(batch, gen, *model.cfg.ranges())
-        src, tgt = make_batch(images, ids, idx, params, tokenizer)
-        logits = model(src, params)
-        loss = F.cross_entropy(logits, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        accs.append(float((logits.argmax(1) == tgt).float().mean()))
-        if step % log_every == 0:
-            print(f"step {step} t={time.monotonic() - start:.0f}s loss={np.mean(losses[-log_every:]):.3f} "
-                  f"acc={np.mean(accs[-log_every:]):.3f} lr={opt.param_groups[0]['lr']:.1e}", flush=True)
-    k = max(1, min(50, len(losses)))
-    return {
-        "steps": step,
-        "train_seconds": round(time.monotonic() - start, 1),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-k:])) if losses else None,
-        "final_train_agreement": float(np.mean(accs[-k:])) if accs else None,
-    }
-
-
-@torch.no_grad()
-def evaluate(model: LearnedColorAdapt, tokenizer: Tokenizer, images: np.ndarray, ids: np.ndarray, seed: int,
-             batch: int = 50) -> dict[str, Any]:
-    """Token agreement with T(jitter(x)) over fixed-seed jitter: learned, AdaIN (oracle stats), copy.
-
-    Also the learned model's agreement with T(x) at neutral params (``learned_identity_agreement``).
-    """
-    model.eval()
-    seed = seed + EVAL_SEED_OFFSET
-    gen = torch.Generator().manual_seed(seed)
-    hits, ident_hits, total = {"learned": 0, "adain_oracle": 0, "copy": 0}, 0, 0
-    for s in range(0, len(images), batch):
-        idx = np.arange(s, min(s + batch, len(images)))
-        params = sample_jitter(len(idx), gen, *model.cfg.ranges())
-        src, tgt = make_batch(images, ids, idx, params, tokenizer)
-        hits["learned"] += int((model.adapt(src, params) == tgt).sum())
-        hits["adain_oracle"] += int((adain_oracle(src, tgt, model.codebook) == tgt).sum())
-        hits["copy"] += int((src == tgt).sum())
-        neutral = torch.tensor(NEUTRAL_JITTER).expand(len(idx), 4)
-        ident_hits += int((model.adapt(src, neutral) == src).sum())
-        total += tgt.numel()
-    return {
-        "learned_agreement": hits["learned"] / total,
-        "adain_oracle_agreement": hits["adain_oracle"] / total,
-        "copy_agreement": hits["copy"] / total,
-        "learned_identity_agreement": ident_hits / total,
-        "n_eval_images": len(images),
-        "eval_seed": seed,
-    }
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the learned ColorAdapt and compare it with AdaIN.")
-    p.add_argument("--images", required=True, help="folder of training images (recursive)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (load_tokenizer)")
-    p.add_argument("--out", required=True, help="ColorAdapt checkpoint to write")
-    p.add_argument("--val", help="folder of validation images for the agreement evaluation")
-    p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: --steps only)")
-    p.add_argument("--steps", type=int, default=0, help="max training steps (0: --minutes only)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=128, help="feature channels C")
-    p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    p.add_argument("--val-limit", type=int, default=0, help="use only the first N validation images (0: all)")
-    p.add_argument("--json", help="write training stats + evaluation here")
-    args = p.parse_args(argv)
-    if args.steps <= 0 and args.minutes <= 0:
-        p.error("set --steps and/or --minutes")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.adapters.train_tokenadapt import load_split
-
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.tokenizer)
-    t0 = time.monotonic()
-    images, ids = load_split(args.images, tokenizer, args.limit)
-    print(f"loaded + tokenised {len(images)} training images in {time.monotonic() - t0:.1f}s", flush=True)
-    model = LearnedColorAdapt.for_tokenizer(tokenizer, width=args.width, blocks=args.blocks)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"ColorAdapt {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
-    stats = train(model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
-                  lr=args.lr, seed=args.seed)
-    save_coloradapt(model, args.out)
-    result: dict[str, Any] = {"config": model.cfg.to_dict(), "n_train_images": len(images), "batch": args.batch,
-                              "lr": args.lr, "seed": args.seed, "params": n_params, **stats}
-    del images
-    if args.val:
-        t0 = time.monotonic()
-        val_images, val_ids = load_split(args.val, tokenizer, args.val_limit)
-        result.update(evaluate(model, tokenizer, val_images, val_ids, args.seed))
-        result["eval_seconds"] = round(time.monotonic() - t0, 1)
-    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+SPEC = AdapterSpec(
+    kind=KIND, model=LearnedColorAdapt, config=ColorAdaptConfig, learned="learned",
+    sample=lambda n, cfg, gen: sample_jitter(n, gen, *cfg.ranges()),
+    pixels=lambda images, params, cfg: color_jitter(images, params),
+    single_ops=single_jitter_configs, baselines=_baselines, lr=2e-3)

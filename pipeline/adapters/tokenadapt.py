@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,27 +50,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters.common import (
-    embed_standardised,
-    load_adapter,
+    AdapterModel,
+    AdapterSpec,
+    checkpoint_io,
     register_codebook,
-    save_adapter,
     tied_logits,
 )
-from pipeline.tokenizer.base import Tokenizer
 
-__all__ = [
-    "TokenAdapt",
-    "TokenAdaptConfig",
-    "correction_gate",
-    "identity_theta",
-    "load_tokenadapt",
-    "naive_adapt",
-    "nearest_code",
-    "sample_affine",
-    "save_tokenadapt",
-    "warp",
-    "warp_images",
-]
+__all__ = ["TokenAdapt", "TokenAdaptConfig", "SPEC", "correction_gate", "identity_theta", "load_tokenadapt",
+           "naive_adapt", "nearest_code", "sample_affine", "save_tokenadapt", "single_aug_configs", "warp",
+           "warp_images"]
 
 KIND = "tokenadapt"
 
@@ -244,8 +232,10 @@ def _initial_log_scale(codebook: torch.Tensor, margin: float = 4.0) -> float:
     return float(math.log(margin / nn_sq))
 
 
-class TokenAdapt(nn.Module):
+class TokenAdapt(AdapterModel):
     """f (tokens -> 2x feature map), A (warp with theta), g (features -> K-way token logits)."""
+
+    config_class = TokenAdaptConfig
 
     def __init__(self, cfg: TokenAdaptConfig, codebook: torch.Tensor) -> None:
         """cfg: TokenAdaptConfig; codebook: float (K, D) tokenizer codebook, frozen (stored as a buffer)."""
@@ -281,18 +271,6 @@ class TokenAdapt(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: Any) -> TokenAdapt:
-        """A fresh model sized for ``tokenizer`` (K, D, grid and fingerprint from it)."""
-        k, d = tokenizer.codebook.shape
-        cfg = TokenAdaptConfig(vocab_size=int(k), embed_dim=int(d), grid=tuple(tokenizer.grid),
-                               tokenizer_fingerprint=tokenizer.fingerprint, **overrides)
-        return cls(cfg, tokenizer.codebook)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 (B, h, w) -> float32 (B, D, h, w) standardised frozen-codebook embeddings."""
-        return embed_standardised(self, ids, self.cfg.grid)
-
     def f(self, emb: torch.Tensor) -> torch.Tensor:
         """float32 (B, D, h, w) -> (B, C, 2h, 2w) features."""
         b, _, h, w = emb.shape
@@ -318,13 +296,32 @@ class TokenAdapt(nn.Module):
         return self(ids, theta).argmax(1)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------
-def save_tokenadapt(model: TokenAdapt, path: str | Path) -> None:
-    """Write ``{"kind": "tokenadapt", "config": {...}, "state_dict": {...}}`` atomically via torch.save."""
-    save_adapter(model, path, KIND)
+# ---- checkpoints (``pipeline.adapters.common.checkpoint_io``) ------------------------------------------
+save_tokenadapt, load_tokenadapt = checkpoint_io(KIND, TokenAdaptConfig, TokenAdapt)
 
 
-def load_tokenadapt(path: str | Path, tokenizer: Tokenizer | str) -> TokenAdapt:
-    """Load a checkpoint (``weights_only=True``) for ``tokenizer``; a checkpoint of another kind or
-    trained for a different tokenizer raises ValueError."""
-    return load_adapter(path, KIND, tokenizer, TokenAdaptConfig, TokenAdapt)
+# ---- what the one adapter trainer needs (``pipeline.adapters.train``) --------------------------------
+def single_aug_configs(cfg: TokenAdaptConfig) -> dict[str, TokenAdaptConfig]:
+    """Identity, and one config per augmentation type with every other range switched off."""
+    still = dataclasses.replace(cfg, flip_p=0.0, max_rotate_deg=0.0, max_translate=0.0, max_shear_deg=0.0,
+                                scale_range=(1.0, 1.0), ratio_range=(1.0, 1.0))
+    return {
+        "identity": still,
+        "hflip": dataclasses.replace(still, flip_p=1.0),
+        "rotate": dataclasses.replace(still, max_rotate_deg=cfg.max_rotate_deg),
+        "translate": dataclasses.replace(still, max_translate=cfg.max_translate),
+        "shear": dataclasses.replace(still, max_shear_deg=cfg.max_shear_deg),
+        "resized_crop": dataclasses.replace(still, scale_range=cfg.scale_range, ratio_range=cfg.ratio_range),
+    }
+
+
+def _baselines(model: TokenAdapt, src: torch.Tensor, target: torch.Tensor,
+               theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Naive interpolation + nearest code, the operator TokenAdapt corrects."""
+    return {"naive": naive_adapt(src, theta, model.codebook, model.cfg.padding_mode)}
+
+
+SPEC = AdapterSpec(
+    kind=KIND, model=TokenAdapt, config=TokenAdaptConfig, learned="tokenadapt", sample=sample_affine,
+    pixels=lambda images, theta, cfg: warp_images(images, theta, cfg.padding_mode),
+    single_ops=single_aug_configs, baselines=_baselines, lr=1e-3)

@@ -57,6 +57,9 @@ _BUILTIN_MODULES: dict[str, str] = {
     "kmeans": "pipeline.tokenizer.kmeans",
     "codebook": "pipeline.tokenizer.codebook_only",
     "vitvqgan": "pipeline.tokenizer.vitvqgan",
+    "kmeans_zca": "pipeline.tokenizer.kmeans_variants",
+    "kmeans_residual": "pipeline.tokenizer.kmeans_variants",
+    "luma_chroma": "pipeline.tokenizer.kmeans_variants",
 }
 
 T = TypeVar("T", bound="type[Tokenizer]")

@@ -45,7 +45,7 @@ def requantize(emb: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
         # argmin |x - c|^2 = argmax (x.c - |c|^2 / 2): |x|^2 is constant per row.
         bias = -0.5 * (cb * cb).sum(1)
     step = max(1, chunk_elems // cb.shape[0])
-    out = torch.empty(x.shape[0], dtype=torch.int64)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=emb.device)
     for start in range(0, x.shape[0], step):
         xs = x[start:start + step]
         # cosine needs no row normalisation either: it does not change the argmax over codes.
