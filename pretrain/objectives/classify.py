@@ -20,8 +20,8 @@ decoder             ADDP     a pixel-stem backbone fine-tuned on pixels decoded 
 
 Inputs: token ids (token stem, the default), ``pixels`` from an image folder (``data.input: pixels``,
 ``model.stem: pixel``), or with ``decoder`` the tokens decoded to pixels by the frozen tokenizer
-decoder (``parts.load_frozen_decoder``: the data's tokenizer, fingerprint checked) for a pixel-stem
-encoder of ``pixel_patch``.
+decoder (``parts.pixel_decoder_for`` / ``parts.decoded_input``: the data's tokenizer, fingerprint checked;
+the same path as ``segment``'s) for a pixel-stem encoder of ``pixel_patch``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.objectives.base import DataNeeds, DataSpec, Objective
-from pretrain.objectives.parts import init_backbone, load_frozen_decoder, normalize_input
+from pretrain.objectives.parts import decoded_input, init_backbone, pixel_decoder_for
 from pretrain.vit import VisionTransformer, ViTConfig
 
 __all__ = ["ClassifyConfig", "Classify"]
@@ -75,10 +75,7 @@ class Classify(Objective):
         self.cfg = cfg
         self.vq = None
         if cfg.decoder:  # e.g. an ADDP backbone: tokens are stored, the encoder sees their decoded pixels
-            self.vq = load_frozen_decoder(cfg.decoder, data.tokenizer_fingerprint)
-            if self.vq.grid != tuple(data.grid):
-                raise ValueError(f"objective.decoder {cfg.decoder}: grid {self.vq.grid} is not the data's {data.grid}")
-            vit = dataclasses.replace(vit, stem="pixel", grid=self.vq.resolution, patch_size=cfg.pixel_patch)
+            self.vq, vit = pixel_decoder_for(cfg.decoder, vit, data, cfg.pixel_patch, "objective")
         self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=data.num_classes,
                                                              global_pool=cfg.global_pool))
         init_backbone(self.encoder, cfg.init)
@@ -97,9 +94,7 @@ class Classify(Objective):
     def inputs(self, batch: dict) -> torch.Tensor:
         """The encoder's input: decoded ``tokens`` (with ``decoder``), ``pixels`` (pixel stem), else ``tokens``."""
         if self.vq is not None:
-            with torch.no_grad():
-                images = self.vq(self.vq.embed(batch["tokens"]))
-            return normalize_input(images).to(self.encoder.pos_embed.dtype)
+            return decoded_input(self.vq, batch["tokens"], self.encoder.pos_embed.dtype)
         if self.encoder.cfg.stem == "pixel":
             if "pixels" not in batch:
                 raise ValueError("a pixel-stem classifier needs batch['pixels'] (data.input: pixels) or "

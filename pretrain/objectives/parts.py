@@ -13,6 +13,7 @@ with ``xavier_linears`` in a fixed order.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ __all__ = ["MaskedTokenConfig", "sample_mask_ratio", "random_masks", "patch_mean
            "encode_with_masked", "decoder_slots", "decoder_blocks", "xavier_linears", "SubTokenHead",
            "TOKEN_HEAD_LEGACY_NAMES",
            "masked_token_ce", "frozen_copy", "set_dropout", "FrozenVQDecoder", "KMeansPatchDecoder",
-           "frozen_decoder", "load_frozen_decoder", "normalize_input", "load_pretrained", "init_backbone"]
+           "frozen_decoder", "load_frozen_decoder", "normalize_input", "pixel_decoder_for", "decoded_input",
+           "backbone_config", "load_pretrained", "init_backbone"]
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (the encoders' pixel input)
 _STD = (0.229, 0.224, 0.225)
@@ -363,26 +365,63 @@ def normalize_input(images: torch.Tensor) -> torch.Tensor:
     return (x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)
 
 
+def pixel_decoder_for(url: str, vit: ViTConfig, data, pixel_patch: int, who: str) -> tuple[nn.Module, ViTConfig]:
+    """A pixel-stem backbone on tokens: the frozen decoder of the tokenizer at ``url`` (``load_frozen_decoder``,
+    refused unless its fingerprint is ``data.tokenizer_fingerprint``) and the ViTConfig that reads its output:
+    ``vit`` with stem pixel, grid = the tokenizer's resolution, patch ``pixel_patch`` px. ``who`` names the
+    config section in errors (a decoder whose grid is not the data's ``data.grid``)."""
+    vq = load_frozen_decoder(url, data.tokenizer_fingerprint)
+    if vq.grid != tuple(data.grid):
+        raise ValueError(f"{who}.decoder {url}: grid {vq.grid} is not the data's {tuple(data.grid)}")
+    if vq.resolution % pixel_patch:
+        raise ValueError(f"{who}.pixel_patch {pixel_patch} does not divide the decoded images' {vq.resolution} px")
+    return vq, dataclasses.replace(vit, stem="pixel", grid=vq.resolution, patch_size=pixel_patch, in_chans=3)
+
+
+@torch.no_grad()
+def decoded_input(vq: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ids int64 (B, h, w) -> a pixel-stem encoder's input float (B, 3, h f, w f) in ``dtype``: the codes decoded
+    by the frozen ``vq`` (f px per token), then ``normalize_input``. No gradient reaches ``vq``. ADDP's
+    backbone is fine-tuned on exactly this, for classification and segmentation alike."""
+    return normalize_input(vq(vq.embed(ids))).to(dtype)
+
+
 # -- pre-trained backbones ------------------------------------------------------------------------
 
 
-def _pretrained_state(init: str) -> dict[str, torch.Tensor]:
-    """Encoder weights from a backbone file or a trainer checkpoints directory (weights_only loading)."""
+def _pretrained(init: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Encoder weights and ViTConfig dict from a backbone file or a trainer checkpoints directory
+    (weights_only loading; a trainer checkpoint's ``encoder_config``, so ADDP's encoder reads as pixel-stem)."""
     from pretrain.checkpoint import load_backbone, read_deepspeed
 
     path = Path(init)
     if path.is_file():
-        return load_backbone(path).state_dict()
+        model = load_backbone(path)
+        return model.state_dict(), dataclasses.asdict(model.cfg)
     if path.is_dir():
-        return read_deepspeed(path)[0]
+        return read_deepspeed(path)
     raise FileNotFoundError(f"objective.init: {init} is neither a backbone file nor a checkpoints directory")
+
+
+def backbone_config(init: str) -> dict:
+    """The ViTConfig (as a dict: ``stem``, ``patch_size``, ``grid``, ...) of the pre-trained backbone ``init``."""
+    return {"stem": "token", **_pretrained(init)[1]}
 
 
 def load_pretrained(encoder: VisionTransformer, init: str) -> dict[str, list[str]]:
     """Copy matching tensors of a pre-trained backbone into ``encoder``; returns loaded/skipped/fresh names.
 
-    ``head.*`` and tensors whose shape differs are skipped; what ``encoder`` has and was not loaded is fresh."""
-    state = _pretrained_state(init)
+    ``head.*`` and tensors whose shape differs are skipped; what ``encoder`` has and was not loaded is fresh.
+    A backbone of another stem (ADDP's pixel stem into a token-stem model, or the reverse) is refused: only
+    its blocks would load, silently."""
+    state, cfg = _pretrained(init)
+    stem = cfg.get("stem", "token")
+    if stem != encoder.cfg.stem:
+        fix = ("fine-tune it on pixels decoded from the tokens: objective.decoder=TOKENIZER (the data's tokenizer.pt) "
+               f"objective.pixel_patch={cfg.get('patch_size')} (pretrain.finetune sets both for --init)"
+               if stem == "pixel" else "leave objective.decoder out (a token-stem backbone reads the ids)")
+        raise ValueError(f"objective.init: {init} is a {stem}-stem backbone but the model is {encoder.cfg.stem}-stem; "
+                         f"{fix}")
     own = encoder.state_dict()
     loaded, skipped = [], []
     for k, v in state.items():
