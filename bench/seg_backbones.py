@@ -85,12 +85,13 @@ def pretrain(args: argparse.Namespace, work: Path, data: Path, tokenizer: Path) 
     return out
 
 
-def segmenter(init: Path | None, tokenizer: Path, spec: DataSpec, args: argparse.Namespace):
-    """The segment objective on ``init`` (None: from scratch, MTM's architecture) for data ``spec``; ADDP's
-    pixel-stem encoder reads the ids decoded by ``tokenizer`` (fingerprint checked against ``spec``)."""
+def segmenter(init: Path | None, like: Path, tokenizer: Path, spec: DataSpec, args: argparse.Namespace):
+    """The segment objective on ``init`` (None: from scratch, with the architecture of the backbone ``like``)
+    for data ``spec``; a pixel-stem encoder (ADDP's) reads the ids decoded by ``tokenizer`` (fingerprint
+    checked against ``spec``). ``args``: ``head``, ``channels``, ``seed``."""
     options = {"head": args.head, "channels": args.channels}
     if init is None:
-        vit = dataclasses.replace(load_backbone(args.work / "mtm" / "backbone.pt").cfg, drop_path=0.1)
+        vit = dataclasses.replace(load_backbone(like).cfg, drop_path=0.1)
     else:
         vit = dataclasses.replace(load_backbone(init).cfg, drop_path=0.1)
         options["init"] = str(init)
@@ -110,7 +111,7 @@ def run_dataset(name: str, train_split: Path, val_split: Path, backbones: dict[s
                     tokenizer_fingerprint=read_manifest(str(train_split)).meta.tokenizer_fingerprint)
     out = {"train_samples": len(tokens), "val_samples": len(val_tokens), "arms": {}}
     for backbone, init in backbones.items():
-        model = segmenter(init, tokenizer, spec, args)
+        model = segmenter(init, backbones["mtm"], tokenizer, spec, args)
         trained = fit(model, tokens, maps, args.steps, args.batch_size, args.lr, args.seed, f"{name}/{backbone}")
         val, train_fit = score(model, val_tokens, val_maps, "slide"), score(model, tokens, maps, "slide")
         out["arms"][backbone] = {"miou": val.miou(), "pixel_accuracy": val.pixel_accuracy(),

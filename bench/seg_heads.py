@@ -93,7 +93,7 @@ def fit(model, tokens: torch.Tensor, maps: torch.Tensor, steps: int, batch_size:
         opt.step()
         sched.step()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0:
             print(f"{name} step {step + 1}/{steps} loss {losses[-1]:.3f} ({1000 * times[-1]:.0f} ms)",
                   file=sys.stderr, flush=True)

@@ -178,3 +178,24 @@ def test_backbone_fine_tunes_for_segmentation_on_two_ranks_and_evaluates_slide(a
     assert evaluate_main(["--ckpt", str(out / "checkpoints"), "--data", str(ade.validation), "--json",
                           str(report_path), "--mode", "slide", "--window", "4", "--stride", "2"]) == 0
     _check_eval(json.loads(report_path.read_text()), 4)
+
+
+def test_seg_backbones_bench_builds_and_trains_each_arm(ade, backbones):
+    """bench/seg_backbones.py's fine-tuning stage (its DeepSpeed pre-training is the trainer's, tested above)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench.seg_backbones import segmenter
+    from bench.seg_heads import fit, load_samples, score
+
+    tokens, maps, _ = load_samples([str(ade.training)])
+    args = argparse.Namespace(head="pup", channels=16, seed=0)
+    tokenizer = ade.training.parent / "tokenizer.pt"
+    for init, stem in ((None, "token"), (backbones["m3i"], "token"), (backbones["addp"], "pixel")):
+        model = segmenter(init, backbones["m3i"], tokenizer, ade.spec, args)
+        assert model.encoder.cfg.stem == stem and (model.vq is not None) == (stem == "pixel")
+        trained = fit(model, tokens, maps, 2, 4, 1e-3, 0, "test")
+        assert len(trained["losses"]) == 2 and all(math.isfinite(v) for v in trained["losses"])
+        cm = score(model, tokens, maps, "slide")
+        assert int(cm.matrix.sum()) == int((maps > 0).sum())  # every labelled pixel of the 8 scenes scored once
