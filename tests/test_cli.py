@@ -125,7 +125,7 @@ def test_help_is_helpful():
     out = subprocess.run([sys.executable, "-m", "vqpt.cli", "tokenise", "--help"], capture_output=True, text=True,
                          check=True)
     assert "--dataset" in out.stdout and "--views" in out.stdout and "rejects.jsonl" in out.stdout
-    for command in ("inspect", "verify"):
+    for command in ("inspect", "verify", "show"):
         out = subprocess.run([sys.executable, "-m", "vqpt.cli", command, "--help"], capture_output=True, text=True,
                              check=True)
         assert "SPLIT" in out.stdout and "manifest.parquet" in out.stdout and "s3://" in out.stdout, command
