@@ -115,6 +115,9 @@ def test_show_ade20k_draws_label_maps_over_the_images_with_a_legend(ade_split, t
     assert 1 <= rows <= len(present) and Image.open(png).size == draw.grid_size(3, 1, 2, 128, 3, rows)
     tokenizer = load_tokenizer(ade_split.parent / "tokenizer.pt")
     tiles = _tiles(png, sidecar)
+    flat = [t[0] for t in tiles]
+    assert all(t.std() > 10 for t in flat) and all(not np.array_equal(a, b) for i, a in enumerate(flat)
+                                                   for b in flat[i + 1:])
     for s, lm, (tile,) in zip(samples, maps, tiles):
         recon = tokenizer.decode(ds.get(s["key"])["tokens"][None])[0].repeat(2, 0).repeat(2, 1)
         labels = lm.repeat(4, 0).repeat(4, 1)  # 32 px label map on the 128 px tile
