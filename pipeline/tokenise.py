@@ -57,7 +57,7 @@ from pipeline.splitlock import SplitBusy, SplitLock
 from pipeline.tokenizer import KMeansTokenizer, Tokenizer, load_tokenizer
 from storage import io as sio
 from storage.cli import UserError, run_cli
-from storage.codec import CODEC_NAMES, DEFAULT_CODEC, TokenCodec, fit_codec
+from storage.codec import DEFAULT_CODEC, TokenCodec, codec_names, fit_codec
 from storage.manifest import DatasetMeta, write_manifest
 from storage.shard import ShardInfo
 
@@ -319,7 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--block-size", type=int, default=256, help="images per block inside a shard")
     ap.add_argument("--chunk-size", type=int, default=128, help="images per decode task")
     ap.add_argument("--batch-size", type=int, default=64, help="images per tokenizer forward pass")
-    ap.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES, help="token codec")
+    ap.add_argument("--codec", default=DEFAULT_CODEC, choices=codec_names(), help="token codec")
     ap.add_argument("--views", type=int, default=0, help="extra random crops per image to tokenise and store")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024, help="reject larger images (bombs)")

@@ -9,81 +9,42 @@ Two kinds of file exist:
   top level: ``step``, ``vit_config``, ``encoder_config``, ``objective``, ``config``, ``num_classes``,
   ``tokens``), the optimizer states, every rank's ``stream_rank<R>.json`` and ``tokens.json``.
 
-``checkpoint_tag_dir`` resolves ``latest`` or a tag directory (the tag must be a plain name inside the
-checkpoints directory: a planted ``latest`` cannot send a reader elsewhere). Every file is read with
-``torch.load(weights_only=True)`` (``safe_load``); if a DeepSpeed file holds an object that this refuses,
-it is read again under ``torch.serialization.safe_globals`` with exactly the globals it names, when they
-are all in a small allowlist (numpy scalars/arrays, ``argparse.Namespace``, paths, DeepSpeed's fp16 loss
-scalers); otherwise it is refused. Nothing is ever unpickled freely.
+Locating and safely reading files (``checkpoint_tag_dir``, ``safe_load``: ``torch.load(weights_only=True)``
+with a small allowlist, never a free unpickling) live in ``pretrain.checkpoint_io`` and are re-exported here.
 
 Readers: ``read_backbone`` (a ``VisionTransformer`` from either kind; ``prefix`` picks the encoder's keys
-of an objective), ``read_deepspeed`` (its state dict and config), ``read_trainer_state`` (the whole
-objective state and client state, for ``pretrain.objectives.load_objective``). The trainer's side:
+of an objective; a ZeRO-3 checkpoint is consolidated by ``consolidate_zero``: DeepSpeed's own code from
+the installed package, reading weights only, never a script from the checkpoint folder),
+``read_deepspeed`` (its state dict and config), ``read_trainer_state`` (the whole objective state
+and client state, for ``pretrain.objectives.load_objective``). The trainer's side:
 ``save_training`` / ``restore_training`` (engine, stream position, token identity) and
 ``use_safe_checkpoint_loading`` (DeepSpeed's own reads go through ``safe_load``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib
+import io
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint_io import atomic_save, checkpoint_tag_dir, safe_load, torch_load, weights_only_loads
+from pretrain.provenance import write_identity
 from pretrain.vit import VisionTransformer, ViTConfig
 
-__all__ = ["DS_MODEL_FILE", "checkpoint_tag_dir", "safe_load", "save_backbone", "load_backbone", "read_deepspeed",
-           "read_backbone", "read_trainer_state", "use_safe_checkpoint_loading", "save_training",
-           "restore_training", "atomic_save"]
+__all__ = ["DS_MODEL_FILE", "checkpoint_tag_dir", "safe_load", "weights_only_loads", "consolidate_zero",
+           "save_backbone", "load_backbone", "read_deepspeed", "read_backbone", "read_trainer_state",
+           "use_safe_checkpoint_loading", "save_training", "restore_training", "atomic_save"]
 
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+ZERO_MODEL_FILES = "zero_pp_rank_*_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank, module partitioned
 _RESERVED = ("model", "vit_config")
-# Globals a DeepSpeed file may name that are safe to rebuild (plain data); anything else is refused.
-_SAFE_GLOBALS = frozenset({
-    "numpy.dtype", "numpy.ndarray",
-    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
-    "argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath",
-    # DeepSpeed's optimizer states hold its loss scaler, the ZeRO stage enum and fragment records (plain data)
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-})
-_NUMPY_DTYPE_CLASS = re.compile(r"numpy\.dtypes\.\w+DType")
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-# -- where a checkpoint is ---------------------------------------------------------------------
-
-
-def checkpoint_tag_dir(ckpt: str | os.PathLike, tag: str | None = None) -> Path:
-    """The tag directory of a checkpoint: ``ckpt`` itself if it is one (``stepNNNNNNN``), else
-    ``ckpt/<tag>`` with ``tag`` from the argument or ``ckpt/latest``. A tag that is not a plain name
-    inside ``ckpt`` raises ValueError; a missing ``latest`` FileNotFoundError."""
-    path = Path(ckpt)
-    if tag is None:
-        latest = path / "latest"
-        if not latest.is_file():
-            if path.is_dir() and any(path.glob("*model_states.pt")):  # a tag directory itself
-                return path
-            raise FileNotFoundError(f"{path}: no 'latest' file naming the checkpoint tag; pass a checkpoints "
-                                    "directory written by the trainer, or one stepNNNNNNN directory in it")
-        tag = latest.read_text(errors="replace")[:256].strip()
-        where = f"{latest} names"
-    else:
-        where = "the"
-    if not _TAG.fullmatch(tag) or tag in (".", ".."):
-        raise ValueError(f"{where} checkpoint tag {tag!r}, which is not a plain directory name inside {path}; "
-                         "write the tag (e.g. step0000100) into it")
-    tag_dir = path / tag
-    if tag_dir.is_symlink() or not tag_dir.resolve().is_relative_to(path.resolve()):
-        raise ValueError(f"{where} checkpoint tag {tag!r}, which leads outside {path}; refusing to follow it")
-    return tag_dir
 
 
 # -- backbone files -------------------------------------------------------------------------------
@@ -109,20 +70,12 @@ def load_backbone(path: str | os.PathLike) -> VisionTransformer:
     if not path.is_file():
         raise FileNotFoundError(f"backbone file not found: {path}")
     try:
-        ckpt = _torch_load(path)
+        ckpt = torch_load(path)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: not a backbone file (torch.load(weights_only=True) refused it: {err})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
         raise ValueError(f"{path}: not a backbone file (expected a dict with 'model' and 'vit_config')")
     return _build(ckpt["model"], ckpt["vit_config"], str(path))
-
-
-def _torch_load(path: Path, map_location=None) -> object:
-    """``torch.load(weights_only=True)`` (default: on CPU); a file that is not a torch checkpoint -> ValueError."""
-    try:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
 
 
 def _config_from_dict(raw: dict, source: str) -> ViTConfig:
@@ -146,8 +99,8 @@ def _build(state: dict, raw_cfg: dict, source: str) -> VisionTransformer:
                          f"{' ...' if len(unexpected) > 8 else ''}")
     empty = [k for k, v in state.items() if v.numel() == 0 and expected[k].numel() > 0]
     if empty:
-        raise ValueError(f"{source}: {len(empty)} weights are empty (e.g. {empty[0]}): a ZeRO-3 checkpoint holds "
-                         "partitioned weights; consolidate it with DeepSpeed's zero_to_fp32.py first")
+        raise ValueError(f"{source}: {len(empty)} weights are empty (e.g. {empty[0]}): a ZeRO-3 rank file holds "
+                         "partitioned weights; pass its checkpoint directory instead (the export consolidates it)")
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         k = bad[0]
@@ -156,58 +109,49 @@ def _build(state: dict, raw_cfg: dict, source: str) -> VisionTransformer:
     return model
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-
 # -- DeepSpeed checkpoints ------------------------------------------------------------------------
 
 
-def _resolve_global(name: str) -> object:
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+def consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole module's float32 state dict from a ZeRO-partitioned DeepSpeed checkpoint (one tag directory).
 
+    DeepSpeed's own consolidation from the installed package
+    (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``), run in this process with
+    every file read weights-only (``weights_only_loads``). Nothing found in the checkpoint folder is run
+    (it may hold DeepSpeed's ``zero_to_fp32.py``: a checkpoint is data, possibly someone else's) and
+    nothing in it is unpickled beyond the allowlist. Damaged or refused files raise ValueError naming them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-def safe_load(path: str | os.PathLike, map_location=None) -> object:
-    """``torch.load(weights_only=True)``, retried with exactly the allowlisted globals the file names.
-
-    The trainer reads DeepSpeed checkpoints through this too (``use_safe_checkpoint_loading``)."""
-    path = Path(path)
-    try:
-        return _torch_load(path, map_location)
-    except pickle.UnpicklingError as err:
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except (RuntimeError, ValueError, pickle.UnpicklingError) as inner:
-            raise ValueError(f"{path}: not a readable torch checkpoint ({inner})") from err
-        refused = [n for n in names if n not in _SAFE_GLOBALS and not _NUMPY_DTYPE_CLASS.fullmatch(n)]
-        if refused or not names:
-            raise ValueError(f"{path}: holds objects that are not loaded for safety: {refused or err}; "
-                             "keep only tensors and plain data in the DeepSpeed client_state") from err
-        allowed = [(_resolve_global(n), n) for n in names]
-        if "numpy.dtype" in names:  # a dtype is rebuilt as an instance of its numpy.dtypes.*DType class
-            import numpy as np
-
-            allowed += [c for n, c in vars(np.dtypes).items() if _NUMPY_DTYPE_CLASS.fullmatch(f"numpy.dtypes.{n}")]
-        with torch.serialization.safe_globals(allowed):
-            return _torch_load(path, map_location)
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{tag_dir}: holds objects that are not loaded for safety ({err})") from err
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{tag_dir}: an incomplete ZeRO checkpoint: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"{tag_dir}: {err}") from err
+        except (RuntimeError, EOFError, KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"{tag_dir}: not a readable ZeRO checkpoint ({type(err).__name__}: {err})") from err
 
 
-def _ds_model_file(ckpt_dir: Path, tag: str | None) -> Path:
-    tag_dir = checkpoint_tag_dir(ckpt_dir, tag)
-    path = tag_dir / DS_MODEL_FILE
-    if not path.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
-        raise ValueError(f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over zero_pp_rank_* files); "
-                         f"consolidate it with {tag_dir.parent / 'zero_to_fp32.py'} and save the encoder with "
-                         "save_backbone, "
-                         "or export the run's backbone.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed model states not found: {path}")
-    return path
+def _ds_states(path: Path, tag: str | None) -> tuple[object, Path]:
+    """(model-states dict, the file it came from) of a DeepSpeed checkpoint: a file, or a checkpoints or tag
+    directory. A ZeRO-3 directory's partitioned module is consolidated (``consolidate_zero``) into its
+    ``"module"``; its client state (``vit_config``, ...) comes from rank 0's file."""
+    if path.is_file():
+        return safe_load(path), path
+    tag_dir = checkpoint_tag_dir(path, tag)
+    file = tag_dir / DS_MODEL_FILE
+    if file.is_file():
+        return safe_load(file), file
+    first = tag_dir / ZERO_MODEL_FILES.replace("*", "0")
+    if not first.is_file():
+        raise FileNotFoundError(f"DeepSpeed model states not found: {file} (nor a ZeRO-3 {first.name})")
+    client = safe_load(first)
+    if not isinstance(client, dict):
+        raise ValueError(f"{first}: not DeepSpeed model states (expected a dict)")
+    return {**client, "module": consolidate_zero(tag_dir)}, first
 
 
 def _strip_prefix(module_state: dict, prefix: str) -> dict:
@@ -238,8 +182,8 @@ def read_deepspeed(path: str | os.PathLike, tag: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    file = path if path.is_file() else _ds_model_file(path, tag)
-    return _from_ds_dict(safe_load(file), file, prefix)
+    ckpt, file = _ds_states(path, tag)
+    return _from_ds_dict(ckpt, file, prefix)
 
 
 def read_backbone(path: str | os.PathLike, tag: str | None = None,
@@ -252,8 +196,7 @@ def read_backbone(path: str | os.PathLike, tag: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    file = path if path.is_file() else _ds_model_file(path, tag)
-    ckpt = safe_load(file)
+    ckpt, file = _ds_states(path, tag)
     info: dict = {"source": str(path), "global_steps": None,
                   "tokens": ckpt.get("tokens") if isinstance(ckpt, dict) else None}
     if path.is_file() and isinstance(ckpt, dict) and "model" in ckpt and "vit_config" in ckpt:
@@ -297,8 +240,6 @@ def save_training(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: in
     stream state and (rank 0) ``tokens.json`` from ``client["tokens"]``; keeps the newest ``keep`` tags.
     Collective: every rank calls it."""
     import torch.distributed as dist
-
-    from pretrain.provenance import write_identity
 
     tag = f"step{step:07d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})

@@ -12,9 +12,10 @@ A config file has these sections (every key optional except ``data.train``)::
 Every section is a frozen dataclass once ``load_config`` returns: ``model`` a ``pretrain.vit.ViTConfig``
 (the preset's widths plus the keys given; ``grid`` and ``vocab_size`` are placeholders the trainer
 replaces with the data's), ``objective`` the registered objective's config class
-(``pretrain.objectives.registry``; ``TrainConfig.objective_name`` gives its name), ``augment`` a
-``pretrain.augment.TokenAugConfig`` (or None). An objective whose ``DataNeeds.token_geometry`` is
-False (segmentation: label maps do not move with the tokens) refuses geometric augmentation here.
+(``pretrain.objectives.registry``: built in or a plug-in's; ``TrainConfig.objective_name`` gives its
+name), ``augment`` a ``pretrain.augment.TokenAugConfig`` (or None). An objective whose
+``DataNeeds.token_geometry`` is False (segmentation: label maps do not move with the tokens) refuses
+geometric augmentation here.
     optim:     {lr, blr, weight_decay, betas, eps, warmup_steps, min_lr, grad_clip, grad_accum, layer_decay}
     engine:    {zero_stage, precision}                 # the DeepSpeed side (ZeRO 0-2)
 
@@ -38,8 +39,9 @@ from pathlib import Path
 import yaml
 
 from pretrain.augment import TokenAugConfig
-from pretrain.objectives import make_config, objective_config, registry
+from pretrain.objectives import make_config, objective_class, objective_config
 from pretrain.objectives.mtm import MTMConfig
+from pretrain.objectives.registry import registered_name
 from pretrain.vit import PRESETS, ViTConfig
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "EngineConfig", "TrainConfig", "load_config", "apply_overrides",
@@ -166,7 +168,7 @@ class TrainConfig:
     @property
     def objective_name(self) -> str:
         """The registry name of ``objective``'s config class ("mtm", "segment", ...)."""
-        return next(name for name, cls in registry().items() if isinstance(self.objective, cls.config_class))
+        return registered_name(self.objective)
 
     def to_dict(self) -> dict:
         """The config as YAML-ready sections (``load_config`` reads it back to an equal config)."""
@@ -332,7 +334,7 @@ def build_config(raw: dict, where: str = "config") -> TrainConfig:
     if not cfg.data.train and not cfg.data.sources:
         raise ConfigError(f"{where}: data.train (a manifest URL or split directory) or data.sources is required")
     check_ranges(cfg, where)
-    if cfg.augment is not None and not registry()[name].needs.token_geometry:
+    if cfg.augment is not None and not objective_class(name).needs.token_geometry:
         bad = [key for key, on in _GEOMETRY if on(cfg.augment)]
         if bad:
             raise ConfigError(f"{where}: {', '.join('augment.' + b for b in bad)} would move the tokens but not the "

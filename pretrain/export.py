@@ -11,8 +11,10 @@ CKPT is either
   ``engine.save_checkpoint(dir, client_state={"vit_config": dataclasses.asdict(cfg), ...})``). When the
   engine wrapped an objective, only keys under ``--prefix`` (default ``encoder.``) are taken, prefix
   stripped; ``_orig_mod.`` (torch.compile) is removed too. The module copy is in the training dtype
-  (bf16 under DeepSpeed bf16; it is cast to float32 here); ZeRO-3 checkpoints hold no module weights
-  (run DeepSpeed's ``zero_to_fp32.py`` first and export its output as a backbone file);
+  (bf16 under DeepSpeed bf16; it is cast to float32 here). A ZeRO-3 directory (``zero_pp_rank_*`` files,
+  weights partitioned) is consolidated here, by DeepSpeed's own code from the installed package
+  (``deepspeed.utils.zero_to_fp32``) with every file read weights-only
+  (``pretrain.checkpoint.consolidate_zero``); nothing found in the checkpoint folder is ever run;
 - a bare ``mp_rank_00_model_states.pt`` file (treated like the directory case).
 
 Reading (``latest`` / tag resolution, weights-only loading with the allowlist) is

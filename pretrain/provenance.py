@@ -13,7 +13,7 @@ forward) and refuse a mismatch with ``TokenizerMismatch``, naming both fingerpri
 explicitly allowed (``--allow-tokenizer-mismatch`` / ``data.allow_tokenizer_mismatch``).
 Checkpoints written before this existed, and pixel-input runs, have no identity: nothing to check.
 
-``latest`` files are read through ``pretrain.checkpoint.checkpoint_tag_dir`` (re-exported here): the tag
+``latest`` files are read through ``pretrain.checkpoint_io.checkpoint_tag_dir`` (re-exported here): the tag
 must name a directory inside the checkpoints directory, so a planted ``latest`` cannot send a reader
 elsewhere.
 """
@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from pretrain.checkpoint import checkpoint_tag_dir, safe_load
+from pretrain.checkpoint_io import checkpoint_tag_dir, safe_load
 
 __all__ = ["TokenizerMismatch", "identity_of_meta", "checkpoint_tag_dir", "identity_of_checkpoint",
            "write_identity", "check_identity", "TOKENS_FILE"]

@@ -49,7 +49,7 @@ from pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint, runtime
 from pretrain.augment import BatchSeededAugment
 from pretrain.config import ConfigError, TrainConfig, load_config
-from pretrain.objectives import DataSpec, Objective, build_objective
+from pretrain.objectives import Asset, DataSpec, Objective, build_objective, objective_class
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
 from pretrain.provenance import TokenizerMismatch, check_identity, identity_of_checkpoint, identity_of_meta
 from pretrain.vit import ViTConfig
@@ -60,7 +60,7 @@ from storage.mix import source_from_dict
 from storage.stream import StreamLoader, TokenStream
 
 __all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed", "config_from_args", "launched_main",
-           "check_tokens"]
+           "check_tokens", "asset_identity"]
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -136,27 +136,33 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def asset_identity(asset: Asset, identity: dict) -> dict | None:
+    """The token identity ``asset`` carries, completed from the data's ``identity`` where the asset has no
+    say (``Asset.shares``); None when there is nothing to compare (a missing file is reported by the
+    objective that loads it, a checkpoint that recorded no identity predates provenance)."""
+    if asset.kind == "tokenizer":
+        if not sio.exists(asset.url):
+            return None
+        own = {"tokenizer_fingerprint": load_tokenizer(asset.url).fingerprint}
+    else:
+        own = identity_of_checkpoint(asset.url) if Path(asset.url).exists() else None
+        if own is None:
+            return None
+    return {**identity, **{k: own.get(k) for k in asset.shares}}
+
+
 def check_tokens(cfg: TrainConfig, resume: str | None) -> dict | None:
-    """The training data's token identity, after checking that the ``objective.init`` backbone and the
-    checkpoint to resume were trained on tokens of the same tokenizer (TokenizerMismatch otherwise)."""
+    """The training data's token identity, after checking that every file the objective loads
+    (``Objective.assets``: backbones, predictors, tokenizers) and the checkpoint to resume belong to tokens
+    of the same tokenizer (TokenizerMismatch otherwise). Runs before any process group: a refusal costs
+    seconds; the objective checks a tokenizer's fingerprint again when it loads it (``DataSpec``)."""
     if cfg.data.input != "tokens":
         return None
     identity = identity_of_meta(read_manifest(resolve_manifest(cfg.data.train)).meta)
     allow = cfg.data.allow_tokenizer_mismatch
     where = f"the training data {cfg.data.train}"
-    init = getattr(cfg.objective, "init", "")
-    if init and Path(init).exists():
-        check_identity(identity_of_checkpoint(init), identity, f"the --init backbone {init}", where, allow)
-    predictor = getattr(cfg.objective, "predictor", "")  # ADDP's frozen MTM must belong to the data's tokens too
-    if predictor and Path(predictor).exists():
-        check_identity(identity_of_checkpoint(predictor), identity, f"the ADDP predictor {predictor}", where, allow)
-    # Tokenizers the objective loads (ADDP's, classify's decoder) are checked again by the loader itself
-    # (``DataSpec.tokenizer_fingerprint``); here a mismatch costs seconds, not a process group.
-    for what, url in (("the ADDP tokenizer", getattr(cfg.objective, "tokenizer", "")),
-                      ("the decoder tokenizer", getattr(cfg.objective, "decoder", ""))):
-        if url and sio.exists(url):
-            made = {**identity, "tokenizer_fingerprint": load_tokenizer(url).fingerprint}
-            check_identity(made, identity, f"{what} {url}", where, allow)
+    for asset in objective_class(cfg.objective_name).assets(cfg.objective):
+        check_identity(asset_identity(asset, identity), identity, f"{asset.what} {asset.url}", where, allow)
     if resume is not None:
         ckpt = Path(resume or Path(cfg.run.out) / "checkpoints")
         if (ckpt / "latest").is_file() or ckpt.name.startswith("step"):

@@ -10,4 +10,9 @@ fi
 # One pip command: s3fs and boto3 must resolve together (a later boto3 install breaks aiobotocore's pin).
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# DeepSpeed's CPU shared-memory allreduce op, built now (about 40 s) into this venv's own cache, where the
+# tests point TORCH_EXTENSIONS_DIR (tests/conftest.py): not in the first launch of a test run.
+DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" .venv/bin/python -c \
+    "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
+    >/dev/null
 .venv/bin/python -c "import torch, storage; print('vqpt installed: torch', torch.__version__)"

@@ -25,7 +25,6 @@ and gzip checksums, and the rANS end state. Codec objects are immutable and thre
 from __future__ import annotations
 
 import base64
-import functools
 import gzip
 import threading
 import zlib
@@ -37,17 +36,23 @@ import zstandard
 from storage import entropy
 from storage.codec_base import (  # noqa: F401  (re-exported: the interface lives beside the codecs for users)
     CODEC_NAMES,
+    ENTRY_POINT_GROUP,
     MAX_DECODE_TOKENS,
     MAX_VOCAB,
     CodecError,
     CodecSpec,
     TokenCodec,
     _as_ids,
+    codec_class,
+    codec_names,
+    make_codec,
+    register_codec,
 )
 
 DEFAULT_CODEC = "zstd2d"  # smallest on real tokens, and fast to decode (bench/storage.py)
 
 
+@register_codec
 class Raw16Codec(TokenCodec):
     """2 bytes per token, little-endian uint16."""
 
@@ -62,6 +67,7 @@ class Raw16Codec(TokenCodec):
         return np.frombuffer(data, dtype="<u2").astype(np.uint16)
 
 
+@register_codec
 class BitpackCodec(TokenCodec):
     """``b = ceil(log2 K)`` bits per token, MSB first, last byte zero-padded: ``ceil(n*b/8)`` bytes."""
 
@@ -94,6 +100,7 @@ class BitpackCodec(TokenCodec):
         return out
 
 
+@register_codec
 class SeitCodec(TokenCodec):
     """SeiT (naver-ai/seit) storage: escape bytes, then gzip -9 of the whole byte stream.
 
@@ -136,6 +143,7 @@ class SeitCodec(TokenCodec):
         return ids.astype(np.uint16)
 
 
+@register_codec
 class ZstdCodec(TokenCodec):
     """uint8 (K <= 256) or little-endian uint16 tokens in one zstd frame (content size + checksum).
 
@@ -162,6 +170,28 @@ class ZstdCodec(TokenCodec):
             self._dict = zstandard.ZstdCompressionDict(raw)
         self._local = threading.local()  # ZstdDecompressor objects are not shared between threads
 
+    @classmethod
+    def fit_params(cls, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None,
+                   **params: Any) -> dict:
+        """``level`` (default 19); ``dict`` (bytes or base64 str: use this dictionary) or ``dict_size`` (> 0:
+        train a dictionary of that many bytes on ``sample`` cut into ``dict_chunk``-token pieces, default
+        1024 = one 32x32 grid). Default: no dictionary."""
+        spec_params: dict[str, Any] = {"level": params.pop("level", 19)}
+        given, dict_size = params.pop("dict", None), int(params.pop("dict_size", 0))
+        chunk = int(params.pop("dict_chunk", 1024))
+        super().fit_params(sample, vocab_size, grid, **params)  # refuses what is left
+        if given is not None:
+            spec_params["dict"] = given if isinstance(given, str) else base64.b64encode(given).decode("ascii")
+        elif dict_size > 0:
+            ids = _as_ids(sample, vocab_size).astype(np.uint8 if vocab_size <= 256 else "<u2")
+            pieces = [ids[i : i + chunk].tobytes() for i in range(0, ids.size, chunk)]
+            try:
+                trained = zstandard.train_dictionary(dict_size, pieces, level=int(spec_params["level"]))
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"zstd: dictionary training failed on {len(pieces)} pieces: {exc}") from exc
+            spec_params["dict"] = base64.b64encode(trained.as_bytes()).decode("ascii")
+        return spec_params
+
     def _encode(self, ids: np.ndarray) -> bytes:
         cctx = zstandard.ZstdCompressor(level=self.level, dict_data=self._dict, write_checksum=True)
         return cctx.compress(ids.astype(self.dtype).tobytes())
@@ -183,6 +213,7 @@ class ZstdCodec(TokenCodec):
         return np.frombuffer(raw, dtype=self.dtype).astype(np.uint16)
 
 
+@register_codec
 class RansCodec(TokenCodec):
     """Static order-0 rANS (constriction, 32-bit words, 24-bit probabilities); payload = LE uint32 words.
 
@@ -210,6 +241,17 @@ class RansCodec(TokenCodec):
                 "constriction build quantises the stored counts differently from the writer's"
             )
 
+    @classmethod
+    def fit_params(cls, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None,
+                   **params: Any) -> dict:
+        """Order-0 counts of ``sample``; symbols absent from it share a Good-Turing escape mass (see
+        ``storage.entropy``), so they stay encodable. An empty sample gives the uniform model."""
+        super().fit_params(sample, vocab_size, grid, **params)
+        ids = _as_ids(sample if sample is not None else np.zeros(0, np.int64), vocab_size)
+        counts = entropy.fit_counts(ids, vocab_size)
+        return {"counts": entropy.counts_to_text(counts),
+                "fingerprint": entropy.model_fingerprint(entropy.build_model(counts), vocab_size)}
+
     def _encode(self, ids: np.ndarray) -> bytes:
         return entropy.rans_encode(ids, self._model)
 
@@ -220,6 +262,7 @@ class RansCodec(TokenCodec):
             raise CodecError(str(exc)) from exc
 
 
+@register_codec
 class Zstd2dCodec(TokenCodec):
     """Grid-predictive coding: the stream is read as (h, w) grids; each token gets a mode.
 
@@ -242,6 +285,16 @@ class Zstd2dCodec(TokenCodec):
         self.h, self.w = grid
         self.level = int(spec.params.get("level", 19))
         self._local = threading.local()
+
+    @classmethod
+    def fit_params(cls, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None,
+                   **params: Any) -> dict:
+        """``grid`` (h, w) required, ``level`` (default 19); nothing is learned from ``sample``."""
+        if grid is None:
+            raise ValueError("fit_codec('zstd2d'): pass grid=(h, w), the token grid the stream is made of")
+        level = int(params.pop("level", 19))
+        super().fit_params(sample, vocab_size, grid, **params)
+        return {"grid": [int(grid[0]), int(grid[1])], "level": level}
 
     def _modes(self, ids: np.ndarray) -> np.ndarray:
         cell = self.h * self.w
@@ -323,66 +376,20 @@ class Zstd2dCodec(TokenCodec):
         return out
 
 
-_CODECS: dict[str, type[TokenCodec]] = {
-    c.name: c for c in (Raw16Codec, BitpackCodec, SeitCodec, ZstdCodec, RansCodec, Zstd2dCodec)
-}
-
-
-@functools.lru_cache(maxsize=64)
-def _make_cached(spec: CodecSpec) -> TokenCodec:
-    return _CODECS[spec.name](spec)
-
-
-def make_codec(spec: CodecSpec) -> TokenCodec:
-    """Rebuild the codec a manifest's spec describes (memoised per spec: cheap to call per block)."""
-    if not isinstance(spec, CodecSpec):
-        raise TypeError(f"make_codec needs a CodecSpec, got {type(spec).__name__}")
-    return _make_cached(spec)
-
-
 def fit_codec(name: str, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None = None,
               **params: Any) -> TokenCodec:
     """Build codec ``name`` for K = ``vocab_size``, training its model on ``sample`` token ids.
 
-    ``grid`` (h, w) is the token grid the streams are made of; codecs that do not use it ignore it.
+    ``grid`` (h, w) is the token grid the streams are made of; codecs that do not use it ignore it. What
+    each codec learns and which options it takes is its ``fit_params`` (unknown options: ValueError):
 
     - ``raw16``, ``bitpack``, ``seit``: nothing to fit; ``sample`` is ignored, no params accepted.
-    - ``zstd``: ``level`` (default 19); ``dict`` (bytes or base64 str: use this dictionary) or
-      ``dict_size`` (> 0: train a dictionary of that many bytes with ``zstandard.train_dictionary`` on
-      ``sample`` cut into ``dict_chunk``-token pieces, default 1024 = one 32x32 grid). Default: no dictionary.
+    - ``zstd``: ``level`` (default 19); ``dict`` or ``dict_size`` / ``dict_chunk`` (a trained dictionary).
     - ``zstd2d``: ``grid`` (h, w) required, ``level`` (default 19); nothing fitted.
-    - ``rans``: order-0 counts of ``sample``; symbols absent from it share a Good-Turing escape mass
-      (see ``storage.entropy``), so they stay encodable. An empty sample gives the uniform model.
+    - ``rans``: order-0 counts of ``sample`` with an escape mass for absent symbols.
     """
-    spec_params: dict[str, Any] = {}
-    if name == "zstd":
-        spec_params["level"] = params.pop("level", 19)
-        given, dict_size = params.pop("dict", None), int(params.pop("dict_size", 0))
-        chunk = int(params.pop("dict_chunk", 1024))
-        if given is not None:
-            spec_params["dict"] = given if isinstance(given, str) else base64.b64encode(given).decode("ascii")
-        elif dict_size > 0:
-            ids = _as_ids(sample, vocab_size).astype(np.uint8 if vocab_size <= 256 else "<u2")
-            pieces = [ids[i : i + chunk].tobytes() for i in range(0, ids.size, chunk)]
-            try:
-                trained = zstandard.train_dictionary(dict_size, pieces, level=int(spec_params["level"]))
-            except zstandard.ZstdError as exc:
-                raise ValueError(f"zstd: dictionary training failed on {len(pieces)} pieces: {exc}") from exc
-            spec_params["dict"] = base64.b64encode(trained.as_bytes()).decode("ascii")
-    elif name == "zstd2d":
-        if grid is None:
-            raise ValueError("fit_codec('zstd2d'): pass grid=(h, w), the token grid the stream is made of")
-        spec_params["grid"] = [int(grid[0]), int(grid[1])]
-        spec_params["level"] = int(params.pop("level", 19))
-    elif name == "rans":
-        ids = _as_ids(sample if sample is not None else np.zeros(0, np.int64), vocab_size)
-        counts = entropy.fit_counts(ids, vocab_size)
-        spec_params["counts"] = entropy.counts_to_text(counts)
-        spec_params["fingerprint"] = entropy.model_fingerprint(entropy.build_model(counts), vocab_size)
-    if params:
-        raise ValueError(f"fit_codec({name!r}): unknown params {sorted(params)}")
-    spec = CodecSpec(name, vocab_size, spec_params)
-    return _CODECS[spec.name](spec)
+    cls = codec_class(name)
+    return cls(CodecSpec(name, vocab_size, cls.fit_params(sample, vocab_size, grid, **params)))
 
 
 def order0_entropy_bits(ids: np.ndarray, vocab_size: int) -> float:

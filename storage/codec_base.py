@@ -1,21 +1,30 @@
 """The token codec interface: ``CodecSpec`` (what a manifest stores), ``TokenCodec`` (the base class
-every codec derives from, with its input validation and decode bounds) and ``CodecError``.
+every codec derives from, with its input validation and decode bounds), ``CodecError`` and the codec
+registry.
 
-The codecs themselves, ``make_codec`` and ``fit_codec`` are in ``storage.codec``, which re-exports
-everything here; import from there.
+The registry: ``@register_codec`` on a ``TokenCodec`` subclass makes its ``name`` usable in a
+``CodecSpec``, ``make_codec`` and ``fit_codec``. The built-in codecs register themselves in
+``storage.codec``; a codec from another package registers when its module is imported, and is found
+without an import by its entry point in the ``vqpt.codecs`` group (``name = "package.module:Class"``), so
+a manifest naming it opens in any process where that package is installed (``docs/extending.md``).
+The built-in codecs, ``fit_codec`` and the rest are in ``storage.codec``, which re-exports everything
+here; import from there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from storage.errors import StorageError
+from storage.plugins import entry_points, load_plugin
 
-CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans", "zstd2d")
+CODEC_NAMES: tuple[str, ...] = ("raw16", "bitpack", "seit", "zstd", "rans", "zstd2d")  # the built-in codecs
+ENTRY_POINT_GROUP = "vqpt.codecs"
 MAX_VOCAB = 65536
 MAX_DECODE_TOKENS = 1 << 26  # most tokens one decode call returns (128 MiB as uint16): bounds every codec
 
@@ -38,8 +47,9 @@ class CodecSpec:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in CODEC_NAMES:
-            raise ValueError(f"unknown codec {self.name!r}; expected one of {CODEC_NAMES}")
+        if self.name not in CODEC_NAMES and self.name not in codec_names():
+            raise ValueError(f"unknown codec {self.name!r}; expected one of {codec_names()} (a codec of another "
+                             f"package needs that package installed: entry point group {ENTRY_POINT_GROUP!r})")
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
             raise ValueError(f"vocab_size must be an int, got {self.vocab_size!r}")
         if not 2 <= self.vocab_size <= MAX_VOCAB:
@@ -125,6 +135,15 @@ class TokenCodec:
             raise CodecError(f"{self.name}: corrupt data: decoded id {int(out.max())} >= K={self.vocab_size}")
         return out
 
+    @classmethod
+    def fit_params(cls, sample: np.ndarray | None, vocab_size: int, grid: tuple[int, int] | None,
+                   **params: Any) -> dict:
+        """The spec's params for ``fit_codec``: what this codec learns from ``sample`` (token ids) and the
+        options given. The default learns nothing and accepts no options."""
+        if params:
+            raise ValueError(f"fit_codec({cls.name!r}): unknown params {sorted(params)}")
+        return {}
+
     def _encode(self, ids: np.ndarray) -> bytes:  # ids: validated 1-D integer array
         raise NotImplementedError
 
@@ -132,10 +151,64 @@ class TokenCodec:
         raise NotImplementedError
 
     def __reduce__(self) -> tuple:
-        """Cross-process copies (Ray, spawn workers) are rebuilt from the spec, never from state."""
-        from storage.codec import make_codec
-
-        return (make_codec, (self.spec,))
+        """Cross-process copies (Ray, spawn workers) are rebuilt from the spec, never from state. The class
+        travels by reference, so unpickling imports (and so registers) the module that defines it."""
+        return (_rebuild, (type(self), self.spec))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(K={self.vocab_size}, params={sorted(self.spec.params)})"
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[TokenCodec]] = {}
+C = TypeVar("C", bound=type[TokenCodec])
+
+
+def register_codec(cls: C) -> C:
+    """Class decorator: make ``cls`` (a ``TokenCodec`` with a ``name``) the codec of that name. Registering
+    another class under a name already taken raises ValueError."""
+    name = getattr(cls, "name", None)
+    if not (isinstance(cls, type) and issubclass(cls, TokenCodec)) or not isinstance(name, str) or not name:
+        raise TypeError(f"register_codec needs a TokenCodec subclass with a name, got {cls!r}")
+    if _REGISTRY.get(name, cls) is not cls:
+        raise ValueError(f"codec {name!r} is already registered by {_REGISTRY[name].__module__}."
+                         f"{_REGISTRY[name].__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def codec_names() -> tuple[str, ...]:
+    """Every codec name a spec may use: the built-in ones, then registered and entry-point ones, sorted."""
+    extra = sorted((set(_REGISTRY) | set(entry_points(ENTRY_POINT_GROUP))) - set(CODEC_NAMES))
+    return (*CODEC_NAMES, *extra)
+
+
+def codec_class(name: str) -> type[TokenCodec]:
+    """The registered codec class of ``name``, importing its entry point the first time it is asked for.
+    ValueError naming the codec when neither is there (built-in codecs: import ``storage.codec``)."""
+    if name not in _REGISTRY:
+        loaded = load_plugin(ENTRY_POINT_GROUP, name, "codec")
+        if isinstance(loaded, type) and issubclass(loaded, TokenCodec) and name not in _REGISTRY:
+            register_codec(loaded)
+    if name not in _REGISTRY:
+        raise ValueError(f"codec {name!r} is not registered; known: {sorted(_REGISTRY)} (import the module that "
+                         f"defines it, or install its package with a {ENTRY_POINT_GROUP!r} entry point)")
+    return _REGISTRY[name]
+
+
+@functools.lru_cache(maxsize=64)
+def _make_cached(spec: CodecSpec) -> TokenCodec:
+    return codec_class(spec.name)(spec)
+
+
+def make_codec(spec: CodecSpec) -> TokenCodec:
+    """Rebuild the codec a manifest's spec describes (memoised per spec: cheap to call per block)."""
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"make_codec needs a CodecSpec, got {type(spec).__name__}")
+    return _make_cached(spec)
+
+
+def _rebuild(cls: type[TokenCodec], spec: CodecSpec) -> TokenCodec:
+    """Unpickling: ``cls`` was imported (and so registered) to get here."""
+    return make_codec(spec) if _REGISTRY.get(spec.name) is cls else cls(spec)

@@ -20,6 +20,9 @@ class ShardError(StorageError):
         self.url = url
         self.reason = reason
 
+    def __reduce__(self):  # pickles whole (a DataLoader worker hands it to the main process)
+        return type(self), (self.url, self.reason), self.__dict__
+
 
 class FingerprintMismatch(StorageError):
     """The manifest's tokenizer fingerprint is not the one the caller expects."""

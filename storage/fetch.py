@@ -6,13 +6,15 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import queue
 import re
 import stat
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from storage import io as sio
+from storage.cancel import Cancel
 from storage.errors import ShardError
 from storage.shard import ShardInfo
 
@@ -169,6 +171,41 @@ class ShardCache:
         return total + need <= self.limit_bytes
 
 
+class DaemonThreads:
+    """``workers`` daemon threads running submitted calls in submission order; ``submit`` returns a Future.
+
+    Unlike ThreadPoolExecutor's threads, which the interpreter joins at exit, these never hold up the
+    end of the process: a read blocked on a dead server cannot keep a failed reader alive."""
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
+                         for k in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            del item
+            if future.set_running_or_notify_cancel():  # False: cancelled while queued
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # handed to the Future's owner
+                    future.set_exception(err)
+            del future, fn, args  # an idle thread holds no shard bytes
+
+    def shutdown(self) -> None:
+        """Threads end once their current call returns; queued calls should be cancelled first."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+
 class ShardFetcher:
     """Gets shard bytes for one reader in the order it will need them, ``prefetch`` shards ahead.
 
@@ -176,6 +213,10 @@ class ShardFetcher:
     the root (no symlink out). ``get(i)`` returns its verified
     bytes or raises ShardError naming the shard: unreachable after retries, wrong size
     (truncated), or sha256 mismatch. With a cache, call ``release(i)`` once done with shard ``i``.
+
+    Fail fast: a failed ``get`` schedules no further fetch, and ``close`` cancels every outstanding
+    one (remote reads stop at once, ``storage.cancel.Cancel``); fetch threads are daemons, so no read
+    left behind can hold up the process's exit.
     """
 
     def __init__(self, shards: Sequence[tuple[str, ShardInfo, str]], plan: Sequence[int], prefetch: int = 2,
@@ -188,7 +229,8 @@ class ShardFetcher:
         self.storage_options = storage_options
         self._next = 0  # index into plan of the next shard not yet scheduled
         self._futures: dict[int, Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.prefetch, 4)), thread_name_prefix="vqpt-fetch")
+        self._cancel = Cancel()
+        self._pool = DaemonThreads(min(self.prefetch, 4), "vqpt-fetch")
 
     def _fetch(self, i: int) -> bytes:
         url, info, root = self.shards[i]
@@ -198,7 +240,7 @@ class ShardFetcher:
                 return data
         try:
             data = sio.read_bytes(url, self.storage_options, retries=self.retries, max_bytes=info.bytes + 1,
-                                  root=root)
+                                  root=root, cancel=self._cancel)
         except OSError as err:
             raise ShardError(url, f"cannot be read: {err}") from err
         if len(data) != info.bytes:
@@ -224,18 +266,20 @@ class ShardFetcher:
         future = self._futures.pop(i, None)
         if future is None:  # not in the plan (or already consumed): fetch synchronously
             return self._fetch(i)
-        try:
-            return future.result()
-        finally:
-            self._schedule()
+        data = future.result()  # on error nothing more is scheduled: the reader may be about to stop
+        self._schedule()
+        return data
 
     def release(self, i: int) -> None:
         if self.cache is not None:
             self.cache.release(self.shards[i][1].sha256)
 
     def close(self) -> None:
+        """Cancel every outstanding fetch (queued ones never start, running remote reads stop now)."""
+        self._cancel.set()
         for f in self._futures.values():
             f.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._futures.clear()
+        self._pool.shutdown()
         if self.cache is not None:
             self.cache.close()

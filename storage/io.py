@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import fsspec.asyn
+
+from storage.cancel import Cancel, ReadCancelled, check_cancel, sleep_unless_cancelled, wait_on_loop
 
 log = logging.getLogger("vqpt.storage")
 
@@ -41,6 +42,12 @@ _PERMANENT_NAMES = {"ParamValidationError", "NoCredentialsError", "PartialCreden
 
 class UnsafePath(PermissionError):
     """A local read refused: the path leaves the dataset root or is not a regular file."""
+
+
+class Unreachable(OSError):
+    """A remote call that failed with transient errors (time-outs, refused connections, 5xx) until its
+    retries or its deadline ran out: the store is not answering, so the caller's next call will likely wait
+    as long again."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,7 @@ def with_retries(
     max_backoff_s: float = 4.0,
     on_retry: Callable[[int, BaseException], None] | None = None,
     deadline_s: float | None = None,
+    cancel: Cancel | None = None,
 ) -> Any:
     """Call ``fn`` until it succeeds; transient errors are retried with exponential backoff.
 
@@ -218,13 +226,17 @@ def with_retries(
     programming errors are raised at once (a network library's own permanent error, such as an
     HTTP 403, as an ``OSError`` naming ``what``). After ``retries`` failed retries, or when the next
     attempt would start after ``deadline_s`` seconds from the first, the last error is raised
-    as an ``OSError`` naming ``what``.
+    as ``Unreachable`` (an ``OSError``) naming ``what``. ``cancel`` (or ``cancel_all_reads``) ends
+    the back-off sleep and raises ``ReadCancelled``.
     """
     delay = backoff_s
     start = time.monotonic()
     for attempt in range(retries + 1):
+        check_cancel(cancel, what)
         try:
             return fn()
+        except ReadCancelled:
+            raise
         except Exception as err:
             if is_credentials_error(err):
                 raise PermissionError(f"{what}: no S3 credentials found; {CREDENTIALS_HELP}") from err
@@ -234,37 +246,35 @@ def with_retries(
                 raise OSError(f"{what}: {type(err).__name__}: {err}") from err  # e.g. HTTP 403: one OSError type
             spent = time.monotonic() - start
             if attempt == retries or (deadline_s is not None and spent + delay >= deadline_s):
-                raise OSError(f"{what}: failed after {attempt + 1} attempts: {type(err).__name__}: {err} "
-                              f"({spent:.0f} s)") from err
+                raise Unreachable(f"{what}: failed after {attempt + 1} attempts: {type(err).__name__}: {err} "
+                                  f"({spent:.0f} s)") from err
             if on_retry is not None:
                 on_retry(attempt, err)
-            time.sleep(delay)
+            if sleep_unless_cancelled(delay, cancel):
+                raise ReadCancelled(f"{what}: read cancelled") from err
             delay = min(delay * 2, max_backoff_s)
     raise AssertionError("unreachable")
 
 
 def _bounded_call(fs: fsspec.AbstractFileSystem, name: str, deadline: float, url: str, *args: Any,
-                  **kwargs: Any) -> Any:
-    """``fs.<name>(*args)``, cut off at the monotonic time ``deadline`` where the filesystem is async."""
-    left = deadline - time.monotonic()
-    if left <= 0:
+                  cancel: Cancel | None = None, **kwargs: Any) -> Any:
+    """``fs.<name>(*args)``, cut off at the monotonic time ``deadline`` (or by ``cancel``) where the
+    filesystem is async."""
+    if deadline - time.monotonic() <= 0:
         raise TimeoutError(f"{url}: no time left before the deadline")
+    check_cancel(cancel, url)
     if not getattr(fs, "async_impl", False):
         return getattr(fs, name)(*args, **kwargs)
-    start = time.monotonic()
-    try:
-        return fsspec.asyn.sync(fs.loop, getattr(fs, "_" + name), *args, timeout=left, **kwargs)
-    except fsspec.exceptions.FSTimeoutError as err:  # the deadline, or a connect / read time-out
-        raise TimeoutError(f"{url}: timed out after {time.monotonic() - start:.0f} s") from err
+    return wait_on_loop(fs.loop, getattr(fs, "_" + name)(*args, **kwargs), url, deadline, cancel)
 
 
 def _remote(fs: fsspec.AbstractFileSystem, name: str, url: str, what: str, *args: Any, retries: int = 8,
-            **kwargs: Any) -> Any:
+            cancel: Cancel | None = None, **kwargs: Any) -> Any:
     """``fs.<name>(path of url, *args)`` retried under one overall deadline (``Timeouts``)."""
     deadline_s = Timeouts.from_env().deadline_s
     deadline = time.monotonic() + deadline_s
-    return with_retries(lambda: _bounded_call(fs, name, deadline, url, _path(url), *args, **kwargs), what,
-                        retries=retries, deadline_s=deadline_s)
+    return with_retries(lambda: _bounded_call(fs, name, deadline, url, _path(url), *args, cancel=cancel, **kwargs),
+                        what, retries=retries, deadline_s=deadline_s, cancel=cancel)
 
 
 async def _http_read_bounded(fs: fsspec.AbstractFileSystem, url: str, limit: int) -> bytes:
@@ -305,12 +315,13 @@ def _read_local(path: str, max_bytes: int | None, root: str | None) -> bytes:
 
 
 def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8, *, max_bytes: int | None = None,
-               root: str | None = None) -> bytes:
+               root: str | None = None, cancel: Cancel | None = None) -> bytes:
     """The object at ``url`` (at most ``max_bytes`` of it); transient errors retried (``with_retries``).
 
     Local: only a regular file is read (a FIFO, device or directory raises ``UnsafePath``), and
     with ``root`` (a directory) the path must resolve inside it (no symlink out). Remote: connect
-    and read time-outs and an overall deadline (``Timeouts``); errors name the URL.
+    and read time-outs and an overall deadline (``Timeouts``); errors name the URL (``Unreachable``
+    when the store kept failing until the deadline); ``cancel`` stops it at once (``ReadCancelled``).
     """
     if protocol_of(url) == "file":
         return _read_local(_path(url), max_bytes, None if root is None else _path(root))
@@ -324,27 +335,25 @@ def read_bytes(url: str, storage_options: dict | None = None, retries: int = 8, 
 
     def attempt() -> bytes:
         if max_bytes is not None and protocol_of(url) in ("http", "https"):  # servers may ignore Range
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if deadline - time.monotonic() <= 0:
                 raise TimeoutError(f"{url}: no time left before the deadline")
-            try:
-                return fsspec.asyn.sync(fs.loop, _http_read_bounded, fs, url, max_bytes, timeout=left)
-            except fsspec.exceptions.FSTimeoutError as err:
-                raise TimeoutError(f"{url}: timed out") from err
-        return _bounded_call(fs, "cat_file", deadline, url, _path(url), **limits)
+            return wait_on_loop(fs.loop, _http_read_bounded(fs, url, max_bytes), url, deadline, cancel)
+        return _bounded_call(fs, "cat_file", deadline, url, _path(url), cancel=cancel, **limits)
 
-    return with_retries(attempt, f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s)
+    return with_retries(attempt, f"reading {url}", retries=retries, on_retry=note, deadline_s=deadline_s,
+                        cancel=cancel)
 
 
-def read_range(url: str, start: int, end: int, storage_options: dict | None = None, retries: int = 8) -> bytes:
-    """Bytes ``start:end`` of the object at ``url`` (one ranged GET on S3/http); retried like ``read_bytes``."""
+def read_range(url: str, start: int, end: int, storage_options: dict | None = None, retries: int = 8,
+               cancel: Cancel | None = None) -> bytes:
+    """Bytes ``start:end`` of the object at ``url`` (one ranged GET on S3/http); retried under the
+    deadline like ``read_bytes``."""
     if protocol_of(url) == "file":
         with open(_path(url), "rb") as f:
             f.seek(start)
             return f.read(end - start)
-    fs = filesystem(url, storage_options)
-    return with_retries(lambda: fs.cat_file(_path(url), start=start, end=end), f"reading {url}[{start}:{end}]",
-                        retries=retries)
+    return _remote(filesystem(url, storage_options), "cat_file", url, f"reading {url}[{start}:{end}]", start=start,
+                   end=end, retries=retries, cancel=cancel)
 
 
 def _umask() -> int:

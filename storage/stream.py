@@ -31,6 +31,7 @@ when samples carry V extra views.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 
@@ -45,6 +46,7 @@ from storage.manifest import Manifest
 from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
 from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
 from storage.shard import Block, decode_shard
+from storage.workers import InWorkers, StopSignal, WorkerError
 
 __all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
 
@@ -372,7 +374,8 @@ class StreamLoader:
     The state is ``{"epoch", "batches", ...}`` plus the settings it is only valid for (seed,
     world size, workers, batch size, partitions, dataset fingerprint); loading a state made
     under other settings raises ValueError naming the fields. Iterating runs the rest of the
-    current epoch, then advances ``epoch``.
+    current epoch, then advances ``epoch``. An error in a worker is raised as itself, and once the
+    iteration stops (error or not) the workers' reads are cancelled (``storage.workers``).
     """
 
     def __init__(self, dataset: TokenStream, num_workers: int = 0, pin_memory: bool = False,
@@ -406,14 +409,23 @@ class StreamLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.dataset.set_epoch(self.epoch)
         self.dataset.resume_batches = self.batches
-        kwargs = {}
+        kwargs, dataset, stop = {}, self.dataset, None
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor or 2,
                       "multiprocessing_context": self.multiprocessing_context}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
-        for batch in loader:
-            self.batches += 1
-            yield batch
+            stop = StopSignal(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)
+            dataset = InWorkers(self.dataset, stop)  # storage.workers: fail fast, errors as themselves
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory, **kwargs))
+        try:
+            for batch in batches:  # the local name keeps the iterator (and its workers) until the finally
+                if isinstance(batch, WorkerError):
+                    raise batch.error
+                self.batches += 1
+                yield batch
+        finally:
+            if stop is not None:
+                stop.set()  # workers still reading (an error, the consumer gone) cancel their reads...
+            del batches  # ...before torch's shutdown joins them (5 s each for a worker stuck in a read)
         self.epoch += 1
         self.batches = 0

@@ -1,8 +1,11 @@
-"""Shared fixtures: real-data location, a real S3 endpoint (moto's server), small token datasets."""
+"""Shared fixtures: real-data location, a real S3 endpoint (moto's server), small token datasets, the
+real-data token set the trainer tests share; and how the suite is split between pytest-xdist workers
+(see tests/README.md: keeping the suite fast)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,13 @@ from storage.shard import Sample, View
 from vqpt.local_s3 import LocalS3
 
 pytest.register_assert_rewrite("tests.deploy_support")  # plain asserts there report like test asserts
+
+# DeepSpeed builds its CPU shared-memory allreduce op with torch's JIT extension builder on a rank's first
+# start. Its default cache, ~/.cache/torch_extensions, is shared by every virtual environment on the
+# machine, and each one's include paths differ, so ninja rebuilt the op (40 s alone, minutes on a busy
+# machine, holding a lock every other launch waits on) whenever another venv had used it last. One
+# cache per venv: scripts/setup.sh builds the op there once; the ranks tests launch inherit this.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -89,3 +99,73 @@ def s3_bucket(s3_server, request):
     for obj in client.list_objects_v2(Bucket=name).get("Contents", []):
         client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """imagenet_sample/train (479 real JPEGs) tokenised by the pipeline's job (k-means, K=64, 8 x 8 grid),
+    once per test run: the trainer, fine-tuning and objective tests only read it. Under xdist it lives in
+    the run's base temp dir, shared by the workers: the first to need it builds it holding a lock, and
+    another worker that needs it meanwhile waits on that lock."""
+    import fcntl
+
+    from pipeline.tokenise import main as tokenise_main
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <basetemp>/popen-gwN -> <basetemp>: the same for every worker of this run
+    out = root / "token_data"
+    with open(root / "token_data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "train" / "manifest.parquet").exists():  # else built by another worker (or resumed here)
+            rc = tokenise_main(["--dataset", "imagenet", "--src", str(shared_data_dir("imagenet_sample")), "--split",
+                                "train", "--out", str(out), "--resolution", "64", "--vocab", "64", "--fit-images",
+                                "200", "--shard-size", "64", "--num-cpus", "2"])
+            assert rc == 0
+    return out / "train"
+
+
+# Running under pytest-xdist (scripts/test.sh: two workers). Each test module is one unit of work, run whole on
+# one worker, so its module-scoped fixtures are built once; a module in PER_TEST (no module-scoped fixtures,
+# several long tests) gives one unit per test instead. Units go out in collection order, and the collection
+# puts the modules of LONGEST_FIRST first, longest first (from --durations): the long units start at once and
+# the other worker fills in with short ones, so neither idles at the end. A module whose tests take over
+# ~30 s together belongs in LONGEST_FIRST (tests/README.md). A session fixture (s3_server) is built once per
+# worker that needs it; token_data once per run (the workers share it, see there). (xdist's own --dist
+# loadgroup cannot group with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
+LONGEST_FIRST = ("test_train", "test_learning_bench", "test_train_objectives", "test_sources", "test_segment",
+                 "test_seit", "test_cli", "test_tokenise", "test_tokenadapt", "test_ray_job", "test_two_nodes",
+                 "test_finetune", "test_tokenizer_train", "test_tokenise_s3", "test_fail_fast", "test_extending",
+                 "test_vqgan", "test_guard_rails", "test_job_guards")
+PER_TEST = frozenset({"test_train"})
+
+
+def _unit(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return nodeid if module in PER_TEST else module
+
+
+@pytest.hookimpl(optionalhook=True)  # a venv without pytest-xdist still runs the tests, in one process
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        """LoadScopeScheduling with one unit per module (per test in PER_TEST modules), in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order below
+    return ModuleUnits(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.path.stem, i)
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        return rank.get(item.path.stem, len(rank)), first_seen[item.path.stem]
+
+    items.sort(key=key)  # stable: a module's tests keep their order and stay together

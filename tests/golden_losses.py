@@ -12,7 +12,7 @@ case's own checkpoint (written with ``engine.save_checkpoint``, the trainer's fo
 and segment start from that checkpoint too (``objective.init``).
 
 The JSON was produced by the code before the objectives were split into parts (commit in
-``"commit"``); ``tests/test_golden_losses.py`` holds later code to it at 1e-5.
+``"commit"``); ``tests/test_golden_losses.py`` holds later code to it within a relative tolerance.
 """
 
 from __future__ import annotations

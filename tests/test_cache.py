@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import os
 import threading
-import time
 
 import pytest
 
 import storage.io as sio
+from storage import fetch
 from storage.fetch import ShardCache, parse_size
 from storage.manifest import write_split
 from storage.stream import StreamLoader, TokenStream
@@ -75,24 +74,40 @@ def test_a_corrupted_cached_shard_is_fetched_again(tmp_path, monkeypatch):
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() == manifest.shards[2].sha256
 
 
-def test_two_ranks_x_two_workers_share_a_bounded_cache_on_s3(s3_bucket, tmp_path):
+class _MeasuredIO:
+    """``storage.io`` as ``storage.fetch`` sees it, except that each write into the cache directory
+    appends (pid, bytes in the directory) to ``log`` right after it, while the writer still holds
+    the directory's lock. Only a lock holder adds files, and a write's temp file is never larger
+    than the shard it becomes, so these are the directory's largest states: an exact peak, not a
+    sample. DataLoader workers are forked after the patch, so theirs are measured too."""
+
+    def __init__(self, cache_dir, log):
+        self.cache_dir, self.log = str(cache_dir), str(log)
+
+    def __getattr__(self, name):
+        return getattr(sio, name)
+
+    def _note(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def read_bytes(self, url, *args, **kwargs):
+        self._note(f"read {os.getpid()}")
+        return sio.read_bytes(url, *args, **kwargs)
+
+    def write_bytes_atomic(self, url, data, *args, **kwargs):
+        sio.write_bytes_atomic(url, data, *args, **kwargs)
+        if os.path.dirname(str(url)) == self.cache_dir:
+            self._note(f"write {os.getpid()} {sum(entry.stat().st_size for entry in os.scandir(self.cache_dir))}")
+
+
+def test_two_ranks_x_two_workers_share_a_bounded_cache_on_s3(s3_bucket, tmp_path, monkeypatch):
     samples = make_samples(200)
     manifest = write_split(f"{s3_bucket}/cached/train", samples, make_meta(samples), shard_size=10, block_size=5)
     assert len(manifest.shards) == 20
-    shard_max = max(s.bytes for s in manifest.shards)
-    limit = 3 * shard_max
-    cache = tmp_path / "cache"
-    peak, done = [0], threading.Event()
-
-    def sample_size():
-        while not done.is_set():
-            total = 0
-            for entry in os.scandir(cache) if cache.exists() else ():
-                with contextlib.suppress(FileNotFoundError):  # evicted while we looked
-                    total += entry.stat().st_size
-            peak[0] = max(peak[0], total)
-            time.sleep(0.002)
-
+    limit = 3 * max(s.bytes for s in manifest.shards)
+    cache, log = tmp_path / "cache", tmp_path / "cache_writes.log"
+    monkeypatch.setattr(fetch, "sio", _MeasuredIO(cache, log))
     seen, counts, errors = collections.Counter(), [0, 0], []
 
     def rank(r: int) -> None:
@@ -105,16 +120,18 @@ def test_two_ranks_x_two_workers_share_a_bounded_cache_on_s3(s3_bucket, tmp_path
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
             errors.append(err)
 
-    sampler = threading.Thread(target=sample_size, daemon=True)
-    sampler.start()
     ranks = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in ranks:
         t.start()
     for t in ranks:
-        t.join(timeout=120)
-    done.set()
-    sampler.join()
+        t.join()
     assert not errors, errors
     assert counts[0] == counts[1] and set(seen) == {s.key for s in samples} and set(seen.values()) == {1}
-    assert 0 < peak[0] <= limit + shard_max, f"cache reached {peak[0]} bytes, limit {limit} + one shard {shard_max}"
+    events = [line.split() for line in log.read_text().splitlines()]
+    writes = [int(e[2]) for e in events if e[0] == "write"]
+    # the bound was under pressure: all four readers (2 ranks x 2 worker processes) fetched shards into
+    # the one directory, and more shards were cached than fit, so some were evicted to make room
+    assert len({e[1] for e in events if e[0] == "read"}) == 4 and len(writes) > 3, events
+    peak = max(writes)
+    assert peak <= limit, f"cache reached {peak} bytes, limit {limit}"
     assert 0 < len(_cached(cache)) <= 3

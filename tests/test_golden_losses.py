@@ -1,5 +1,10 @@
 """The trainer's losses on a fixed seed equal those of the code before the objectives were split into
-parts (``tests/data/golden_losses.json``, made by ``tests/golden_losses.py`` at the commit it names)."""
+parts (``tests/data/golden_losses.json``, made by ``tests/golden_losses.py`` at the commit it names).
+
+Compared with a relative tolerance, ``REL``: float32 sums come out in another order on another CPU
+(vector width, MKL / oneDNN code paths). Measured on this repository's 2-core Xeon with torch's, MKL's and
+oneDNN's kernels forced to AVX-512, AVX2 and SSE4 (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
+``ONEDNN_MAX_CPU_ISA``): at most 3.0e-7 relative from the recorded losses over all cases and steps."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pytest
 from tests.golden_losses import GOLDEN, ROOT
 
 pytestmark = pytest.mark.slow
+REL = 1e-5  # 33 x the largest deviation measured across instruction sets (module docstring)
 
 
 def test_trainer_losses_equal_the_recorded_ones(tmp_path):
@@ -25,4 +31,4 @@ def test_trainer_losses_equal_the_recorded_ones(tmp_path):
     got = json.loads(out.read_text())
     assert set(got) == set(expected)
     for name, losses in expected.items():
-        assert got[name] == pytest.approx(losses, abs=1e-5, rel=0), name
+        assert got[name] == pytest.approx(losses, rel=REL, abs=0), name

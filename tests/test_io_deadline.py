@@ -4,9 +4,9 @@ and only retryable errors retried. Servers run on 127.0.0.1 for the test only.""
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import threading
-import time
 from contextlib import contextmanager
 
 import pytest
@@ -22,7 +22,8 @@ SHORT = {"VQPT_IO_CONNECT_TIMEOUT_S": "1", "VQPT_IO_READ_TIMEOUT_S": "1", "VQPT_
 
 @contextmanager
 def silent_server():
-    """Accepts connections and never answers (held open until the test ends)."""
+    """Accepts connections and never answers (held open until the test ends); yields its URL and the
+    list of connections it accepted (one per attempt: a timed-out connection is not reused)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -39,7 +40,7 @@ def silent_server():
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
     finally:
         stop.set()
         thread.join()
@@ -84,27 +85,33 @@ def test_default_deadline_is_under_two_minutes(monkeypatch):
         sio.Timeouts.from_env()
 
 
+# With a 1 s read time-out and 8 retries, only the 3 s deadline can stop the reader before its 9th
+# attempt (the back-off alone adds 0.25 + 0.5 + 1 + 2 + 4 s): fewer attempts than 1 + RETRIES prove
+# the deadline cut the retries short. A slower machine makes fewer attempts in 3 s, never more.
+RETRIES = 8
+
+
 def test_a_server_that_never_answers_is_an_error_naming_the_url_within_the_deadline(monkeypatch):
     for var, value in SHORT.items():
         monkeypatch.setenv(var, value)
-    with silent_server() as url:
-        start = time.monotonic()
-        with pytest.raises(ManifestError, match=f"manifest {url}/train/manifest.parquet: cannot be read"):
+    with silent_server() as (url, attempts):
+        with pytest.raises(ManifestError, match=f"manifest {url}/train/manifest.parquet: cannot be read") as err:
             TokenStream(f"{url}/train/manifest.parquet", 4)
-        assert time.monotonic() - start < 3 + 5  # deadline, plus the async poll's 1 s steps and slack
+        assert 1 <= len(attempts) < 1 + RETRIES, (len(attempts), str(err.value))
+        tries = int(re.search(r"failed after (\d+) attempts", str(err.value)).group(1))
+        assert tries < 1 + RETRIES and "TimeoutError" in str(err.value), str(err.value)
 
 
 def test_a_shard_server_that_never_answers_names_the_shard(tmp_path, monkeypatch):
     for var, value in SHORT.items():
         monkeypatch.setenv(var, value)
     local = write_base(tmp_path / "train")
-    with silent_server() as url:
+    with silent_server() as (url, attempts):
         remote = Manifest(url=f"{url}/train/manifest.parquet", meta=local.meta, shards=local.shards)
-        ds = TokenStream(remote, 4, partitions=1, shuffle=False, prefetch_shards=0, retries=8)
-        start = time.monotonic()
-        with pytest.raises(ShardError, match=rf"shard {url}/train/shard-00000\d\.tar: cannot be read"):
+        ds = TokenStream(remote, 4, partitions=1, shuffle=False, prefetch_shards=0, retries=RETRIES)
+        with pytest.raises(ShardError, match=rf"shard {url}/train/shard-00000\d\.tar: cannot be read") as err:
             next(iter(ds))
-        assert time.monotonic() - start < 3 + 5
+        assert 1 <= len(attempts) < 1 + RETRIES, (len(attempts), str(err.value))
 
 
 @pytest.mark.parametrize(("status", "retried"), [(403, False), (404, False), (400, False), (503, True), (429, True)])

@@ -94,12 +94,23 @@ def test_one_writer_per_split_on_s3(s3_bucket):
 
 
 FIT = """
-import sys, time
+import sys
 from pipeline.tokenise import get_tokenizer, list_source, parse_args
+from storage import io as sio
 cfg = parse_args(["--dataset", "imagenet", "--src", sys.argv[1], "--out", sys.argv[2], "--split", sys.argv[3],
                   "--resolution", "64", "--vocab", "16", "--fit-images", "8"])
 items = list_source(cfg).items
-time.sleep(max(0.0, float(sys.argv[4]) - time.time()))  # both fit at the same moment
+create_exclusive = sio.create_exclusive
+
+
+def meet_then_commit(url, data, *args):
+    # fitted; the test releases both jobs only when each has said so: both commit at once
+    print("fitted; tokenizer.pt there:", sio.exists(url), flush=True)
+    sys.stdin.readline()
+    return create_exclusive(url, data, *args)
+
+
+sio.create_exclusive = meet_then_commit
 tok, _, how = get_tokenizer(cfg, items)
 print(tok.fingerprint, how)
 """
@@ -108,16 +119,43 @@ print(tok.fingerprint, how)
 def test_two_splits_started_at_once_share_one_tokenizer(tmp_path):
     _images(tmp_path / "src" / "train" / "n01", [f"{i}.png" for i in range(8)], seed=1)
     _images(tmp_path / "src" / "val" / "n01", [f"{i}.png" for i in range(8)], seed=2)  # other images: other fit
-    out, start = tmp_path / "out", time.time() + 4
-    procs = [subprocess.Popen([sys.executable, "-c", FIT, str(tmp_path / "src"), str(out), split, str(start)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for split in ("train", "val")]
-    lines = [p.communicate(timeout=120)[0].strip() for p in procs]
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", FIT, str(tmp_path / "src"), str(out), split], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for split in ("train", "val")]
+    try:
+        # the race happened: both fitted their own tokenizer before either created <out>/tokenizer.pt
+        assert [p.stdout.readline().strip() for p in procs] == ["fitted; tokenizer.pt there: False"] * 2
+        lines = [p.communicate("go\n", timeout=120)[0].strip() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert all(p.returncode == 0 for p in procs), lines
     fingerprints = {line.split()[0] for line in lines}
     from pipeline.tokenizer import load_tokenizer
 
-    assert sum("created meanwhile by another job" in line for line in lines) <= 1, lines
+    # exactly one won the create; the other took the winner's, though it had fitted another one
+    assert sorted("created meanwhile by another job" in line for line in lines) == [False, True], lines
+    assert sum("k-means" in line for line in lines) == 1, lines
     assert fingerprints == {load_tokenizer((out / "tokenizer.pt").read_bytes()).fingerprint}, lines
+
+
+HOLD = """
+import sys
+from pipeline.splitlock import SplitLock
+from pipeline.tokenise import main
+acquire = SplitLock.acquire
+
+
+def acquire_then_wait(self):
+    acquire(self)
+    print("locked", flush=True)  # the test runs its second job now, then lets this one go on
+    sys.stdin.readline()
+
+
+SplitLock.acquire = acquire_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.mark.slow
@@ -130,14 +168,17 @@ def test_two_jobs_on_one_split_one_writes_the_other_refuses(tmp_path):
                 "--out", str(out), "--split", "train", "--resolution", "64", "--vocab", "16", "--fit-images", "8",
                 "--shard-size", shard_size, "--block-size", "4", "--num-cpus", "1"]
 
-    first = subprocess.Popen(job("16"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the first job holds the lock (it says so, then waits) while the second one tries the split
+    log = tmp_path / "first.log"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen([sys.executable, "-c", HOLD, *job("16")[3:]], cwd=ROOT, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (out / "train" / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert (out / "train" / LOCK_NAME).exists(), "the first job never took the lock"
+        assert first.stdout.readline().strip() == "locked", log.read_text()[-2000:]
+        assert (out / "train" / LOCK_NAME).exists()
         second = subprocess.run(job("24"), cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+        first.communicate("go\n", timeout=300)
+        assert first.returncode == 0, log.read_text()[-2000:]
     finally:
         if first.poll() is None:
             first.kill()

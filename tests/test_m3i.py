@@ -113,12 +113,12 @@ def test_after_step_is_the_ema_update():
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(torch.randn_like(p))
-    old = {k: v.clone() for k, v in model.teacher.named_buffers()}
+    old = {k: v.clone() for k, v in model.teacher.module.named_buffers()}
     student = dict(model.encoder.named_parameters())
     model.after_step(4)
     m = ema_momentum_at(3, 0.9, 10)
     assert 0.9 < m < 1.0
-    for name, t in model.teacher.named_buffers():
+    for name, t in model.teacher.module.named_buffers():
         torch.testing.assert_close(t, m * old[name] + (1 - m) * student[name])
     assert model.ema_next.item() == pytest.approx(ema_momentum_at(4, 0.9, 10))
 
@@ -229,3 +229,19 @@ def test_every_attention_in_the_objectives_goes_through_sdpa(monkeypatch):
         calls.clear()
         model({"tokens": ids, "label": torch.tensor([1, 2])})
         assert len(calls) == blocks, (name, len(calls))  # encoder + decoder (+ M3I's EMA teacher)
+
+
+def test_a_checkpoint_from_before_the_ema_teacher_part_loads():
+    """The teacher's state-dict names were ``teacher.*`` before ``parts.EMATeacher`` (now ``teacher.module.*``)."""
+    torch.manual_seed(0)
+    model = M3I(M3IConfig(**SMALL), VIT, DATA)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.after_step(1)
+    old = {k.replace("teacher.module.", "teacher."): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("teacher.blocks.") for k in old)
+    fresh = M3I(M3IConfig(**SMALL), VIT, DATA)
+    fresh.load_state_dict(old)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], t, msg=name)

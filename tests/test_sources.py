@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ import storage.io as sio
 from pipeline.tokenise import main
 from storage.stream import TokenStream
 from tests.conftest import shared_data_dir
+from tests.job_support import kill_job, start_paused_job
 from tests.sources_support import (
     class_files,
     ilsvrc_tars,
@@ -176,17 +173,10 @@ def test_killed_job_on_an_s3_ilsvrc_tar_reruns_to_the_uninterrupted_shard_set(s3
     ckpt = str(tmp_path / "tok.pt")
     Path(ckpt).write_bytes(sio.read_bytes(f"{s3_bucket}/straight/tokenizer.pt"))
     killed = f"{s3_bucket}/killed"
-    cmd = [sys.executable, "-m", "pipeline.tokenise", *_job("imagenet", src, killed, *job, "--tokenizer", ckpt)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    fs = sio.filesystem(killed)
+    # killed once 3 of its 12 shards are written
+    kill_job(start_paused_job(_job("imagenet", src, killed, *job, "--tokenizer", ckpt), after=3, cwd=ROOT))
     progress = f"{killed}/train/_progress".split("://", 1)[1]
-    while proc.poll() is None and len(fs.ls(progress, detail=False, refresh=True) if fs.exists(progress) else []) < 3:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for left in Path("/tmp").glob(f"vqpt-tok-{proc.pid}-*"):  # a killed job cannot remove its Ray temp dir
-        shutil.rmtree(left, ignore_errors=True)
+    assert 3 <= len(sio.filesystem(killed).ls(progress, detail=False, refresh=True)) < 12
     assert not sio.exists(f"{killed}/train/manifest.parquet"), "the job was not killed mid-way"
     assert main(_job("imagenet", src, killed, *job, "--tokenizer", ckpt)) == 0
     straight = _shards(f"{s3_bucket}/straight/train")

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.tokenise import main as tokenise_main
 from pretrain.launch import deepspeed_command, shm_buffers
-from tests.conftest import shared_data_dir
 from vqpt.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,28 +24,17 @@ SMALL = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "objective.
          "run.progress=false", "optim.lr=2e-3", "optim.warmup_steps=3", "run.trace_samples=true"]
 
 
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory) -> Path:
-    """imagenet_sample/train (479 real JPEGs) tokenised by the pipeline's job (k-means, K=64, 8 x 8 grid)."""
-    src = shared_data_dir("imagenet_sample")
-    out = tmp_path_factory.mktemp("tok")
-    rc = tokenise_main(["--dataset", "imagenet", "--src", str(src), "--split", "train", "--out", str(out),
-                        "--resolution", "64", "--vocab", "64", "--fit-images", "200", "--shard-size", "64",
-                        "--num-cpus", "2"])
-    assert rc == 0
-    return out / "train"
-
-
 def launch(data: Path, out: Path, *overrides: str, resume: bool = False, ranks: int = 2,
            config: str = "mtm_vit_tiny.yaml", small: bool = True, module: str = "pretrain.train",
-           args: tuple[str, ...] = ()) -> list[dict]:
-    """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome."""
+           args: tuple[str, ...] = (), pythonpath: tuple[str, ...] = ()) -> list[dict]:
+    """Run the trainer under the deepspeed launcher; returns log.jsonl records. Cleans /dev/shm on any outcome.
+    ``pythonpath``: directories the ranks import from besides the repository (a plug-in package)."""
     port = free_port()
     cmd = deepspeed_command(module, [*args, "--config", str(ROOT / "configs" / config), "--data", str(data),
                                      "--out", str(out), *(SMALL if small else ()), *overrides], ranks, port, cpu=True)
     if resume:
         cmd.append("--resume")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath])}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         leftovers = shm_buffers(port)

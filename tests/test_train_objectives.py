@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.tokenise import main as tokenise_main
 from pipeline.tokenizer.vqgan import VQGANTokenizer, tiny_preset
 from tests.conftest import shared_data_dir
-from tests.test_train import launch, token_data  # noqa: F401 (fixture)
+from tests.test_train import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -24,7 +24,7 @@ def _falls(records: list[dict], key: str = "loss") -> tuple[float, float]:
     return first, last
 
 
-def test_m3i_two_ranks_loss_falls(token_data, tmp_path):  # noqa: F811
+def test_m3i_two_ranks_loss_falls(token_data, tmp_path):
     records = launch(token_data, tmp_path / "m3i", *TINY, "run.steps=30", "optim.lr=2e-3",
                      "objective.decoder_dim=64", "objective.decoder_heads=2", "objective.decoder_depth=1",
                      config="m3i_vit_tiny.yaml", small=False)

@@ -397,7 +397,7 @@ def test_export_errors(tmp_path, capsys):
         export(tmp_path / "dir", tmp_path / "o.pth")
     (tmp_path / "dir" / "global_step1").mkdir()
     (tmp_path / "dir" / "global_step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="ZeRO-3"):
+    with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_model_states.pt: not a readable torch checkpoint"):
         export(tmp_path / "dir", tmp_path / "o.pth")
     save_backbone(tmp_path / "b.pt", model())
     with pytest.raises(ValueError, match="unknown format"):
@@ -407,7 +407,7 @@ def test_export_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--ckpt", str(tmp_path / "dir"), "--out", str(tmp_path / "o.pth")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "zero_to_fp32.py" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and "zero_to_fp32" not in err and err.count("\n") == 1 and "Traceback" not in err
     torch.save({"module": {}, "vit_config": {**dataclasses.asdict(small()), "bogus": 1}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bogus"):
         export(tmp_path / "bad.pt", tmp_path / "o.pth")

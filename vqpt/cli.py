@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from storage.cli import run_cli
-from storage.codec import CODEC_NAMES, DEFAULT_CODEC
+from storage.codec import DEFAULT_CODEC, codec_names
 from vqpt.quickstart import QuickstartConfig
 
 EPILOG = """examples:
@@ -104,6 +104,12 @@ def _verify(args: argparse.Namespace) -> int:
             if hashlib.sha256(data).hexdigest() != info.sha256:
                 raise StorageError(f"shard {url}: sha256 does not match the manifest")
             decode_shard(data, codec, url, m.expect(i))
+        except sio.Unreachable as err:  # the store stopped answering: every further shard would wait as long
+            for line in bad:
+                print(line, file=sys.stderr)
+            raise OSError(f"shard {url}: cannot be read: {err}; verification stopped after {i} of "
+                          f"{len(m.shards)} shards ({len(bad)} bad so far): check the store, then verify again") \
+                from err
         except OSError as err:
             bad.append(f"shard {url}: cannot be read: {err}")
         except StorageError as err:
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="URL", help="dataset root: a path, file:// or s3:// URL")
     s.add_argument("--split", default="train", help="split name (default: train)")
     s.add_argument("--classes", type=int, default=1000, help="labels lie in 0..classes-1 (default: 1000)")
-    s.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES,
+    s.add_argument("--codec", default=DEFAULT_CODEC, choices=codec_names(),
                    help=f"token codec of the shards (default: {DEFAULT_CODEC})")
     s.add_argument("--shard-size", type=int, default=4096, help="images per shard (default: 4096)")
     s.set_defaults(func=_import_seit)

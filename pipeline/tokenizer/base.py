@@ -14,7 +14,9 @@ Checkpoints are a plain dict of JSON-safe values and tensors::
 
 and are read back only with ``torch.load(path, map_location="cpu", weights_only=True)``, so loading
 never unpickles arbitrary objects. ``load_tokenizer`` dispatches on ``"kind"`` through a small
-registry filled by the ``@register_tokenizer("kind")`` class decorator.
+registry filled by the ``@register_tokenizer("kind")`` class decorator; a kind of another package is
+imported through its entry point in the ``vqpt.tokenizers`` group. ``fingerprint`` is hashed once per
+instance and again only when the weights change.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from storage.plugins import load_plugin
+
 __all__ = [
     "CHECKPOINT_KEYS",
     "Tokenizer",
@@ -45,7 +49,9 @@ __all__ = [
 
 CHECKPOINT_KEYS = ("kind", "config", "state_dict")
 
-# kind -> class; filled by @register_tokenizer. Built-in kinds are imported lazily on first load.
+# kind -> class; filled by @register_tokenizer. Built-in kinds are imported lazily on first load, other
+# packages' kinds through their entry point in the ``vqpt.tokenizers`` group (docs/extending.md).
+ENTRY_POINT_GROUP = "vqpt.tokenizers"
 _REGISTRY: dict[str, type[Tokenizer]] = {}
 _BUILTIN_MODULES: dict[str, str] = {
     "kmeans": "pipeline.tokenizer.kmeans",
@@ -181,10 +187,44 @@ class Tokenizer(ABC):
     def from_state(cls, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Tokenizer:
         """Inverse of (``config_dict()``, ``state_dict()``)."""
 
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors ``state_dict()`` is made of, as the tokenizer holds them (any device, no copies): what the
+        fingerprint cache watches. Override where ``state_dict`` copies (e.g. to the CPU)."""
+        return self.state_dict()
+
     @property
     def fingerprint(self) -> str:
-        """sha256 hex of kind + config JSON + weights (see ``fingerprint_of``); stable across save/load."""
-        return fingerprint_of(self.kind, self.config_dict(), self.state_dict())
+        """sha256 hex of kind + config JSON + weights (see ``fingerprint_of``); stable across save/load.
+
+        Hashed once per instance and kept while the config and weights stay as they are. The cache is keyed by
+        the config's JSON and, per tensor of ``live_weights``, its storage, offset, shape, dtype and version
+        counter, which torch bumps on every in-place change (an optimizer step, ``copy_``,
+        ``load_state_dict``); a replaced tensor has another storage (the cache holds the old ones, so no
+        address is reused while it lives). So weights trained after construction give a new fingerprint at
+        the next access. Inference-mode tensors keep no version counter: those are hashed at every access."""
+        key = self._fingerprint_key()
+        cached = self.__dict__.get("_fingerprint_cache")
+        if key is not None and cached is not None and cached[0] == key[0]:
+            return cached[1]
+        value = fingerprint_of(self.kind, self.config_dict(), self.state_dict())
+        if key is not None:
+            self.__dict__["_fingerprint_cache"] = (key[0], value, key[1])
+        return value
+
+    def _fingerprint_key(self) -> tuple[tuple, list[torch.Tensor]] | None:
+        """(what the fingerprint depends on, the tensors to keep alive), or None when it cannot be watched."""
+        weights = self.live_weights()
+        if any(t.is_inference() for t in weights.values()):
+            return None
+        parts = tuple((name, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                       str(t.dtype), str(t.device), t._version) for name, t in sorted(weights.items()))
+        return (self.kind, _canonical_json(self.config_dict()), parts), list(weights.values())
+
+    def __getstate__(self) -> dict:
+        """Copies (pickle, Ray) leave the fingerprint cache behind: it holds tensor references."""
+        state = dict(self.__dict__)
+        state.pop("_fingerprint_cache", None)
+        return state
 
     def _checkpoint(self) -> dict[str, Any]:
         if not self.kind:
@@ -233,8 +273,11 @@ def load_tokenizer(path: str | Path | bytes, fingerprint: str | None = None) -> 
     kind = ckpt["kind"]
     if kind not in _REGISTRY and kind in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[kind])
+    if kind not in _REGISTRY and isinstance(kind, str):
+        load_plugin(ENTRY_POINT_GROUP, kind, f"{where}: tokenizer kind")  # its module registers the class
     if kind not in _REGISTRY:
-        raise ValueError(f"{where}: unknown tokenizer kind {kind!r} (known: {sorted(_REGISTRY)})")
+        raise ValueError(f"{where}: unknown tokenizer kind {kind!r} (known: {sorted(_REGISTRY)}; a tokenizer of "
+                         f"another package needs that package installed, entry point group {ENTRY_POINT_GROUP!r})")
     tokenizer = _REGISTRY[kind].from_state(ckpt["config"], ckpt["state_dict"])
     if fingerprint is not None and tokenizer.fingerprint != fingerprint:
         raise TokenizerFingerprintMismatch(

@@ -159,14 +159,18 @@ class ViTVQGANTokenizer(Tokenizer):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """enhancing-transformers-named weights (CPU), plus parent ids / synonyms when present."""
-        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        """The network's weights where they are (no copies), plus the extra tensors ``state_dict`` stores."""
+        sd = dict(self.model.state_dict())
         if self.parent_ids is not None:
             sd[_PARENT_KEY] = self.parent_ids
         if self.synonyms is not None:
             sd[_SYNONYM_KEY] = self.synonyms
         return sd
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """enhancing-transformers-named weights (CPU), plus parent ids / synonyms when present."""
+        return {k: v.detach().cpu() for k, v in self.live_weights().items()}
 
     @classmethod
     def from_state(cls, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> ViTVQGANTokenizer:

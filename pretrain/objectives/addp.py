@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import DataSpec, Objective
+from pretrain.objectives.base import Asset, DataSpec, Objective
 from pretrain.objectives.parts import (
     TOKEN_HEAD_LEGACY_NAMES,
     SubTokenHead,
@@ -74,6 +74,7 @@ from pretrain.objectives.parts import (
     set_dropout,
     xavier_linears,
 )
+from pretrain.objectives.registry import load_objective, register_objective
 from pretrain.vit import VisionTransformer, ViTConfig
 
 __all__ = ["ADDPConfig", "ADDP", "mask_ratio_grid", "mask_ratio_probs", "sample_ratio_pair", "nested_masks",
@@ -201,6 +202,7 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
 # -- the objective ----------------------------------------------------------------------------------
 
 
+@register_objective
 class ADDP(Objective):
     """ADDP pre-training of a pixel-stem ViT. ``forward(batch) -> (loss, metrics)``.
 
@@ -226,8 +228,6 @@ class ADDP(Objective):
         if predictor is None:
             if not cfg.predictor:
                 raise ValueError("ADDP needs objective.predictor: a trainer checkpoint directory of an MTM run")
-            from pretrain.objectives.base import load_objective
-
             predictor = load_objective(cfg.predictor)[0]
         self.cfg = cfg
         self.vq = frozen_decoder(tokenizer)
@@ -273,6 +273,12 @@ class ADDP(Objective):
         self.decoder_norm = nn.LayerNorm(dd, eps=enc_cfg.norm_eps)
         self.token_head = SubTokenHead(dd, self.sub, dd, k, enc_cfg.norm_eps)
         xavier_linears([self.decoder_embed, self.token_head, self.decoder_blocks])
+
+    @classmethod
+    def assets(cls, cfg: ADDPConfig) -> tuple[Asset, ...]:
+        """The MTM predictor (a checkpoint of the data's tokens) and the data's tokenizer; both rebuild it."""
+        return tuple(a for a in (Asset("predictor", cfg.predictor, "checkpoint", "the ADDP predictor"),
+                                 Asset("tokenizer", cfg.tokenizer, "tokenizer", "the ADDP tokenizer")) if a.url)
 
     def train(self, mode: bool = True) -> ADDP:
         """Train/eval the trained parts; the frozen predictor and VQ decoder always stay in eval mode."""

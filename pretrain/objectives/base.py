@@ -1,4 +1,4 @@
-"""The ``Objective`` interface, what an objective needs from the data, and the typed registry.
+"""The ``Objective`` interface, what an objective needs from the data and which files it loads.
 
 An objective is an ``nn.Module`` that owns a ViT backbone (``self.encoder``) plus whatever it needs
 on top (decoders, heads, teachers) and maps a batch to a loss::
@@ -11,27 +11,30 @@ from torch's global generator, which the trainer reseeds from (seed, rank, step)
 step, so a resumed run repeats the straight run exactly.
 
 Each objective class names itself (``name``), its frozen config dataclass (``config_class``, whose
-``__post_init__`` checks ranges) and its ``DataNeeds``. ``registry()`` maps names to classes;
-``make_config`` fills a config dataclass from a YAML mapping (unknown keys and wrong types are a
-``ValueError`` naming ``section.key``); ``build_objective`` builds one. No objective module imports
-another: shared pieces live in ``pretrain.objectives.parts``.
+``__post_init__`` checks ranges), its ``DataNeeds`` and, through ``assets(cfg)``, the checkpoints and
+tokenizers it loads (``Asset``), which the trainer checks against the data before any process group
+starts. ``pretrain.objectives.registry`` finds objectives by name (``register_objective``, the
+``vqpt.objectives`` entry points). No objective module imports another: shared pieces live in
+``pretrain.objectives.parts`` and ``pretrain.objectives.views``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from pretrain.vit import VisionTransformer, ViTConfig
+from pretrain.objectives.options import make_config
+from pretrain.vit import VisionTransformer
 
-__all__ = ["DataSpec", "DataNeeds", "Objective", "registry", "OBJECTIVES", "make_config", "build_objective",
-           "objective_config", "load_objective"]
+__all__ = ["DataSpec", "DataNeeds", "Asset", "fine_tune_assets", "Objective", "make_config", "ASSET_KINDS",
+           "IDENTITY_KEYS"]
 
-OBJECTIVES = ("mtm", "m3i", "addp", "classify", "segment")
+# What a token identity is made of (``pretrain.provenance``), and which part each kind of asset must share.
+IDENTITY_KEYS = ("tokenizer_fingerprint", "grid", "vocab_size")
+ASSET_KINDS = {"checkpoint": IDENTITY_KEYS, "tokenizer": ("tokenizer_fingerprint",)}
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,44 @@ class DataNeeds:
     token_geometry: bool = True
 
 
+@dataclass(frozen=True)
+class Asset:
+    """A file an objective loads because its config names it; the trainer checks each one against the data.
+
+    field: the config field that holds it (``"init"``). url: its value (a path or ``storage.io`` URL).
+    kind: ``"checkpoint"`` (a ``backbone.pt`` or a trainer checkpoints directory; its recorded token identity
+    is read, ``pretrain.provenance``) or ``"tokenizer"`` (a tokenizer checkpoint; its fingerprint is computed).
+    what: how an error names it (``"the --init backbone"``). shares: the token-identity keys it must share
+    with the training data (default: a checkpoint all of ``IDENTITY_KEYS``, a tokenizer its fingerprint).
+    rebuild: whether ``load_objective`` needs the file to rebuild the objective from one of its own
+    checkpoints; False where that checkpoint's weights replace what the file gave (a fine-tuning run's
+    starting backbone), and ``load_objective`` clears the field instead of reading the file."""
+
+    field: str
+    url: str
+    kind: str
+    what: str
+    shares: tuple[str, ...] = ()
+    rebuild: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ASSET_KINDS:
+            raise ValueError(f"Asset {self.field}: kind must be one of {sorted(ASSET_KINDS)}, got {self.kind!r}")
+        if not self.shares:
+            object.__setattr__(self, "shares", ASSET_KINDS[self.kind])
+        unknown = sorted(set(self.shares) - set(IDENTITY_KEYS))
+        if unknown:
+            raise ValueError(f"Asset {self.field}: shares {unknown} are not token-identity keys {IDENTITY_KEYS}")
+
+
+def fine_tune_assets(init: str, decoder: str) -> tuple[Asset, ...]:
+    """A fine-tuning objective's assets, those set: ``init`` (the starting backbone, a checkpoint of the data's
+    tokens whose weights end up in the objective's own checkpoints) and ``decoder`` (the data's tokenizer, whose
+    frozen decoder turns ids into a pixel-stem encoder's input)."""
+    return tuple(a for a in (Asset("init", init, "checkpoint", "the --init backbone", rebuild=False),
+                             Asset("decoder", decoder, "tokenizer", "the decoder tokenizer")) if a.url)
+
+
 class Objective(nn.Module):
     """Base class: ``forward(batch) -> (loss, metrics)``; ``encoder`` is the backbone that is exported.
 
@@ -76,6 +117,13 @@ class Objective(nn.Module):
         if self.legacy_names:
             self.register_load_state_dict_pre_hook(_rename_legacy)
 
+    @classmethod
+    def assets(cls, cfg) -> tuple[Asset, ...]:
+        """The checkpoints and tokenizers an objective of config ``cfg`` loads (the fields left empty are left
+        out). The trainer checks them against the training data's token identity before it starts; the
+        objective still loads them itself (and checks a tokenizer's fingerprint, ``DataSpec``)."""
+        return ()
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
@@ -88,100 +136,14 @@ class Objective(nn.Module):
 
 
 def _rename_legacy(module: Objective, state_dict: dict, prefix: str, *args) -> None:
+    """Rename keys of older checkpoints (``legacy_names``); a key the module has today is never renamed, so
+    an old prefix may be the start of a new name (``teacher.`` -> ``teacher.module.``)."""
+    own = set(module.state_dict())
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):]
+        if rest in own:
+            continue
         for old, new in module.legacy_names.items():
             if rest.startswith(old):
                 state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
                 break
-
-
-def registry() -> dict[str, type[Objective]]:
-    """Objective name -> class (imported on first use)."""
-    from pretrain.objectives.addp import ADDP
-    from pretrain.objectives.classify import Classify
-    from pretrain.objectives.m3i import M3I
-    from pretrain.objectives.mtm import MTM
-    from pretrain.objectives.segment import Segment
-
-    return {cls.name: cls for cls in (MTM, M3I, ADDP, Classify, Segment)}
-
-
-def make_config(cls: type, options: dict, where: str):
-    """Fill dataclass ``cls`` from a mapping. ``where`` is the section (``objective``): an unknown key or a
-    value of the wrong type raises ValueError naming ``where.key``; the dataclass checks its ranges."""
-    if not isinstance(options, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {options!r}")
-    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown key {where}.{unknown[0]}; valid keys: {sorted(fields)}")
-    converted = {}
-    for k, v in options.items():
-        typ = fields[k]
-        if v is None and "None" in typ:
-            converted[k] = v
-        elif typ == "bool":
-            if not isinstance(v, bool):
-                raise ValueError(f"{where}.{k} must be true or false, got {v!r}")
-            converted[k] = v
-        elif typ.split(" |")[0] in ("int", "float"):
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ValueError(f"{where}.{k} must be a number, got {v!r}")
-            if typ.startswith("int") and v != int(v):
-                raise ValueError(f"{where}.{k} must be a whole number, got {v!r}")
-            converted[k] = float(v) if typ.startswith("float") else int(v)
-        else:
-            converted[k] = tuple(v) if isinstance(v, list) else v
-    return cls(**converted)
-
-
-def objective_config(name: str, options: dict, where: str = "objective", total_steps: int | None = None):
-    """The frozen config of objective ``name`` from a mapping (without ``name``). ``total_steps`` fills a
-    ``total_steps`` field the mapping leaves out (M3I's EMA schedule spans the run)."""
-    classes = registry()
-    if name not in classes:
-        raise ValueError(f"{where}.name must be one of {sorted(classes)}, got {name!r}")
-    config_class = classes[name].config_class
-    options = dict(options)
-    if total_steps is not None and "total_steps" in {f.name for f in dataclasses.fields(config_class)}:
-        options.setdefault("total_steps", total_steps)
-    return make_config(config_class, options, where)
-
-
-def build_objective(name: str, options: dict | object, vit: ViTConfig, data: DataSpec,
-                    total_steps: int | None = None) -> Objective:
-    """The objective ``name`` ("mtm", ...) on a backbone ``vit``; ``options`` is its config dataclass or a
-    mapping for ``objective_config``."""
-    cls = registry().get(name)
-    if cls is None:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(registry())}")
-    cfg = options if isinstance(options, cls.config_class) else objective_config(name, options,
-                                                                                   total_steps=total_steps)
-    return cls(cfg, vit, data)
-
-
-def load_objective(ckpt: str, tag: str | None = None) -> tuple[Objective, dict]:
-    """An objective rebuilt from a trainer checkpoint (CPU, float32, eval mode) and its client state.
-
-    ``ckpt``: a run's ``checkpoints`` directory (tag from ``latest`` unless given) or one tag directory
-    (``pretrain.checkpoint.read_trainer_state``: weights only). The client state has ``step``, ``objective``,
-    ``vit_config``, ``config`` (the resolved YAML) and, when recorded, ``tokens`` (the data's token
-    identity, ``pretrain.provenance``). The objective's frozen parts (ADDP's predictor and tokenizer) are
-    rebuilt from the paths in its config, then overwritten by the checkpoint's copies.
-    """
-    from pretrain.checkpoint import read_trainer_state
-
-    state = read_trainer_state(ckpt, tag)
-    vit = ViTConfig(**state["vit_config"])
-    # "init" (fine-tuning's starting backbone) is not needed: the weights come from the checkpoint.
-    options = {k: v for k, v in state["config"]["objective"].items() if k not in ("name", "init")}
-    tokens = state.get("tokens") or {}
-    data = DataSpec(grid=(vit.grid, vit.grid), vocab_size=vit.vocab_size, num_classes=int(state.get("num_classes", 0)),
-                    tokenizer_fingerprint=tokens.get("tokenizer_fingerprint"))
-    objective = build_objective(state["objective"], options, vit, data)
-    objective.load_state_dict({k: v.float() for k, v in state["module"].items()})
-    client = {k: v for k, v in state.items()
-              if k in ("step", "objective", "vit_config", "config", "num_classes", "tokens")}
-    return objective.eval(), client
-

@@ -20,7 +20,7 @@ decoder             ADDP     a pixel-stem backbone fine-tuned on pixels decoded 
 
 Inputs: token ids (token stem, the default), ``pixels`` from an image folder (``data.input: pixels``,
 ``model.stem: pixel``), or with ``decoder`` the tokens decoded to pixels by the frozen tokenizer
-decoder (``parts.pixel_decoder_for`` / ``parts.decoded_input``: the data's tokenizer, fingerprint checked;
+decoder (``pixel_decoders.pixel_decoder_for`` / ``decoded_input``: the data's tokenizer, fingerprint checked;
 the same path as ``segment``'s) for a pixel-stem encoder of ``pixel_patch``.
 """
 
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective, fine_tune_assets
 from pretrain.objectives.parts import decoded_input, init_backbone, pixel_decoder_for
+from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig
 
 __all__ = ["ClassifyConfig", "Classify"]
@@ -60,6 +61,7 @@ class ClassifyConfig:
                              f"{self.head_init_std}, {self.pixel_patch}")
 
 
+@register_objective
 class Classify(Objective):
     """``forward(batch) -> (loss, {"acc", "loss_ce"})``; ``batch["tokens"]`` int64 (B, h, w), ``label`` (B,)
     (labels < 0 are left out), optional ``target`` float (B, C) soft labels (CutMix / Mixup)."""
@@ -84,6 +86,11 @@ class Classify(Objective):
         if cfg.linear_probe:
             for name, p in self.encoder.named_parameters():
                 p.requires_grad_(name.startswith("head."))
+
+    @classmethod
+    def assets(cls, cfg: ClassifyConfig) -> tuple[Asset, ...]:
+        """``init`` and ``decoder`` (``base.fine_tune_assets``)."""
+        return fine_tune_assets(cfg.init, cfg.decoder)
 
     def train(self, mode: bool = True) -> Classify:
         super().train(mode)

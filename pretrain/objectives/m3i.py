@@ -45,7 +45,6 @@ made views (no --views)    ours    scale (0.25, 1), ratio 3/4..4/3, flip 0.5: th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,21 +52,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.augment_geometry import crop_ids, random_resized_crop_params
-from pretrain.objectives.base import DataSpec, Objective
+from pretrain.objectives.base import DataSpec
 from pretrain.objectives.parts import (
-    TOKEN_HEAD_LEGACY_NAMES,
+    EMATeacher,
     MaskedTokenConfig,
-    SubTokenHead,
-    decoder_blocks,
-    decoder_slots,
-    frozen_copy,
-    masked_encoder_pass,
-    token_encoder,
+    MaskedTokenObjective,
+    ema_momentum_at,
     xavier_linears,
 )
-from pretrain.vit import ViTConfig, sincos_pos_embed_2d
+from pretrain.objectives.registry import register_objective
+from pretrain.objectives.views import (
+    Views,
+    cutmix_region,
+    relative_positions,
+    sincos_at,
+    soft_labels,
+    two_views,
+)
+from pretrain.vit import ViTConfig
 
+# The geometry, mixing and EMA pieces live in views.py and parts.py (other objectives use them); they
+# stay importable from here.
 __all__ = ["M3IConfig", "M3I", "Views", "two_views", "relative_positions", "sincos_at",
            "ema_momentum_at", "cutmix_region", "soft_labels"]
 
@@ -116,141 +121,13 @@ class M3IConfig(MaskedTokenConfig):
              f"crop_scale / crop_ratio: bad values {self.crop_scale}, {self.crop_ratio}")
 
 
-# -- geometry -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Views:
-    """Two views of each image: ids int64 (B, h, w); boxes float64 (B, 4) (top, left, height, width) in
-    one unit per batch; flips bool (B,) (True: the view was mirrored left-right after cropping)."""
-
-    ids1: torch.Tensor
-    ids2: torch.Tensor
-    box1: torch.Tensor
-    box2: torch.Tensor
-    flip1: torch.Tensor
-    flip2: torch.Tensor
-
-
-def two_views(batch: dict, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float) -> Views:
-    """The stored views (``tokens``/``crop_box`` and ``view_*[:, 0]``) or, without them, two random crops.
-
-    The crops are ``random_resized_crop_params`` boxes cut by ``crop_ids`` (nearest, output grid = input
-    grid; run on CPU, where ``crop_ids`` builds its index grids) and mirrored with probability
-    ``flip_p``; their boxes are in units of the stored grid. Uses torch's global generator.
-    """
-    ids = batch["tokens"]
-    b, h, w = ids.shape
-    if "view_tokens" in batch and batch["view_tokens"].shape[1] >= 1:
-        other = batch["view_tokens"][:, 0]
-        if other.shape[-2:] != ids.shape[-2:]:
-            raise ValueError(f"view_tokens grid {tuple(other.shape[-2:])} differs from tokens grid {(h, w)}")
-        if (batch["crop_box"][:, 2:] <= 0).any() or (batch["view_box"][:, 0, 2:] <= 0).any():
-            raise ValueError("stored views need crop_box and view_box with positive height and width")
-        unflipped = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        return Views(ids, other, batch["crop_box"].double(), batch["view_box"][:, 0].double(), unflipped,
-                     batch["view_flip"][:, 0].bool())
-    boxes = random_resized_crop_params(2 * b, scale, ratio, None, (h, w))  # (2B, 4) normalised x0, y0, x1, y1
-    flips = torch.rand(2 * b) < flip_p
-    crops = crop_ids(ids.cpu().repeat(2, 1, 1), boxes)
-    crops = torch.where(flips[:, None, None], crops.flip(-1), crops).to(ids.device)
-    x0, y0, x1, y1 = boxes.double().unbind(1)
-    tlhw = torch.stack([y0, x0, y1 - y0, x1 - x0], 1).to(ids.device)
-    flips = flips.to(ids.device)
-    return Views(crops[:b], crops[b:], tlhw[:b], tlhw[b:], flips[:b], flips[b:])
-
-
-def _axis(n: int, start_q, size_q, start_r, size_r, flip_q, flip_r) -> torch.Tensor:
-    """Patch centres of the query view along one axis in the reference view's patch units: (B, n) float64."""
-    s = (torch.arange(n, dtype=torch.float64, device=start_q.device) + 0.5) / n
-    frac_q = torch.where(flip_q[:, None], 1.0 - s, s)  # fraction of the unflipped query crop
-    frac_r = (start_q[:, None] + frac_q * size_q[:, None] - start_r[:, None]) / size_r[:, None]
-    return torch.where(flip_r[:, None], 1.0 - frac_r, frac_r) * n - 0.5
-
-
-def relative_positions(box_q: torch.Tensor, box_ref: torch.Tensor, flip_q: torch.Tensor, flip_ref: torch.Tensor,
-                       grid: int | tuple[int, int]) -> torch.Tensor:
-    """(y, x) centres of the query view's patches in the reference view's patch coordinates.
-
-    Boxes (B, 4) (top, left, height, width) in one unit (source pixels, or fractions of a grid);
-    flips bool (B,); ``grid`` patches per side (or (gh, gw)) of both views. Returns float64 (B, N, 2),
-    N = gh * gw row-major, where integer (r, c) is the centre of reference patch (r, c), so the
-    reference's own patches map to the integer grid, and its edges lie at -0.5 and g - 0.5. A flip
-    mirrors x inside its view (SiameseIM's ``get_2d_sincos_pos_embed_relative`` geometry).
-    """
-    gh, gw = (grid, grid) if isinstance(grid, int) else grid
-    bq, br = box_q.double(), box_ref.double()
-    unflipped = torch.zeros_like(flip_q, dtype=torch.bool)
-    ys = _axis(gh, bq[:, 0], bq[:, 2], br[:, 0], br[:, 2], unflipped, unflipped)
-    xs = _axis(gw, bq[:, 1], bq[:, 3], br[:, 1], br[:, 3], flip_q.bool(), flip_ref.bool())
-    b = ys.shape[0]
-    return torch.stack([ys[:, :, None].expand(b, gh, gw), xs[:, None, :].expand(b, gh, gw)], -1).reshape(b, -1, 2)
-
-
-def sincos_at(coords: torch.Tensor, dim: int) -> torch.Tensor:
-    """MAE's 2-D sin-cos embedding at continuous (y, x): coords (..., 2) -> float32 (..., dim).
-
-    Layout of ``sincos_pos_embed_2d``: [sin(x w), cos(x w), sin(y w), cos(y w)], w_i = 1 / 10000 **
-    (i / (dim / 4)), i < dim / 4, computed in float64 the same way, so integer (r, c) gives exactly
-    row ``1 + r * g + c`` of ``sincos_pos_embed_2d(dim, g, class_token=True)``.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    half = dim // 2
-    omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64, device=coords.device) / (half / 2))
-    ay = coords[..., 0:1].to(torch.float64) * omega
-    ax = coords[..., 1:2].to(torch.float64) * omega
-    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], -1).to(torch.float32)
-
-
-def ema_momentum_at(step: int, base: float, total: int) -> float:
-    """BYOL's cosine schedule: ``base`` at step 0 rising to 1.0 at ``total``; constant ``base`` if total <= 0."""
-    if total <= 0:
-        return base
-    t = min(max(step, 0), total) / total
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0
-
-
-# -- mixing ---------------------------------------------------------------------------------------
-
-
-def cutmix_region(batch: int, grid: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample square boxes of patches to paste: region bool (B, grid * grid) row-major, lam float32 (B,).
-
-    Side ``round(grid * sqrt(u))``, u ~ U(0, 1) (CutMix with alpha 1: area ~ uniform), uniform place;
-    lam = pasted patches / N exactly (0 and 1 possible). Uses torch's global generator.
-    """
-    u = torch.rand(batch, 3, device=device)
-    side = (grid * u[:, 0].sqrt()).round().long()
-    top = (u[:, 1] * (grid - side + 1)).floor().long()
-    left = (u[:, 2] * (grid - side + 1)).floor().long()
-    r = torch.arange(grid, device=device)
-    rows = (r >= top[:, None]) & (r < (top + side)[:, None])
-    cols = (r >= left[:, None]) & (r < (left + side)[:, None])
-    region = (rows[:, :, None] & cols[:, None, :]).reshape(batch, -1)
-    return region, region.float().mean(1)
-
-
-def soft_labels(labels: torch.Tensor, lam: torch.Tensor, num_classes: int,
-                smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Area-weighted targets of a batch mixed with its roll by one: float32 (B, C) rows summing to 1, valid (B,).
-
-    Sample i is (1 - lam_i) image i + lam_i image i-1. Parts whose label is < 0 are left out and the
-    rest renormalised; ``valid`` is False where no labelled part has area. Then label smoothing.
-    """
-    target = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-    for y, weight in ((labels, 1.0 - lam), (labels.roll(1, 0), lam)):
-        target += F.one_hot(y.clamp_min(0), num_classes).float() * (weight * (y >= 0))[:, None]
-    mass = target.sum(1)
-    target = target / mass.clamp_min(1e-12)[:, None]
-    return target * (1.0 - smoothing) + smoothing / num_classes, mass > 0
-
-
 # -- the objective --------------------------------------------------------------------------------
 
 
-class M3I(Objective):
-    """M3I on a token-stem ViT. ``forward(batch) -> (loss, metrics)``.
+@register_objective
+class M3I(MaskedTokenObjective):
+    """M3I on a token-stem ViT: the masked-token stack (``parts.MaskedTokenObjective``, fixed sin-cos decoder
+    positions) plus inter-view queries, an EMA teacher and a category head. ``forward(batch) -> (loss, metrics)``.
 
     Metrics (0-dim, 0 when a term is off): ``loss_intra``, ``loss_inter``, ``loss_cls``, ``cls_acc``
     (top-1 against the larger-area label) and ``ema_momentum`` (the momentum of the next teacher update).
@@ -259,34 +136,27 @@ class M3I(Objective):
 
     name = "m3i"
     config_class = M3IConfig
-    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
+    legacy_names: ClassVar[dict[str, str]] = {**MaskedTokenObjective.legacy_names,
+                                              "teacher.": "teacher.module."}  # from before EMATeacher
 
     def __init__(self, cfg: M3IConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
         if cfg.w_cls > 0 and data.num_classes < 1:
             raise ValueError("the category term needs labelled data (num_classes >= 1); set objective.w_cls: 0")
         self.cfg = cfg
-        self.encoder = token_encoder(vit, data, "M3I", cfg.table_init_std)
-        d, dd, g = vit.embed_dim, cfg.decoder_dim, vit.grid_size
-        self.mask_token = nn.Parameter(torch.empty(1, 1, d).normal_(std=0.02))
-        self.token_dropout = nn.Dropout(cfg.token_dropout)
+        self.build_encoder(vit, data, "M3I")
+        d, dd = vit.embed_dim, cfg.decoder_dim
         self.register_buffer("ema_next", torch.tensor(ema_momentum_at(0, cfg.ema_momentum, cfg.total_steps)))
         linears: list[nn.Module] = []
         self.has_decoder = cfg.w_intra > 0 or cfg.w_inter > 0
         if self.has_decoder:
-            self.decoder_embed = nn.Linear(d, dd)
-            self.decoder_blocks = decoder_blocks(dd, cfg.decoder_depth, cfg.decoder_heads, vit.mlp_ratio,
-                                                 cfg.decoder_dropout, vit.norm_eps)
-            self.decoder_norm = nn.LayerNorm(dd, eps=vit.norm_eps)
-            self.register_buffer("decoder_pos", sincos_pos_embed_2d(dd, g, True)[None], persistent=False)
-            linears += [self.decoder_embed, self.decoder_blocks]
+            linears += self.build_decoder(vit, positions="sincos")
             if cfg.mix_images:
                 self.part_embed = nn.Parameter(torch.empty(2, dd).normal_(std=0.02))
         if cfg.w_intra > 0:
-            self.token_head = SubTokenHead(dd, vit.patch_size, vit.token_dim, vit.vocab_size, vit.norm_eps)
-            linears.append(self.token_head)
+            linears.append(self.build_token_head(vit))
         if cfg.w_inter > 0:
-            self.teacher = frozen_copy(self.encoder).eval()
+            self.teacher = EMATeacher(self.encoder)
             self.query_token = nn.Parameter(torch.empty(1, 1, dd).normal_(std=0.02))
             self.scale_embed = nn.Linear(dd, dd)
             self.inter_head = nn.Linear(dd, d)
@@ -299,32 +169,17 @@ class M3I(Objective):
         xavier_linears(linears)
 
     def no_weight_decay(self) -> set[str]:
-        names = {"mask_token", "part_embed", "query_token", "class_embed"}
+        names = {"part_embed", "query_token", "class_embed"}
         return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n in names}
-
-    def train(self, mode: bool = True) -> M3I:
-        """As ``nn.Module.train``, but the teacher always stays in eval mode (no drop-path)."""
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.eval()
-        return self
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """EMA update after optimizer step ``step`` (1-based): m = ``ema_momentum_at(step - 1)``."""
         self.ema_next.fill_(ema_momentum_at(step, self.cfg.ema_momentum, self.cfg.total_steps))
-        if not hasattr(self, "teacher"):
-            return
-        m = ema_momentum_at(step - 1, self.cfg.ema_momentum, self.cfg.total_steps)
-        student = dict(self.encoder.named_parameters())
-        for name, t in self.teacher.named_buffers():
-            t.mul_(m).add_(student[name].detach().to(t.dtype), alpha=1.0 - m)
+        if hasattr(self, "teacher"):
+            self.teacher.update(self.encoder, ema_momentum_at(step - 1, self.cfg.ema_momentum, self.cfg.total_steps))
 
-    # -- stages ---------------------------------------------------------------------------------
-
-    def forward_encoder(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As MTM: ids int64 (B, h, w) -> latent (B, 1 + N - n_drop, D), masked bool (B, N), keep_index."""
-        return masked_encoder_pass(self.encoder, self.mask_token, self.token_dropout, ids, self.cfg)
+    # -- stages (forward_encoder, decode, head_table, token_logits, token_loss: the stack's) -------------
 
     def inter_queries(self, views: Views, lam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder queries for view 2 (float (B, Q, Dd)) and their loss weights float32 (B, Q); Q = N or 2N."""
@@ -350,29 +205,13 @@ class M3I(Objective):
 
         ``region`` bool (B, N): slots filled by the pasted image (mixing), marked with ``part_embed``.
         """
-        n = masked.shape[1]
-        z = decoder_slots(self.decoder_embed(latent), masked, keep_index)
-        if region is not None:
-            z = torch.cat([z[:, :1], z[:, 1:] + self.part_embed[region.long()]], dim=1)
-        z = z + self.decoder_pos.to(z.dtype)
-        if queries is not None:
-            z = torch.cat([z, queries.to(z.dtype)], dim=1)
-        z = self.decoder_norm(self.decoder_blocks(z))
-        return z[:, 1:1 + n], z[:, 1 + n:]
-
-    def token_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Slot features (B, N, Dd) -> logits (B, h, w, K): the sub-token head tied to the embedding (as MTM)."""
-        return self.token_head(z, self.head_table())
-
-    def head_table(self) -> torch.Tensor:
-        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
-        table = self.encoder.token_embed.word_embeddings.weight
-        return table.detach() if self.cfg.detach_head else table
+        slot_embed = None if region is None else self.part_embed[region.long()]
+        return self.decode(latent, masked, keep_index, slot_embed, queries)
 
     @torch.no_grad()
     def teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
         """EMA teacher on the full view: ids int64 (B, h, w) -> float32 (B, N, D), LayerNorm without affine."""
-        feats = self.teacher.forward_features(ids)[:, 1:].float()
+        feats = self.teacher.module.forward_features(ids)[:, 1:].float()
         return F.layer_norm(feats, feats.shape[-1:], eps=1e-6)
 
     # -- losses ---------------------------------------------------------------------------------
@@ -380,7 +219,7 @@ class M3I(Objective):
     def intra_loss(self, slots: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Token cross-entropy of ``token_logits(slots)``, mean over each patch's sub-tokens, then over masked
         patches (as MTM), with logits formed only at masked patches (``SubTokenHead.masked_loss``)."""
-        return self.token_head.masked_loss(slots, ids, masked, self.head_table(), self.cfg.label_smoothing).loss
+        return self.token_loss(slots, ids, masked).loss
 
     def inter_loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``feature_loss`` per query on (B, Q, D), weighted mean with ``weights`` (B, Q)."""

@@ -45,26 +45,19 @@ decoder positions      M          learned, normal(0.02) (S leaves them at zero)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pretrain.objectives.base import DataSpec, Objective
+from pretrain.objectives.base import DataSpec
 from pretrain.objectives.parts import (
-    TOKEN_HEAD_LEGACY_NAMES,
     MaskedTokenConfig,
-    SubTokenHead,
-    decoder_blocks,
-    decoder_slots,
-    encode_with_masked,
-    masked_encoder_pass,
+    MaskedTokenObjective,
     masked_token_ce,
     patch_mean,
-    token_encoder,
     xavier_linears,
 )
+from pretrain.objectives.registry import register_objective
 from pretrain.vit import ViTConfig
 
 __all__ = ["MTMConfig", "MTM"]
@@ -80,8 +73,10 @@ class MTMConfig(MaskedTokenConfig):
             raise ValueError(f"objective.mask_ratio_min must be > 0, got {self.mask_ratio_min}")
 
 
-class MTM(Objective):
-    """Masked token modelling (SeiT++) on a token-stem ViT. ``forward(batch) -> (loss, metrics)``.
+@register_objective
+class MTM(MaskedTokenObjective):
+    """Masked token modelling (SeiT++) on a token-stem ViT: the masked-token stack (``parts.MaskedTokenObjective``)
+    with learned decoder positions. ``forward(batch) -> (loss, metrics)``.
 
     Metrics: ``masked_ce`` (plain cross-entropy in nats on masked tokens, comparable with the
     unigram entropy whatever the smoothing), ``masked_acc`` (top-1 on masked tokens), ``mask_ratio``.
@@ -89,49 +84,23 @@ class MTM(Objective):
 
     name = "mtm"
     config_class = MTMConfig
-    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
 
     def __init__(self, cfg: MTMConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
         self.cfg = cfg
-        self.encoder = token_encoder(vit, data, "MTM", cfg.table_init_std)
-        n, d, dd = vit.num_patches, vit.embed_dim, cfg.decoder_dim
-        self.mask_token = nn.Parameter(torch.empty(1, 1, d).normal_(std=0.02))
-        self.token_dropout = nn.Dropout(cfg.token_dropout)
-        self.decoder_embed = nn.Linear(d, dd)
-        self.decoder_pos_embed = nn.Parameter(torch.empty(1, n + 1, dd).normal_(std=0.02))
-        self.decoder_blocks = decoder_blocks(dd, cfg.decoder_depth, cfg.decoder_heads, vit.mlp_ratio,
-                                             cfg.decoder_dropout, vit.norm_eps)
-        self.decoder_norm = nn.LayerNorm(dd, eps=vit.norm_eps)
-        self.token_head = SubTokenHead(dd, vit.patch_size, vit.token_dim, vit.vocab_size, vit.norm_eps)
-        xavier_linears([self.decoder_embed, self.token_head, self.decoder_blocks])
+        self.build_encoder(vit, data, "MTM")
+        embed, blocks = self.build_decoder(vit, positions="learned")
+        xavier_linears([embed, self.build_token_head(vit), blocks])
 
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+    # -- stages (the rest are the stack's: forward_encoder, decode, token_logits, masked_loss, predict) ---------
 
-    # -- stages ---------------------------------------------------------------------------------
-
-    def forward_encoder(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids int64 (B, h, w) -> latent (B, 1 + N - n_drop, D), masked bool (B, N), keep_index (B, N - n_drop)."""
-        return masked_encoder_pass(self.encoder, self.mask_token, self.token_dropout, ids, self.cfg)
+    def decoder_features(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """-> decoder output float (B, N, Dd) at every patch (the head's input)."""
+        return self.decode(latent, masked, keep_index)[0]
 
     def forward_decoder(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
         """-> logits float (B, h, w, K) for every token position (inference; training uses ``masked_loss``)."""
         return self.token_logits(self.decoder_features(latent, masked, keep_index))
-
-    def decoder_features(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
-        """-> decoder output float (B, N, Dd) at every patch (the head's input)."""
-        z = decoder_slots(self.decoder_embed(latent), masked, keep_index) + self.decoder_pos_embed
-        return self.decoder_norm(self.decoder_blocks(z))[:, 1:]
-
-    def head_table(self) -> torch.Tensor:
-        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
-        table = self.encoder.token_embed.word_embeddings.weight
-        return table.detach() if self.cfg.detach_head else table
-
-    def token_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Patch features (B, N, Dd) -> logits (B, h, w, K) through the sub-token head tied to the embedding."""
-        return self.token_head(z, self.head_table())
 
     def forward_loss(self, logits: torch.Tensor, ids: torch.Tensor,
                      masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -151,26 +120,6 @@ class MTM(Objective):
                 "mask_ratio": weights.mean(),
             }
         return loss, metrics
-
-    def masked_loss(self, z: torch.Tensor, ids: torch.Tensor,
-                    masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``forward_loss(token_logits(z), ids, masked)`` (loss, metrics, gradients) from decoder features
-        z (B, N, Dd), with logits formed only at masked patches (``SubTokenHead.masked_loss``)."""
-        out = self.token_head.masked_loss(z, ids, masked, self.head_table(), self.cfg.label_smoothing)
-        denom = max(out.ce.numel(), 1)
-        metrics = {"masked_ce": out.ce.sum() / denom, "masked_acc": out.correct.float().sum() / denom,
-                   "mask_ratio": masked.float().mean()}
-        return out.loss, metrics
-
-    @torch.no_grad()
-    def predict(self, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Token logits float (B, h, w, K) given ids int64 (B, h, w) and masked bool (B, N) over patches.
-
-        Inference form (MAGE's generation path): masked patches enter the encoder as the mask vector,
-        none is dropped; use under ``eval()``. The ids under masked patches are ignored.
-        """
-        latent, keep_index = encode_with_masked(self.encoder, self.mask_token, ids, masked)
-        return self.forward_decoder(latent, masked, keep_index)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["tokens"]

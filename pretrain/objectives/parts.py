@@ -1,8 +1,11 @@
 """The pieces objectives are made of, so that an objective is a short composition of named stages.
 
 Small parts first (masking draws, the masked encoder pass, decoder blocks, the tied sub-token head),
-then frozen parts (EMA copies, pixel decoders of a tokenizer) and loading a pre-trained backbone.
-Every part here is a plain function or a small ``nn.Module``; none knows which objective uses it.
+then the masked-token stack MTM and M3I are built on (``MaskedTokenObjective``: encoder, mask vector,
+decoder, tied head and their stages), then frozen parts (``frozen_copy``, the ``EMATeacher``; the pixel
+decoders of a tokenizer are in ``pixel_decoders``, re-exported here) and loading a pre-trained backbone.
+Two views of an image and patch-box CutMix are in ``pretrain.objectives.views``. Every part is a plain
+function or a small ``nn.Module``; none knows which objective uses it.
 
 Randomness: every draw comes from torch's global generator (or the ``generator`` passed), which the
 trainer reseeds from (seed, rank, step) before each step. Construction order matters for identical
@@ -18,24 +21,32 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.checkpoint import load_backbone, read_deepspeed
+from pretrain.objectives.base import Objective
+from pretrain.objectives.pixel_decoders import (  # noqa: F401  (re-exported: parts objectives compose)
+    FrozenVQDecoder,
+    KMeansPatchDecoder,
+    decoded_input,
+    frozen_decoder,
+    load_frozen_decoder,
+    normalize_input,
+    pixel_decoder_for,
+)
 from pretrain.token_loss import TokenLoss, masked_sub_token_loss
-from pretrain.vit import Block, VisionTransformer, ViTConfig
+from pretrain.vit import Block, VisionTransformer, ViTConfig, sincos_pos_embed_2d
 
 __all__ = ["MaskedTokenConfig", "sample_mask_ratio", "random_masks", "patch_mean", "token_encoder",
-           "masked_encoder_pass",
-           "encode_with_masked", "decoder_slots", "decoder_blocks", "xavier_linears", "SubTokenHead",
-           "TOKEN_HEAD_LEGACY_NAMES",
-           "masked_token_ce", "frozen_copy", "set_dropout", "FrozenVQDecoder", "KMeansPatchDecoder",
+           "masked_encoder_pass", "encode_with_masked", "decoder_slots", "decoder_blocks", "xavier_linears",
+           "SubTokenHead", "TOKEN_HEAD_LEGACY_NAMES", "masked_token_ce", "MaskedTokenObjective", "frozen_copy",
+           "set_dropout", "EMATeacher", "ema_momentum_at", "FrozenVQDecoder", "KMeansPatchDecoder",
            "frozen_decoder", "load_frozen_decoder", "normalize_input", "pixel_decoder_for", "decoded_input",
            "backbone_config", "load_pretrained", "init_backbone"]
-
-_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (the encoders' pixel input)
-_STD = (0.229, 0.224, 0.225)
 
 
 # -- the masked-token settings --------------------------------------------------------------------
@@ -168,11 +179,13 @@ def masked_encoder_pass(encoder: VisionTransformer, mask_token: torch.Tensor, to
     return encoder.norm(encoder.blocks(torch.cat([cls, x], dim=1))), masked, keep_index
 
 
-def encode_with_masked(encoder: VisionTransformer, mask_token: torch.Tensor, ids: torch.Tensor,
-                       masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference form of ``masked_encoder_pass``: the given ``masked`` bool (B, N) patches become the mask
-    vector, none is dropped, no token dropout. Returns latent (B, 1 + N, D) and keep_index (B, N) (all)."""
-    x = encoder.patchify(encoder.token_embed(ids))
+def encode_with_masked(encoder: VisionTransformer, mask_token: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor,
+                       token_dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_encoder_pass`` with given masks: the ``masked`` bool (B, N) patches become the mask vector, none
+    is dropped; ``token_dropout`` (None: none, the inference form) after the token embedding. Returns latent
+    (B, 1 + N, D) and keep_index (B, N) (all)."""
+    x = encoder.token_embed(ids)
+    x = encoder.patchify(x if token_dropout is None else token_dropout(x))
     b, n, _ = x.shape
     x = torch.where(masked.unsqueeze(-1), mask_token.to(x.dtype), x) + encoder.pos_embed[:, 1:]
     cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(b, -1, -1)
@@ -262,6 +275,124 @@ def masked_token_ce(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tenso
     return (patch_mean(ce, patch) * weights).sum() / weights.sum().clamp_min(1.0), ce
 
 
+# -- the masked-token stack ----------------------------------------------------------------------
+
+
+class MaskedTokenObjective(Objective):
+    """The masked-token stack MTM and M3I are built on, for any objective that predicts masked token ids.
+
+    A token-stem encoder whose masked patches become a learned mask vector (``forward_encoder``: SeiT++ /
+    MAGE masking and dropping; ``encode_with_masked`` for masks of one's own), a decoder of pre-norm blocks
+    over the cls slot, every patch slot and optional extra queries (``decode``), and the sub-token head
+    tied to the encoder's own id table (``head_table``, ``token_logits``; ``masked_loss`` forms logits at
+    masked patches only). ``predict`` is the inference pass.
+
+    Attributes (their names are the state-dict names): ``encoder``, ``mask_token`` (1, 1, D),
+    ``token_dropout``, ``decoder_embed`` (D -> Dd), ``decoder_pos_embed`` (learned, (1, 1 + N, Dd)) or the
+    buffer ``decoder_pos`` (fixed sin-cos), ``decoder_blocks``, ``decoder_norm``, ``token_head``. A subclass
+    sets ``self.cfg`` (a ``MaskedTokenConfig``) and calls ``build_encoder``, ``build_decoder`` and
+    ``build_token_head`` in its own order, which fixes the random draws of the initial weights, then
+    ``xavier_linears`` on the modules those return, in an order of its choosing.
+    """
+
+    cfg: MaskedTokenConfig
+    legacy_names: ClassVar[dict[str, str]] = TOKEN_HEAD_LEGACY_NAMES  # checkpoints from before parts.py
+
+    def build_encoder(self, vit: ViTConfig, data, who: str) -> None:
+        """``encoder`` (``token_encoder``: refuses a ViT that does not fit the data), ``mask_token`` normal(0.02),
+        ``token_dropout``."""
+        self.encoder = token_encoder(vit, data, who, self.cfg.table_init_std)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, vit.embed_dim).normal_(std=0.02))
+        self.token_dropout = nn.Dropout(self.cfg.token_dropout)
+
+    def build_decoder(self, vit: ViTConfig, positions: str = "learned") -> list[nn.Module]:
+        """``decoder_embed``, positions (``"learned"``: ``decoder_pos_embed`` normal(0.02), MAGE; ``"sincos"``:
+        the fixed buffer ``decoder_pos``, SiameseIM), ``decoder_blocks``, ``decoder_norm``. Returns the modules
+        with Linear layers, [decoder_embed, decoder_blocks], for ``xavier_linears``."""
+        if positions not in ("learned", "sincos"):
+            raise ValueError(f"decoder positions must be 'learned' or 'sincos', got {positions!r}")
+        cfg, dd = self.cfg, self.cfg.decoder_dim
+        self.decoder_embed = nn.Linear(vit.embed_dim, dd)
+        if positions == "learned":
+            self.decoder_pos_embed = nn.Parameter(torch.empty(1, vit.num_patches + 1, dd).normal_(std=0.02))
+        self.decoder_blocks = decoder_blocks(dd, cfg.decoder_depth, cfg.decoder_heads, vit.mlp_ratio,
+                                             cfg.decoder_dropout, vit.norm_eps)
+        self.decoder_norm = nn.LayerNorm(dd, eps=vit.norm_eps)
+        if positions == "sincos":
+            self.register_buffer("decoder_pos", sincos_pos_embed_2d(dd, vit.grid_size, True)[None], persistent=False)
+        return [self.decoder_embed, self.decoder_blocks]
+
+    def build_token_head(self, vit: ViTConfig) -> nn.Module:
+        """``token_head``: decoder features -> patch_size x patch_size sub-tokens, scored against the id table."""
+        self.token_head = SubTokenHead(self.cfg.decoder_dim, vit.patch_size, vit.token_dim, vit.vocab_size,
+                                       vit.norm_eps)
+        return self.token_head
+
+    def no_weight_decay(self) -> set[str]:
+        names = {n for n, _ in self.named_parameters() if n in ("mask_token", "decoder_pos_embed")}
+        return super().no_weight_decay() | names
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def forward_encoder(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids int64 (B, h, w) -> latent (B, 1 + N - n_drop, D), masked bool (B, N), keep_index (B, N - n_drop)
+        (``masked_encoder_pass``: one truncated-normal ratio per batch, random masks, dropped subset)."""
+        return masked_encoder_pass(self.encoder, self.mask_token, self.token_dropout, ids, self.cfg)
+
+    def decode(self, latent: torch.Tensor, masked: torch.Tensor, keep_index: torch.Tensor,
+               slot_embed: torch.Tensor | None = None,
+               queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder latent (B, 1 + kept, D) -> slot features (B, N, Dd) and query features (B, Q, Dd).
+
+        Slots: ``decoder_slots`` (kept unmasked patches carry their encoder output, the others the cls output),
+        plus ``slot_embed`` (B, N, Dd) if given (M3I marks a pasted image's slots), plus positions; the
+        ``queries`` (B, Q, Dd) follow the slots through the blocks (Q = 0 without them)."""
+        n = masked.shape[1]
+        z = decoder_slots(self.decoder_embed(latent), masked, keep_index)
+        if slot_embed is not None:
+            z = torch.cat([z[:, :1], z[:, 1:] + slot_embed], dim=1)
+        pos = self.decoder_pos_embed if hasattr(self, "decoder_pos_embed") else self.decoder_pos
+        z = z + pos.to(z.dtype)
+        if queries is not None:
+            z = torch.cat([z, queries.to(z.dtype)], dim=1)
+        z = self.decoder_norm(self.decoder_blocks(z))
+        return z[:, 1:1 + n], z[:, 1 + n:]
+
+    def head_table(self) -> torch.Tensor:
+        """The token embedding table (K, E) the head scores against, detached unless ``detach_head`` is off."""
+        table = self.encoder.token_embed.word_embeddings.weight
+        return table.detach() if self.cfg.detach_head else table
+
+    def token_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, N, Dd) -> logits (B, h, w, K) through the sub-token head tied to the embedding."""
+        return self.token_head(z, self.head_table())
+
+    def token_loss(self, z: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> TokenLoss:
+        """Token CE of ``token_logits(z)`` against ids int64 (B, h, w), mean over each patch's sub-tokens then
+        over the ``masked`` bool (B, N) patches, logits formed only there (``SubTokenHead.masked_loss``)."""
+        return self.token_head.masked_loss(z, ids, masked, self.head_table(), self.cfg.label_smoothing)
+
+    def masked_loss(self, z: torch.Tensor, ids: torch.Tensor,
+                    masked: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``token_loss`` and its metrics: ``masked_ce`` (plain CE in nats on masked tokens, whatever the
+        smoothing), ``masked_acc`` (top-1 there), ``mask_ratio`` (fraction of masked patches)."""
+        out = self.token_loss(z, ids, masked)
+        denom = max(out.ce.numel(), 1)
+        metrics = {"masked_ce": out.ce.sum() / denom, "masked_acc": out.correct.float().sum() / denom,
+                   "mask_ratio": masked.float().mean()}
+        return out.loss, metrics
+
+    @torch.no_grad()
+    def predict(self, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Token logits float (B, h, w, K) given ids int64 (B, h, w) and masked bool (B, N) over patches.
+
+        Inference form (MAGE's generation path): masked patches enter the encoder as the mask vector,
+        none is dropped; use under ``eval()``. The ids under masked patches are ignored.
+        """
+        latent, keep_index = encode_with_masked(self.encoder, self.mask_token, ids, masked)
+        return self.token_logits(self.decode(latent, masked, keep_index)[0])
+
+
 # -- frozen parts ---------------------------------------------------------------------------------
 
 
@@ -284,106 +415,35 @@ def set_dropout(blocks: nn.Module, rate: float) -> None:
             drop.p = rate
 
 
-class FrozenVQDecoder(nn.Module):
-    """The decoding half of a VQGAN tokenizer, frozen: ``post_quant_conv`` -> ``decoder`` (exactly
-    ``VQModel.decode_codes``, on copies) and the codebook as a buffer ``codebook`` float (K, D). No VQ encoder."""
+class EMATeacher(nn.Module):
+    """A frozen exponential-moving-average copy of a student module (BYOL, SiameseIM, M3I's target encoder).
 
-    def __init__(self, tokenizer) -> None:
+    ``module``: ``frozen_copy(student)``, its parameters held as buffers (no gradient, no optimizer state,
+    left float32 by a bf16 engine, in the state dict as ``<name>.module.*``); always in eval mode (no
+    drop-path). ``update(student, m)``: every buffer <- m * buffer + (1 - m) * the student's parameter of
+    the same name. Call the copy's methods on ``module`` under ``torch.no_grad()``."""
+
+    def __init__(self, student: nn.Module):
         super().__init__()
-        model = getattr(tokenizer, "model", None)
-        if not all(hasattr(model, a) for a in ("decode_codes", "post_quant_conv", "decoder")):
-            raise TypeError(f"a frozen pixel decoder needs a VQGAN tokenizer whose decoder accepts soft code "
-                            f"embeddings (pipeline.tokenizer.vqgan); got {type(tokenizer).__name__} "
-                            f"(kind {getattr(tokenizer, 'kind', '?')!r})")
-        self.post_quant_conv = copy.deepcopy(model.post_quant_conv)  # copies: casting/moving the objective
-        self.decoder = copy.deepcopy(model.decoder)  # leaves the tokenizer as it was
-        self.register_buffer("codebook", tokenizer.codebook.clone())
-        self.resolution = int(tokenizer.resolution)
-        self.grid = tuple(int(s) for s in tokenizer.grid)
-        self.requires_grad_(False)
-        self.eval()
+        self.module = frozen_copy(student).eval()
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 (B, h, w) -> code vectors float (B, h, w, D)."""
-        return F.embedding(ids, self.codebook)
+    def train(self, mode: bool = True) -> EMATeacher:
+        return super().train(False)
 
-    def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs float (B, h, w, K) -> expected code vectors float (B, h, w, D) (``softmax @ codebook``)."""
-        return probs.to(self.codebook.dtype) @ self.codebook
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z float (B, h, w, D) -> images float (B, 3, R, R), about [-1, 1], unclamped."""
-        return self.decoder(self.post_quant_conv(z.permute(0, 3, 1, 2).to(self.codebook.dtype)))
+    @torch.no_grad()
+    def update(self, student: nn.Module, momentum: float) -> None:
+        buffers = dict(self.module.named_buffers())
+        for name, p in student.named_parameters():
+            t = buffers[name]
+            t.mul_(momentum).add_(p.detach().to(t.dtype), alpha=1.0 - momentum)
 
 
-class KMeansPatchDecoder(nn.Module):
-    """The k-means tokenizer's decoder (``pipeline.tokenizer.kmeans``), frozen: a code is its centroid,
-    a p x p RGB patch in [0, 1], so a soft code paints the expected patch. ``FrozenVQDecoder``'s interface."""
-
-    def __init__(self, tokenizer) -> None:
-        super().__init__()
-        self.register_buffer("codebook", tokenizer.codebook.clone())  # float (K, p * p * 3), (row, col, channel)
-        self.patch = int(tokenizer.config.patch)
-        self.resolution = int(tokenizer.resolution)
-        self.grid = tuple(int(s) for s in tokenizer.grid)
-        self.requires_grad_(False)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 (B, h, w) -> code vectors float (B, h, w, D)."""
-        return F.embedding(ids, self.codebook)
-
-    def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs float (B, h, w, K) -> expected code vectors float (B, h, w, D)."""
-        return probs.to(self.codebook.dtype) @ self.codebook
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z float (B, h, w, p * p * 3) -> images float (B, 3, h p, w p) in [-1, 1]."""
-        b, h, w, _ = z.shape
-        p = self.patch
-        x = z.reshape(b, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * p, w * p)
-        return x * 2.0 - 1.0
-
-
-def frozen_decoder(tokenizer) -> nn.Module:
-    """The frozen pixel decoder of a tokenizer: ``FrozenVQDecoder`` (VQGAN) or ``KMeansPatchDecoder``."""
-    if getattr(tokenizer, "kind", None) == "kmeans" or type(tokenizer).__name__ == "KMeansTokenizer":
-        return KMeansPatchDecoder(tokenizer)
-    return FrozenVQDecoder(tokenizer)
-
-
-def load_frozen_decoder(url: str, fingerprint: str | None = None) -> nn.Module:
-    """``frozen_decoder`` of the tokenizer checkpoint at ``url`` (``pipeline.tokenizer.load_tokenizer``: any
-    ``storage.io`` URL, weights only, refused when its fingerprint is not ``fingerprint``; None: unchecked)."""
-    from pipeline.tokenizer import load_tokenizer
-
-    return frozen_decoder(load_tokenizer(url, fingerprint))
-
-
-def normalize_input(images: torch.Tensor) -> torch.Tensor:
-    """Decoded images float (B, 3, R, R) about [-1, 1] -> the encoder's input: [0, 1], clamped, ImageNet mean/std."""
-    x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return (x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)
-
-
-def pixel_decoder_for(url: str, vit: ViTConfig, data, pixel_patch: int, who: str) -> tuple[nn.Module, ViTConfig]:
-    """A pixel-stem backbone on tokens: the frozen decoder of the tokenizer at ``url`` (``load_frozen_decoder``,
-    refused unless its fingerprint is ``data.tokenizer_fingerprint``) and the ViTConfig that reads its output:
-    ``vit`` with stem pixel, grid = the tokenizer's resolution, patch ``pixel_patch`` px. ``who`` names the
-    config section in errors (a decoder whose grid is not the data's ``data.grid``)."""
-    vq = load_frozen_decoder(url, data.tokenizer_fingerprint)
-    if vq.grid != tuple(data.grid):
-        raise ValueError(f"{who}.decoder {url}: grid {vq.grid} is not the data's {tuple(data.grid)}")
-    if vq.resolution % pixel_patch:
-        raise ValueError(f"{who}.pixel_patch {pixel_patch} does not divide the decoded images' {vq.resolution} px")
-    return vq, dataclasses.replace(vit, stem="pixel", grid=vq.resolution, patch_size=pixel_patch, in_chans=3)
-
-
-@torch.no_grad()
-def decoded_input(vq: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ids int64 (B, h, w) -> a pixel-stem encoder's input float (B, 3, h f, w f) in ``dtype``: the codes decoded
-    by the frozen ``vq`` (f px per token), then ``normalize_input``. No gradient reaches ``vq``. ADDP's
-    backbone is fine-tuned on exactly this, for classification and segmentation alike."""
-    return normalize_input(vq(vq.embed(ids))).to(dtype)
+def ema_momentum_at(step: int, base: float, total: int) -> float:
+    """BYOL's cosine schedule: ``base`` at step 0 rising to 1.0 at ``total``; constant ``base`` if total <= 0."""
+    if total <= 0:
+        return base
+    t = min(max(step, 0), total) / total
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0
 
 
 # -- pre-trained backbones ------------------------------------------------------------------------
@@ -392,8 +452,6 @@ def decoded_input(vq: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch
 def _pretrained(init: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Encoder weights and ViTConfig dict from a backbone file or a trainer checkpoints directory
     (weights_only loading; a trainer checkpoint's ``encoder_config``, so ADDP's encoder reads as pixel-stem)."""
-    from pretrain.checkpoint import load_backbone, read_deepspeed
-
     path = Path(init)
     if path.is_file():
         model = load_backbone(path)

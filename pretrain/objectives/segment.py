@@ -4,7 +4,7 @@ A ViT (``self.encoder``, loaded from any pre-trained backbone by ``init`` exactl
 a decoder head. The encoder reads the token ids (token stem: MTM's and M3I's backbones), or, with
 ``decoder`` (a tokenizer checkpoint: the data's, fingerprint checked), the pixels that tokenizer's frozen
 decoder makes of the ids (pixel stem of ``pixel_patch`` px: ADDP's backbone, as in ADDP's ADE20K
-fine-tuning; the same decoding as ``classify``'s, ``parts.decoded_input``). Crops, flips, windows and
+fine-tuning; the same decoding as ``classify``'s, ``pixel_decoders.decoded_input``). Crops, flips, windows and
 grids stay in token units either way: the ids are cropped, then decoded. ``forward`` bilinearly
 upsamples the head's logits to the label map (``batch["labelmap"]`` uint8 (B, L, L), 0 = other,
 1..150) and takes cross-entropy over the labelled pixels (targets ``metrics.ade20k_targets``: 0..149,
@@ -67,8 +67,9 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids
 from pretrain.metrics import IGNORE_INDEX, ConfusionMatrix, ade20k_targets
-from pretrain.objectives.base import DataNeeds, DataSpec, Objective
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective, fine_tune_assets
 from pretrain.objectives.parts import decoded_input, init_backbone, pixel_decoder_for
+from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig, interpolate_pos_embed
 
 __all__ = ["SegmentConfig", "Segment", "evaluate_segmentation", "class_names_of"]
@@ -175,6 +176,7 @@ class PUPHead(nn.Module):
         return self.cls(self.dropout(self.up(feats[-1])))
 
 
+@register_objective
 class Segment(Objective):
     """``forward(batch) -> (loss, {"acc", "miou_batch"})``.
 
@@ -214,6 +216,11 @@ class Segment(Objective):
         self.head = (UperNetHead if cfg.head == "upernet" else PUPHead)(vit.embed_dim, cfg)
         nn.init.normal_(self.head.cls.weight, std=0.01)
         nn.init.zeros_(self.head.cls.bias)
+
+    @classmethod
+    def assets(cls, cfg: SegmentConfig) -> tuple[Asset, ...]:
+        """``init`` and ``decoder`` (``base.fine_tune_assets``)."""
+        return fine_tune_assets(cfg.init, cfg.decoder)
 
     def train(self, mode: bool = True) -> Segment:
         super().train(mode)
