@@ -7,7 +7,8 @@ Two kinds of file exist:
 - a **trainer checkpoint**: ``<run>/checkpoints/latest`` names a tag, and ``<tag>/`` holds DeepSpeed's
   ``mp_rank_00_model_states.pt`` (key ``"module"``: the objective's state dict; the client state at the
   top level: ``step``, ``vit_config``, ``encoder_config``, ``objective``, ``config``, ``num_classes``,
-  ``tokens``), the optimizer states, every rank's ``stream_rank<R>.json`` and ``tokens.json``.
+  ``tokens``), the optimizer states, every rank's ``stream_rank<R>.json`` (the stream position, the same
+  on every rank, plus ``grad_accum``: ``pretrain.elastic``) and ``tokens.json``.
 
 Locating and safely reading files (``checkpoint_tag_dir``, ``safe_load``: ``torch.load(weights_only=True)``
 with a small allowlist, never a free unpickling) live in ``pretrain.checkpoint_io`` and are re-exported here.
@@ -243,7 +244,9 @@ def save_training(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: in
 
     tag = f"step{step:07d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client})
-    (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
+    stream_state = {**loader.state_dict(), "grad_accum": engine.gradient_accumulation_steps(),  # pretrain.elastic
+                    "zero_stage": engine.zero_optimization_stage()}
+    (ckpt_dir / tag / f"stream_rank{rank}.json").write_text(json.dumps(stream_state))
     if rank == 0:
         write_identity(ckpt_dir / tag, client.get("tokens"))
     dist.barrier()
@@ -256,18 +259,28 @@ def save_training(engine, loader, ckpt_dir: Path, step: int, rank: int, keep: in
 
 
 def restore_training(engine, loader, where: str | os.PathLike, rank: int) -> int:
-    """Restore engine and stream from ``where`` (checkpoints dir with ``latest``, or a tag dir); returns the step."""
+    """Restore engine and stream from ``where`` (checkpoints dir with ``latest``, or a tag dir); returns the step.
+    The world size may differ from the checkpoint's when the steps stay the same (``pretrain.elastic``)."""
+    import torch.distributed as dist
+
+    from pretrain import elastic
+
     path = Path(where)
     if not (path / "latest").is_file() and not (path.is_dir() and path.name.startswith("step")):
         raise FileNotFoundError(f"no checkpoint to resume from at {path} (expected a 'latest' file or a "
                                 f"stepNNNNNNN directory)")
     tag_dir = checkpoint_tag_dir(path)
-    stream_file = tag_dir / f"stream_rank{rank}.json"
-    if not stream_file.is_file():
-        raise FileNotFoundError(f"checkpoint {tag_dir} has no stream state for rank {rank} "
-                                f"({stream_file.name}); was it written with another world size?")
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = elastic.saved_stream_state(tag_dir)
+    order = getattr(loader.dataset, "order", None)
+    elastic.check_resume(state, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                         dist.get_world_size(), tag_dir, getattr(order, "partitions", None),
+                         engine.zero_optimization_stage())
+    rezero = state.get("zero_stage", 0) > 0  # elastic ZeRO 1/2 files: their state is merged by pretrain.elastic
+    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                               load_optimizer_states=not rezero)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    loader.load_state_dict(json.loads(stream_file.read_text()))
+    if rezero:
+        elastic.load_zero_state(engine, tag_dir, int(state["world_size"]))
+    loader.load_state_dict(state)
     return int(client["step"])

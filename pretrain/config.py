@@ -3,8 +3,8 @@
 A config file has these sections (every key optional except ``data.train``)::
 
     run:       {out, seed, steps, log_every, save_every, keep_checkpoints, progress, stop_at, trace_samples}
-    data:      {train, tokenizer, batch_size, num_workers, shuffle_window, partitions, prefetch_shards,
-                input, resolution, sources, cache_dir, cache_limit}
+    data:      {train, tokenizer, batch_size, num_workers, shuffle_window, partitions, canonical_readers,
+                prefetch_shards, input, resolution, sources, cache_dir, cache_limit}
     model:     {preset, ...any ViTConfig field}        # grid and vocab_size come from the data
     objective: {name, ...that objective's config fields}
     augment:   {...TokenAugConfig fields} or null      # applied to every batch in the training step
@@ -83,6 +83,8 @@ class DataConfig:
     folder of images, decoded by ``pretrain.pixels`` at ``resolution`` px; a pixel-stem baseline).
     sources: instead of ``train``, datasets to mix, ``[{url, proportion | repeat | choose}, ...]``
     (``storage.stream.Source``). cache_dir, cache_limit: the node's shard cache (bytes or "20gb").
+    canonical_readers: how the stream cuts its order into micro-batches (``storage.order.BatchLayout``);
+    null: ranks x workers of the first run, then whatever the checkpoint says (elastic resume).
     allow_tokenizer_mismatch: train on tokens of another tokenizer than the ``--init`` backbone's or
     the resumed checkpoint's (refused by default: the token ids would mean other things)."""
 
@@ -92,6 +94,7 @@ class DataConfig:
     num_workers: int = 1
     shuffle_window: int = 8192
     partitions: int = 64
+    canonical_readers: int | None = None
     prefetch_shards: int = 2
     input: str = "tokens"
     resolution: int = 224
@@ -110,6 +113,9 @@ class DataConfig:
             raise ValueError(f"data.input must be 'tokens' or 'pixels', got {self.input!r}")
         if self.resolution < 1:
             raise ValueError(f"data.resolution must be >= 1, got {self.resolution}")
+        if self.canonical_readers is not None and self.canonical_readers > self.partitions:
+            raise ValueError(f"data.canonical_readers ({self.canonical_readers}) must be <= data.partitions "
+                             f"({self.partitions})")
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ RANGES: dict[str, dict[str, tuple[Callable[[object], bool], str]]] = {
     "run": {"seed": _at_least(0), "steps": _at_least(1), "log_every": _at_least(1), "save_every": _at_least(0),
             "keep_checkpoints": _at_least(1), "stop_at": _at_least(1, none_ok=True)},
     "data": {"batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_window": _at_least(1),
-             "partitions": _at_least(1), "prefetch_shards": _at_least(0), "resolution": _at_least(1)},
+             "partitions": _at_least(1), "canonical_readers": _at_least(1, none_ok=True),
+             "prefetch_shards": _at_least(0), "resolution": _at_least(1)},
     "optim": {"lr": _positive(none_ok=True), "blr": _positive(), "weight_decay": _at_least(0), "eps": _positive(),
               "warmup_steps": _at_least(0), "min_lr": _at_least(0), "grad_clip": _at_least(0),
               "grad_accum": _at_least(1),

@@ -12,12 +12,13 @@ objective returns
 optimizer step (``pretrain.optim``).
 
 Determinism and resume: before every micro-step torch's generator is reseeded from
-(seed, rank, step, micro-step), and the augmentation's generator is keyed by the batch itself
+(seed, the micro-batch's slot in the global step, step), and the augmentation's generator is keyed by the batch itself
 (``BatchSeededAugment``: seed, epoch, sample positions), so masks, dropout and augmentation
 depend on the step and the data, not on history or on which worker made the batch. A checkpoint
 (``<out>/checkpoints/stepNNNNNNN``) holds DeepSpeed's model, optimizer and scheduler state plus
 each rank's stream position (``stream_rank<R>.json``); ``--resume`` continues with the same
-samples, the same randomness and hence the same losses as a run that never stopped.
+samples, the same randomness and hence the same losses as a run that never stopped, also at another
+world size with ``optim.grad_accum`` keeping the global batch (``pretrain.elastic``).
 
 Outputs in ``run.out``: ``log.jsonl`` (one record per ``log_every`` steps: loss, lr, samples/s,
 data-wait fraction, the objective's metrics), ``tb/`` (TensorBoard), ``checkpoints/``,
@@ -49,6 +50,7 @@ from pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint, runtime
 from pretrain.augment import BatchSeededAugment
 from pretrain.config import ConfigError, TrainConfig, load_config
+from pretrain.elastic import ElasticResumeError
 from pretrain.objectives import Asset, DataSpec, Objective, build_objective, objective_class
 from pretrain.optim import base_lr, deepspeed_config, make_optimizer, make_scheduler
 from pretrain.provenance import TokenizerMismatch, check_identity, identity_of_checkpoint, identity_of_meta
@@ -63,9 +65,10 @@ __all__ = ["train", "build_model", "main", "run", "parse_args", "step_seed", "co
            "check_tokens", "asset_identity"]
 
 
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """The 63-bit seed of torch's generator (masks, dropout) for one micro-step of one rank."""
-    (a,) = np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)
+def step_seed(seed: int, slot: int, step: int, micro: int = 0) -> int:
+    """The 63-bit seed of torch's generator (masks, dropout) for one micro-batch: ``slot`` is its place in the
+    global step (rank + world size x micro-step, the same micro-batch at any world size: ``pretrain.elastic``)."""
+    (a,) = np.random.SeedSequence([seed, slot, step, micro]).generate_state(1, dtype=np.uint64)
     return int(a) >> 1
 
 
@@ -90,7 +93,8 @@ def build_stream(cfg: TrainConfig, rank: int, world: int) -> tuple[StreamLoader,
     data = ([source_from_dict(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
             or read_manifest(resolve_manifest(cfg.data.train)))
     stream = TokenStream(data, cfg.data.batch_size, seed=cfg.run.seed, partitions=cfg.data.partitions,
-                         shuffle_window=cfg.data.shuffle_window, rank=rank, world_size=world,
+                         shuffle_window=cfg.data.shuffle_window, canonical_readers=cfg.data.canonical_readers,
+                         rank=rank, world_size=world,
                          prefetch_shards=cfg.data.prefetch_shards, cache_dir=cfg.data.cache_dir,
                          cache_limit=cfg.data.cache_limit)
     meta = stream.manifest.meta  # with sources: the first one's (all share tokenizer, grid and K)
@@ -212,8 +216,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         for micro in range(cfg.optim.grad_accum):
             batch = batches.next()
             if trace is not None:
-                trace.write(json.dumps({"step": step + 1, "micro": micro, "index": batch["index"].tolist()}) + "\n")
-            torch.manual_seed(step_seed(cfg.run.seed, rank, step, micro))
+                trace.write(json.dumps({"step": step + 1, "micro": micro, "epoch": batch["epoch"],
+                                        "index": batch["index"].tolist(), "key": batch.get("key")}) + "\n")
+            torch.manual_seed(step_seed(cfg.run.seed, rank + world * micro, step))
             loss, m = engine(_to_device(batch, engine.device))
             engine.backward(loss)
             engine.step()
@@ -283,7 +288,7 @@ def launched_main(body, argv: list[str] | None) -> int:
     launched = "RANK" in os.environ
     if launched:
         runtime.install_exit_cleanup()
-    quiet = (ConfigError, TokenizerMismatch) if os.environ.get("RANK", "0") != "0" else ()
+    quiet = (ConfigError, TokenizerMismatch, ElasticResumeError) if os.environ.get("RANK", "0") != "0" else ()
     try:
         rc = run_cli(body, argv, quiet=quiet)
     except SystemExit as stop:  # argparse: --help, usage errors

@@ -5,13 +5,19 @@ Guarantees (``storage.order`` has the arithmetic):
 - **Exactly once.** Each sample is read once per epoch across all ranks and DataLoader workers;
   no sampler is needed (or wanted: DeepSpeed's ``training_data=`` attaches a
   DistributedSampler, which breaks IterableDatasets; pass a ``StreamLoader`` as the loader).
-- **Elastic order.** The global order G depends on (seed, epoch, partitions, window) only, not
-  on the world size or the worker count; each batch carries ``index`` (positions in G).
+- **Elastic order.** The global order G depends on (seed, epoch, partitions, window) only, and so
+  does each micro-batch's content (``storage.order.BatchLayout``: G cut by ``canonical_readers``),
+  not the world size or the worker count; each batch carries ``index`` (positions in G).
 - **Equal ranks.** Every rank gets the same number of samples (padding repeats samples from the
-  start of the epoch and is flagged in ``pad``), so DDP never waits for a missing batch.
-- **O(1) resume.** ``StreamLoader.state_dict()`` is a few integers; loading it resumes at the
-  next batch without reading anything that was already consumed.
-- **Bounded memory.** At most the shards of one shuffle window are decoded at once, plus
+  start of the epoch and is flagged in ``pad``), so DDP never waits for a missing batch; after an
+  elastic resume at a world size that does not divide the canonical readers, ranks' epochs may
+  differ by one micro-batch (a trainer that reads across epochs still takes equal counts per step).
+- **O(1), elastic resume.** ``StreamLoader.state_dict()`` is a few integers and the same on every
+  rank at a step boundary (the next global micro-batch); loading it resumes at the next batch
+  without reading anything already consumed, at the saved world size or any other whose ranks
+  split the saved position evenly.
+- **Bounded memory.** Per canonical reader a worker reads (one, unless the world size changed since
+  the run began), at most the shards of one shuffle window are decoded at once, plus
   ``prefetch_shards`` shards of bytes, whatever the dataset size.
 - **Verified bytes.** Each shard is checked against the manifest's size and sha256 before it is
   decoded; reads are retried with backoff; failures name the shard.
@@ -31,24 +37,23 @@ when samples carry V extra views.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.dataset import TokenDataset
 from storage.errors import ShardError
 from storage.fetch import ShardCache, ShardFetcher, parse_size
+from storage.loader import StreamLoader
 from storage.manifest import Manifest
 from storage.mix import MixEpoch, Source, as_sources, check_proportions, load_sources, mix_epoch, source_counts
-from storage.order import Chunk, EpochOrder, OrderConfig, reader_partitions, resume_workers
+from storage.order import BatchLayout, Chunk, EpochOrder, OrderConfig, check_world_size
 from storage.shard import Block, decode_shard
-from storage.workers import InWorkers, StopSignal, WorkerError
 
-__all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, TokenDataset re-exported
+__all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, StreamLoader, TokenDataset re-exported
 
 log = logging.getLogger("vqpt.storage")
 Batch = dict
@@ -81,6 +86,14 @@ def _stack_or_list(items: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]
     return [torch.from_numpy(a) for a in items]
 
 
+def _catch_up(todo: Iterator[int], until: int | None) -> Iterator[tuple[int, dict]]:
+    """Empty micro-batches for the wanted ids in ``todo`` before ``until`` (None: all left); consumes ``until``."""
+    for k in todo:
+        if k == until:
+            return
+        yield k, {"n": 0}
+
+
 class TokenStream(IterableDataset):
     """Batches (or samples, with ``batch_size=None``) of one split or a mix of splits, for one rank.
 
@@ -92,6 +105,10 @@ class TokenStream(IterableDataset):
             the sources' sizes).
         batch_size: samples per yielded batch; None yields single samples (dicts of arrays).
         seed, partitions, shuffle_window, shuffle: the epoch order (``storage.order``).
+        canonical_readers: C, how the order is cut into micro-batches (``storage.order.BatchLayout``);
+            None: world_size x DataLoader workers (at most ``partitions``), or the value a loaded
+            state carries. Fix it to the largest ranks x workers a run may use to keep every
+            reader on one worker after a change of world size.
         rank, world_size: default to torch.distributed, else $RANK / $WORLD_SIZE, else 0 / 1.
         expected_fingerprint: refuse data made by another tokenizer (FingerprintMismatch).
         on_error: "raise" (default) stops at the first bad shard; "skip" drops its samples,
@@ -107,7 +124,7 @@ class TokenStream(IterableDataset):
     def __init__(self, manifest: str | Manifest | Source | list[Source], batch_size: int | None = 256, *,
                  seed: int = 0, epoch_size: int | None = None,
                  partitions: int = 64, shuffle_window: int = 8192, shuffle: bool = True,
-                 rank: int | None = None, world_size: int | None = None,
+                 canonical_readers: int | None = None, rank: int | None = None, world_size: int | None = None,
                  expected_fingerprint: str | None = None, on_error: str = "raise", prefetch_shards: int = 2,
                  retries: int = 8, cache_dir: str | None = None, cache_limit: int | str = "8gib",
                  storage_options: dict | None = None,
@@ -134,7 +151,10 @@ class TokenStream(IterableDataset):
         default_rank, default_world = _dist_rank_world()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
-        reader_partitions(partitions, self.rank, self.world_size, 0, 1)  # validates divisibility now
+        check_world_size(partitions, self.world_size)
+        if canonical_readers is not None and not 1 <= canonical_readers <= partitions:
+            raise ValueError(f"canonical_readers must be in [1, partitions={partitions}], got {canonical_readers}")
+        self.canonical_readers = canonical_readers
         self.on_error = on_error
         self.prefetch_shards = prefetch_shards
         self.retries = retries
@@ -144,7 +164,8 @@ class TokenStream(IterableDataset):
         self.batch_transform = batch_transform
         self.sample_transform = sample_transform
         self.epoch = 0
-        self.resume_batches = 0  # batches this rank already consumed in ``epoch`` (set by StreamLoader)
+        self.resume_start = 0  # the epoch's first micro-batch j to read (set by StreamLoader after a resume)
+        self.resume_batches = 0  # micro-batches this rank already took from there (set by StreamLoader)
         self.skipped: dict[str, str] = {}
 
     # -- sizes ---------------------------------------------------------------------------------
@@ -155,7 +176,7 @@ class TokenStream(IterableDataset):
     def loader_settings(self) -> dict:
         """What a saved stream position is only valid for (checked by ``StreamLoader.load_state_dict``)."""
         settings = {"seed": self.order.seed, "partitions": self.order.partitions, "window": self.order.window,
-                    "shuffle": self.order.shuffle, "world_size": self.world_size, "rank": self.rank,
+                    "shuffle": self.order.shuffle,
                     "batch_size": self.batch_size, "num_samples": self.manifest.num_samples,
                     "fingerprint": self.manifest.meta.tokenizer_fingerprint}
         if len(self.sources) > 1 or self.sources[0].spec() != ["repeat", 1]:
@@ -175,44 +196,79 @@ class TokenStream(IterableDataset):
         """The order of the epoch over units (a unit is a shard unless sources are mixed)."""
         return self._epoch_plan(epoch)[1]
 
-    def samples_per_rank(self) -> int:
-        """Samples (padding included) each rank reads per epoch: (P / world_size) * L."""
-        return self.epoch_order().partition_len * (self.order.partitions // self.world_size)
-
     def _batch(self) -> int:
         return self.batch_size or 1
 
-    def worker_batches(self, num_workers: int) -> list[int]:
-        """Batches each DataLoader worker of this rank yields per epoch (the last may be partial)."""
-        length = self.epoch_order().partition_len
-        counts = []
-        for k in range(num_workers):
-            n = length * len(reader_partitions(self.order.partitions, self.rank, self.world_size, k, num_workers))
-            counts.append(-(-n // self._batch()))
-        return counts
+    def readers(self, num_workers: int) -> int:
+        """C: ``canonical_readers``, else world size x ``num_workers`` (0 counts as 1), at most ``partitions``."""
+        if self.canonical_readers is not None:
+            return self.canonical_readers
+        return min(self.world_size * max(1, num_workers), self.order.partitions)
+
+    def batch_layout(self, num_workers: int, epoch: int | None = None) -> BatchLayout:
+        """How the epoch is cut into micro-batches (``storage.order.BatchLayout``)."""
+        order = self.epoch_order(epoch)
+        return BatchLayout(self.order.partitions, self.readers(num_workers), order.partition_len, self._batch())
 
     def batches_per_rank(self, num_workers: int = 0) -> int:
-        return sum(self.worker_batches(max(1, num_workers)))
+        """Micro-batches this rank yields in a whole epoch (from its start)."""
+        return len(self.batch_layout(num_workers).rank_batches(self.epoch, self.rank, self.world_size))
+
+    # -- position (the StreamLoader's state) ----------------------------------------------------
+
+    def position_state(self, epoch: int, start: int, batches: int, num_workers: int) -> dict:
+        """The position once this rank took ``batches`` micro-batches of ``epoch`` from ``start``:
+        ``{"epoch", "batch" (the next micro-batch j of the whole job: the same on every rank at a step
+        boundary), "readers", ...loader_settings(), "world_size", "num_workers"}`` (the last two for the
+        record: a resume may change them)."""
+        layout = self.batch_layout(num_workers, epoch)
+        nxt_epoch, nxt = layout.position_after(epoch, self.rank, self.world_size, start, batches)
+        return {"epoch": nxt_epoch, "batch": nxt, "readers": layout.readers, **self.loader_settings(),
+                "world_size": self.world_size, "num_workers": num_workers}
+
+    def resume_position(self, state: dict, num_workers: int) -> tuple[int, int]:
+        """(epoch, first micro-batch j) to continue from a ``position_state`` (or a state of the
+        rank-local format before elastic resume), at this stream's world size and ``num_workers``.
+        Adopts the state's canonical readers. ValueError naming what does not fit."""
+        mine = self.loader_settings()
+        bad = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if bad:
+            detail = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in bad.items())
+            raise ValueError(f"cannot resume the stream under other settings ({detail})")
+        epoch = int(state["epoch"])
+        if "batch" in state:
+            readers, batch = int(state["readers"]), int(state["batch"])
+        else:  # written before elastic resume: rank-local counts, C = its ranks x workers
+            saved_world = int(state["world_size"])
+            readers = min(saved_world * max(1, int(state["num_workers"])), self.order.partitions)
+            batch = saved_world * int(state["batches"])
+        if self.canonical_readers is not None and self.canonical_readers != readers:
+            raise ValueError(f"the saved stream position is for {readers} canonical readers, not "
+                             f"{self.canonical_readers}: drop the canonical_readers setting or set it to {readers}")
+        if not 1 <= readers <= self.order.partitions:
+            raise ValueError(f"the saved stream position has {readers} canonical readers, outside "
+                             f"[1, partitions={self.order.partitions}]")
+        self.canonical_readers = readers
+        return self.batch_layout(num_workers, epoch).resume_at(epoch, batch, self.world_size)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _reader_chunks(self, worker: int, num_workers: int, skip: int) -> Iterator[Chunk]:
-        """The reader's chunks over global shard ids (the sources' shards numbered one after another)."""
+    def _reader_chunks(self, layout: BatchLayout, reader: int, ks: np.ndarray) -> Iterator[tuple[int, Chunk]]:
+        """``(offset, chunk)`` covering micro-batches ``ks`` (increasing) of ``reader``, over global shard ids
+        (the sources' shards numbered one after another)."""
         units, order = self._epoch_plan()
-        length = order.partition_len
-        parts = reader_partitions(self.order.partitions, self.rank, self.world_size, worker, num_workers)
-        for p in parts:
-            if skip >= length:
-                skip -= length
-                continue
-            for chunk in order.partition_chunks(p, skip):
-                yield units.resolve(chunk)
-            skip = 0
+        breaks = np.flatnonzero(np.diff(ks) != 1) + 1
+        for run in np.split(ks, breaks) if len(ks) else ():
+            lo, hi = layout.span(reader, int(run[0]))[0], layout.span(reader, int(run[-1]))[1]
+            for offset, chunk in layout.chunks(order, reader, lo, hi):
+                yield offset, units.resolve(chunk)
 
-    def _decoded_chunks(self, worker: int, num_workers: int, skip: int) -> Iterator[tuple[Chunk, dict]]:
-        """Each chunk with the decoded shards it needs ({shard index: Block or None if skipped})."""
+    def _decoded_chunks(self, chunks: Callable[[], Iterator[tuple[int, Chunk]]]
+                        ) -> Iterator[tuple[int, Chunk, dict]]:
+        """``(offset, chunk, decoded)`` for each chunk of ``chunks()``: decoded = the shards it needs
+        ({shard: Block, or None if skipped}), fetched ahead in the order the chunks need them."""
         plan, last = [], set()
-        for chunk in self._reader_chunks(worker, num_workers, skip):
+        for _, chunk in chunks():
             needed = set(np.unique(chunk.shards).tolist())
             plan.extend(sorted(needed - last))
             last = needed
@@ -220,7 +276,7 @@ class TokenStream(IterableDataset):
         fetcher = ShardFetcher(self._shards, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
         decoded: dict[int, Block | None] = {}
         try:
-            for chunk in self._reader_chunks(worker, num_workers, skip):
+            for offset, chunk in chunks():
                 needed = sorted(set(np.unique(chunk.shards).tolist()))
                 for s in set(decoded) - set(needed):
                     fetcher.release(s)
@@ -228,9 +284,41 @@ class TokenStream(IterableDataset):
                 for s in needed:
                     if s not in decoded:
                         decoded[s] = self._load_shard(fetcher, s)
-                yield chunk, decoded
+                yield offset, chunk, decoded
         finally:
             fetcher.close()
+
+    def _reader_batches(self, layout: BatchLayout, reader: int, ks: np.ndarray) -> Iterator[tuple[int, dict]]:
+        """``(k, columns)`` for each micro-batch k in ``ks`` (increasing) of ``reader``, in order; a micro-batch
+        whose shards were all skipped (``on_error="skip"``) comes as ``{"n": 0}``."""
+        size = layout.batch_size
+        todo = iter(ks.tolist())
+        pending: list[dict] = []
+        pending_k = -1
+        for offset, chunk, decoded in self._decoded_chunks(lambda: self._reader_chunks(layout, reader, ks)):
+            offsets = offset + np.arange(len(chunk.positions))
+            skipped = [s for s, block in decoded.items() if block is None]
+            if skipped:
+                keep = ~np.isin(chunk.shards, skipped)
+                chunk = Chunk(chunk.positions[keep], chunk.shards[keep], chunk.rows[keep], chunk.pad[keep])
+                offsets = offsets[keep]
+            cols = self._gather(chunk, decoded)
+            if cols["n"] == 0:
+                continue
+            batch_of = offsets // size
+            cuts = [0, *(np.flatnonzero(np.diff(batch_of)) + 1).tolist(), cols["n"]]
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                k = int(batch_of[lo])
+                if k != pending_k and pending:
+                    yield from _catch_up(todo, pending_k)
+                    yield pending_k, self._join(pending)
+                    pending = []
+                pending_k = k
+                pending.append(self._slice(cols, lo, hi))
+        if pending:
+            yield from _catch_up(todo, pending_k)
+            yield pending_k, self._join(pending)
+        yield from _catch_up(todo, None)
 
     def _load_shard(self, fetcher: ShardFetcher, s: int) -> Block | None:
         url, info, _ = self._shards[s]
@@ -331,101 +419,38 @@ class TokenStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch | dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        taken, roles = resume_workers(self.resume_batches, self.worker_batches(num_workers))
-        worker = roles[worker]
-        consumed = taken[worker]
-        skip = consumed * self._batch()
-        pending: list[dict] = []
-        pending_n = 0
-        size = self._batch()
-        for chunk, decoded in self._decoded_chunks(worker, num_workers, skip):
-            cols = self._gather(chunk, decoded)
-            if cols["n"] == 0:
-                continue
-            if self.batch_size is None or self.sample_transform is not None:
-                samples = self._sample_dicts(cols)
-                if self.sample_transform is not None:
-                    samples = map(self.sample_transform, samples)
-                if self.batch_size is None:
-                    yield from samples
-                    continue
-                cols = self._collate_samples(list(samples))
-            pending.append(cols)
-            pending_n += cols["n"]
-            while pending_n >= size:
-                joined = self._join(pending)
-                yield self._emit(self._slice(joined, 0, size))
-                rest = self._slice(joined, size, joined["n"])
-                pending, pending_n = ([rest], rest["n"]) if rest["n"] else ([], 0)
-        if pending_n:
-            yield self._emit(self._join(pending))
+        layout = self.batch_layout(num_workers)
+        rank_js = layout.rank_batches(self.epoch, self.rank, self.world_size, self.resume_start)
+        # the DataLoader takes the rank's batches from its workers in turn, starting at worker 0
+        mine = np.arange(rank_js.start + rank_js.step * (self.resume_batches + worker), rank_js.stop,
+                         rank_js.step * num_workers, dtype=np.int64)
+        readers, ks = layout.locate(mine)
+        streams: dict[int, Iterator[tuple[int, dict]]] = {}
+        try:
+            for c, k in zip(readers.tolist(), ks.tolist()):
+                if c not in streams:
+                    streams[c] = self._reader_batches(layout, c, ks[readers == c])
+                got, cols = next(streams[c])
+                if got != k:
+                    raise AssertionError(f"reader {c} produced micro-batch {got}, expected {k}")
+                if cols["n"]:
+                    yield from self._emit_cols(cols)
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+    def _emit_cols(self, cols: dict) -> Iterator[Batch | dict]:
+        """One micro-batch's columns as a batch, or as samples with ``batch_size=None``."""
+        if self.batch_size is None or self.sample_transform is not None:
+            samples = self._sample_dicts(cols)
+            if self.sample_transform is not None:
+                samples = map(self.sample_transform, samples)
+            if self.batch_size is None:
+                yield from samples
+                return
+            cols = self._collate_samples(list(samples))
+        yield self._emit(cols)
 
     def _emit(self, cols: dict) -> Batch:
         batch = self._to_batch(cols)
         return self.batch_transform(batch) if self.batch_transform is not None else batch
-
-
-class StreamLoader:
-    """A DataLoader over a TokenStream that knows its position: ``state_dict()`` / ``load_state_dict()``.
-
-    Any dataset with ``set_epoch``, ``resume_batches``, ``batches_per_rank`` and ``loader_settings``
-    works too (``pretrain.pixels.PixelFolderStream``).
-
-    The state is ``{"epoch", "batches", ...}`` plus the settings it is only valid for (seed,
-    world size, workers, batch size, partitions, dataset fingerprint); loading a state made
-    under other settings raises ValueError naming the fields. Iterating runs the rest of the
-    current epoch, then advances ``epoch``. An error in a worker is raised as itself, and once the
-    iteration stops (error or not) the workers' reads are cancelled (``storage.workers``).
-    """
-
-    def __init__(self, dataset: TokenStream, num_workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int | None = None, multiprocessing_context: str | None = None):
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.epoch = 0
-        self.batches = 0
-
-    def __len__(self) -> int:
-        return self.dataset.batches_per_rank(self.num_workers)
-
-    def _settings(self) -> dict:
-        return {**self.dataset.loader_settings(), "num_workers": self.num_workers}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, **self._settings()}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self._settings()
-        bad = {k: (state.get(k), v) for k, v in mine.items() if k != "rank" and state.get(k) != v}
-        if bad:
-            detail = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in bad.items())
-            raise ValueError(f"cannot resume the stream under other settings ({detail})")
-        self.epoch = int(state["epoch"])
-        self.batches = int(state["batches"])
-
-    def __iter__(self) -> Iterator[Batch]:
-        self.dataset.set_epoch(self.epoch)
-        self.dataset.resume_batches = self.batches
-        kwargs, dataset, stop = {}, self.dataset, None
-        if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor or 2,
-                      "multiprocessing_context": self.multiprocessing_context}
-            stop = StopSignal(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)
-            dataset = InWorkers(self.dataset, stop)  # storage.workers: fail fast, errors as themselves
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=self.pin_memory, **kwargs))
-        try:
-            for batch in batches:  # the local name keeps the iterator (and its workers) until the finally
-                if isinstance(batch, WorkerError):
-                    raise batch.error
-                self.batches += 1
-                yield batch
-        finally:
-            if stop is not None:
-                stop.set()  # workers still reading (an error, the consumer gone) cancel their reads...
-            del batches  # ...before torch's shutdown joins them (5 s each for a worker stuck in a read)
-        self.epoch += 1
-        self.batches = 0

@@ -9,11 +9,13 @@ between ``after`` and ``after + max_inflight - 1`` shards: mid-way, whatever the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PAUSED = "vqpt-test: paused after"
@@ -61,3 +63,20 @@ def kill_job(proc: subprocess.Popen) -> None:
     proc.stdin.close()
     for left in Path("/tmp").glob(f"vqpt-tok-{proc.pid}-*"):
         shutil.rmtree(left, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2):
+    """A local Ray instance for the block, under its own short ``/tmp/vqpt-test-ray-*`` (removed after).
+
+    Never a pytest tmp path: xdist's ``popen-gwN`` directories make Ray's socket paths longer than
+    AF_UNIX's 107 bytes."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix=f"vqpt-test-ray-{os.getpid()}-", dir="/tmp")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -14,6 +14,7 @@ from pretrain.objectives import DataSpec
 from pretrain.objectives.classify import Classify, ClassifyConfig
 from pretrain.objectives.parts import load_pretrained
 from pretrain.vit import VisionTransformer, ViTConfig
+from tests.job_support import local_ray
 from tests.test_train import launch
 
 VIT = ViTConfig(embed_dim=32, depth=2, num_heads=2, grid=8, vocab_size=16, token_dim=8)
@@ -52,21 +53,16 @@ def generated_tokens(token_data, tmp_path_factory) -> Path:
     """A generated 4-class ImageNet-layout folder (one background colour per class; 24 train, 8 val
     images per class) tokenised by the job with ``token_data``'s tokenizer, so that a backbone
     pre-trained on ``token_data`` fine-tunes on it. Returns the dataset root (train/, val/)."""
-    import ray
-
     from pipeline.tokenise import parse_args, run
     from vqpt.sample_data import generate_imagenet
 
     root = tmp_path_factory.mktemp("gen")
     generate_imagenet(root / "imgs", classes=4, train_per_class=24, val_per_class=8)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
-    try:
+    with local_ray():
         for split in ("train", "val"):
             run(parse_args(["--dataset", "imagenet", "--src", str(root / "imgs"), "--split", split, "--out",
                             str(root / "tok"), "--tokenizer", str(token_data.parent / "tokenizer.pt"),
                             "--resolution", "64", "--shard-size", "32"]))
-    finally:
-        ray.shutdown()
     return root / "tok"
 
 

@@ -3,6 +3,7 @@ loading, and (slow, real data) ADE20K end to end: tokenise, 2-rank DeepSpeed fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from pretrain.vit import VisionTransformer, ViTConfig
 from storage.dataset import TokenDataset
 from storage.stream import TokenStream
 from tests.conftest import shared_data_dir
+from tests.job_support import local_ray
 from tests.test_train import launch
 from tests.token_splits import tokenise_here
 from vqpt.sample_data import generate_ade20k
@@ -234,17 +236,11 @@ def ade_tokens(tmp_path_factory) -> Path:
 
     src = shared_data_dir("ade20k_sample")
     out = tmp_path_factory.mktemp("ade")
-    started = not ray.is_initialized()
-    if started:  # one Ray instance for both splits (each job would start and stop its own)
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-                 log_to_driver=False)
-    try:
+    # one Ray instance for both splits (each job would start and stop its own)
+    with contextlib.nullcontext() if ray.is_initialized() else local_ray():
         for split in ("training", "validation"):  # the second run reuses the k-means tokenizer of the first
             assert tokenise_main(["--dataset", "ade20k", "--src", str(src), "--split", split, "--out", str(out),
                                   "--resolution", "64", "--labelmap-resolution", "64", "--vocab", "32"]) == 0
-    finally:
-        if started:
-            ray.shutdown()
     return out
 
 

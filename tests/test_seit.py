@@ -17,6 +17,7 @@ from pipeline.tokenizer import load_tokenizer
 from storage.cli import UserError
 from storage.manifest import read_manifest
 from storage.stream import TokenStream
+from tests.job_support import local_ray
 from vqpt.cli import main as vqpt_main
 
 K, D, N = 391, 32, 1000  # SeiT's codebook shape; the acceptance set's size
@@ -196,7 +197,6 @@ def test_twenty_mtm_steps_on_the_imported_set(imported, tmp_path):
 def test_vitvqgan_entry_tokenises_ade20k_into_the_same_ids(tmp_path, tmp_path_factory):
     """naver-ai/seit issue #3: SeiT's ImageNet tokens and ADE20K tokenised by the same ViT-VQGAN (restricted
     to SeiT's codebook) share one tokenizer fingerprint, so one backbone serves both."""
-    import ray
 
     from pipeline.tokenise import parse_args, run
     from tests.conftest import shared_data_dir
@@ -213,13 +213,10 @@ def test_vitvqgan_entry_tokenises_ade20k_into_the_same_ids(tmp_path, tmp_path_fa
                       "--split", "val"]) == 0
     tok = load_tokenizer(out / "tokenizer.pt")
     assert tok.kind == "vitvqgan" and torch.equal(tok.parent_ids, keep) and tok.synonyms.shape == (12, 2)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    try:
+    with local_ray():
         run(parse_args(["--dataset", "ade20k", "--src", str(shared_data_dir("ade20k_sample")), "--split",
                         "validation", "--out", str(out), "--tokenizer", str(out / "tokenizer.pt"), "--resolution",
                         "256", "--batch-size", "4"]))
-    finally:
-        ray.shutdown()
     ade, inet = read_manifest(str(out / "validation")), read_manifest(str(out / "val"))
     assert ade.meta.tokenizer_fingerprint == inet.meta.tokenizer_fingerprint == tok.fingerprint
     batch = next(iter(TokenStream(ade.url, batch_size=3, shuffle=False, partitions=1)))

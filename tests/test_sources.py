@@ -3,20 +3,17 @@ endpoint (moto's server) and tokenised on a real local Ray cluster, against the 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 import storage.io as sio
 from pipeline.tokenise import main
 from storage.stream import TokenStream
 from tests.conftest import shared_data_dir
-from tests.job_support import kill_job, start_paused_job
+from tests.job_support import kill_job, local_ray, start_paused_job
 from tests.sources_support import (
     class_files,
     ilsvrc_tars,
@@ -36,11 +33,8 @@ SMALL = ["--resolution", "64", "--vocab", "16", "--fit-images", "32", "--shard-s
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
     """One local Ray instance for the module, started after the S3 endpoint so its workers see it."""
-    temp = tempfile.mkdtemp(prefix=f"vqpt-src-{os.getpid()}-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    with local_ray():
+        yield
 
 
 def _shards(split_url: str) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ import torch
 
 import storage.io as sio
 from storage.errors import ShardError
-from storage.order import EpochOrder, OrderConfig, resume_workers
+from storage.order import BatchLayout, EpochOrder, OrderConfig
 from storage.stream import StreamLoader, TokenStream
 from tests.conftest import make_samples, write_dataset
 
@@ -98,12 +98,12 @@ def test_resume_continues_exactly_where_it_stopped(dataset, num_workers, stop_af
         if len(before) == stop_after:
             break
     state = first.state_dict()
-    assert state["batches"] == stop_after and state["epoch"] == 0
+    assert state["batch"] == 2 * stop_after and state["epoch"] == 0  # the job's next micro-batch (2 ranks)
     resumed = loader()
     resumed.load_state_dict(state)
     after = [b["key"] for b in resumed]
     assert before + after == straight
-    assert resumed.epoch == 1 and resumed.batches == 0
+    assert resumed.epoch == 1 and resumed.batches == 0 and resumed.start == 0
 
 
 def test_resume_reads_nothing_it_skips(dataset, monkeypatch):
@@ -116,7 +116,7 @@ def test_resume_reads_nothing_it_skips(dataset, monkeypatch):
     full_reads = len(reads)
     reads.clear()
     loader = StreamLoader(ds)
-    loader.load_state_dict(loader.state_dict() | {"batches": total - 1})
+    loader.load_state_dict(loader.state_dict() | {"batch": total - 1})
     assert len(list(loader)) == 1
     assert 0 < len(reads) <= 2 < full_reads
 
@@ -215,12 +215,29 @@ def test_order_arithmetic():
     full = order.window_chunk(1, 0)
     tail = order.window_chunk(1, 0, start=1)
     np.testing.assert_array_equal(full.rows[1:], tail.rows)
-    assert resume_workers(5, [3, 3]) == ([3, 2], [1, 0])
-    assert resume_workers(5, [1, 4]) == ([1, 4], [0, 1])  # all done: roles do not matter
-    assert resume_workers(4, [2, 1, 2]) == ([2, 1, 1], [2, 0, 1])
-    assert resume_workers(0, [2, 1, 2]) == ([0, 0, 0], [0, 1, 2])
-    with pytest.raises(ValueError, match="past the end"):
-        resume_workers(6, [1, 4])
+    tail = order.window_chunk(1, 0, start=1, stop=2)
+    np.testing.assert_array_equal(full.rows[1:2], tail.rows)
+
+
+def test_batch_layout_takes_readers_in_turn_and_ranks_by_global_index():
+    # 8 partitions of 10 over 3 readers: readers 0 and 1 hold 3 partitions (8 batches of 4), reader 2 two (5)
+    layout = BatchLayout(partitions=8, readers=3, partition_len=10, batch_size=4)
+    assert [layout.reader_batches(c) for c in range(3)] == [8, 8, 5] and layout.total == 21
+    c, k = layout.locate(np.arange(21))
+    assert list(zip(c.tolist(), k.tolist())) == [(c, k) for k in range(5) for c in range(3)] + \
+        [(c, k) for k in range(5, 8) for c in range(2)]
+    assert layout.span(2, 4) == (16, 20) and layout.span(0, 7) == (28, 30)
+    # rank r takes global micro-batch J = epoch * T + j when J % W == r: epochs continue the sequence
+    assert list(layout.rank_batches(0, 1, 2)) == list(range(1, 21, 2))
+    assert list(layout.rank_batches(1, 1, 2)) == list(range(0, 21, 2))  # T is odd: phases swap
+    assert list(layout.rank_batches(0, 0, 2, start=6)) == list(range(6, 21, 2))
+    order = EpochOrder([40, 40], OrderConfig(seed=0, partitions=8, window=4), epoch=0)
+    pieces = list(layout.chunks(order, 1, 9, 23))  # offsets 9..22 of reader 1: partitions 1, 4 and 7
+    assert [o for o, _ in pieces] == [9, 10, 14, 18, 20]  # one chunk per window (4 samples) touched
+    got = np.concatenate([c.positions for _, c in pieces])
+    np.testing.assert_array_equal(got, np.r_[19:20, 40:50, 70:73])
+    with pytest.raises(ValueError, match="canonical readers"):
+        BatchLayout(partitions=8, readers=9, partition_len=10, batch_size=4)
 
 
 def test_file_urls_work_like_paths(dataset):
@@ -237,3 +254,63 @@ def test_expected_fingerprint_is_checked_for_loaded_manifests_too(dataset):
     TokenStream(manifest, 4, expected_fingerprint="f" * 64)
     with pytest.raises(FingerprintMismatch, match="not 0000"):
         TokenStream(manifest, 4, expected_fingerprint="0" * 64)
+
+
+def _micro_batches(manifest, world_size, num_workers, readers=None, stop=None, state=None, batch_size=7):
+    """{global micro-batch j: sorted keys} over all ranks of one epoch (or until each rank took ``stop``),
+    plus each rank's state at the end."""
+    got, states = {}, []
+    for rank in range(world_size):
+        loader = StreamLoader(TokenStream(manifest, batch_size, partitions=8, shuffle_window=16, rank=rank,
+                                          world_size=world_size, canonical_readers=readers), num_workers=num_workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        js = iter(loader.dataset.batch_layout(num_workers).rank_batches(loader.epoch, rank, world_size, loader.start))
+        for n, batch in enumerate(loader, 1):
+            got[next(js)] = sorted(batch["key"])
+            if n == stop:
+                break
+        states.append(loader.state_dict())
+    return got, states
+
+
+def test_micro_batches_are_the_same_at_any_world_size_and_worker_count(dataset):
+    manifest, by_key = dataset
+    ref, _ = _micro_batches(manifest, 1, 0, readers=4)
+    assert sorted(ref) == list(range(len(ref))) and len(ref) == 4 * -(-2 * 29 // 7)  # L = 29, 2 partitions each
+    for world_size, num_workers in [(2, 2), (4, 1), (2, 0), (1, 3), (8, 1)]:
+        got, _ = _micro_batches(manifest, world_size, num_workers, readers=4)
+        assert got == ref, (world_size, num_workers)
+    assert {k for keys in ref.values() for k in keys} == set(by_key)
+
+
+@pytest.mark.parametrize("before,after", [((2, 1), (1, 2)), ((1, 2), (2, 0)), ((2, 2), (4, 1)), ((1, 1), (2, 1))])
+def test_elastic_resume_continues_the_same_micro_batches(dataset, before, after):
+    manifest, _ = dataset
+    straight, _ = _micro_batches(manifest, *before)  # default readers: ranks x workers of the first run
+    first, states = _micro_batches(manifest, *before, stop=4)
+    assert all(s == states[0] for s in states)  # every rank writes the same position
+    assert states[0]["batch"] == 4 * before[0] and states[0]["readers"] == before[0] * max(1, before[1])
+    rest, _ = _micro_batches(manifest, *after, state=states[0])
+    assert sorted(first) == list(range(4 * before[0])) and not set(first) & set(rest)
+    assert first | rest == straight
+
+
+def test_a_state_from_before_elastic_resume_still_loads(dataset):
+    manifest, _ = dataset
+    straight, _ = _micro_batches(manifest, 2, 2)
+    old = {"epoch": 0, "batches": 5, "seed": 0, "partitions": 8, "window": 16, "shuffle": True, "world_size": 2,
+           "rank": 0, "batch_size": 7, "num_samples": N, "fingerprint": "f" * 64, "num_workers": 2}
+    rest, _ = _micro_batches(manifest, 1, 1, state=old)
+    assert rest == {j: keys for j, keys in straight.items() if j >= 10}
+
+
+def test_elastic_resume_refusals_say_what_would_work(dataset):
+    manifest, _ = dataset
+    _, states = _micro_batches(manifest, 1, 0, readers=4, stop=3)
+    loader = StreamLoader(TokenStream(manifest, 7, partitions=8, shuffle_window=16, rank=0, world_size=2))
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 ranks; resume at a world size dividing 3"):
+        loader.load_state_dict(states[0])
+    other = StreamLoader(TokenStream(manifest, 7, partitions=8, shuffle_window=16, canonical_readers=2))
+    with pytest.raises(ValueError, match="for 4 canonical readers, not 2: drop the canonical_readers setting"):
+        other.load_state_dict(states[0])

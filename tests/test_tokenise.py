@@ -15,7 +15,7 @@ from pipeline.tokenise import main, parse_args, run
 from storage.manifest import read_manifest
 from storage.stream import TokenStream
 from tests.conftest import shared_data_dir
-from tests.job_support import kill_job, start_paused_job
+from tests.job_support import kill_job, local_ray, start_paused_job
 from tests.test_readers import _planted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_local():
+    with local_ray():
+        yield
 
 
 def _job(out, src, dataset="folder", *extra):

@@ -74,7 +74,7 @@ def test_two_rank_mtm_loss_falls_and_checkpoints(token_data, tmp_path):
         assert s0 == s1 and not set(i0) & set(i1)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0])  # ZeRO 2 (same and other world sizes): tests/test_elastic.py
 def test_resume_repeats_the_straight_run(token_data, tmp_path, stage):
     common = ["run.steps=12", f"engine.zero_stage={stage}", "data.num_workers=2"]
     straight = launch(token_data, tmp_path / "straight", *common)

@@ -11,7 +11,8 @@
 # DRY_RUN=1 prints the commands (shell-quoted, one per line) instead of running them.
 # STAGES picks stages: any of pretrain,finetune,evaluate (comma-separated).
 #
-# Each stage resumes from its own latest checkpoint when one exists (same hostfile, same world size).
+# Each stage resumes from its own latest checkpoint when one exists (another world size needs the same
+# global batch: optim.grad_accum x ranks unchanged; deploy/README.md, section 4).
 # CKPT_ROOT must be one directory shared by all hosts (NFS, EFS, Lustre): every rank writes its part
 # of each DeepSpeed checkpoint there. Object-store credentials: see deploy/README.md; they must be
 # in each host's own environment (instance role or ~/.aws profile), never in .deepspeed_env, whose

@@ -82,6 +82,7 @@ def train(
         raise ValueError("set --steps and/or --minutes")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device  # targets are tokenised on the tokenizer's own device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.99))
     model.train()
     start, step, losses, accs = time.monotonic(), 0, [], []
@@ -96,7 +97,8 @@ def train(
         idx = rng.integers(0, len(images), size=batch)
         theta = sample_affine(batch, model.cfg, gen)
         src, tgt = make_batch(images, ids, idx, theta, tokenizer, model.cfg.padding_mode)
-        logits = model(src, theta)
+        src, tgt = src.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+        logits = model(src, theta.to(device))
         loss = F.cross_entropy(logits, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,6 +116,7 @@ def train(
     return {
         "steps": step,
         "train_seconds": round(time.monotonic() - start, 1),
+        "steps_per_s": step / max(time.monotonic() - start, 1e-9),
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(losses[-k:])) if losses else None,
         "final_train_agreement": float(np.mean(accs[-k:])) if accs else None,
@@ -191,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: --steps only)")
     p.add_argument("--steps", type=int, default=0, help="max training steps (0: --minutes only)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="where TokenAdapt trains (and a network tokenizer encodes): "
+                   "cpu, cuda, cuda:N")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", type=int, default=128, help="feature channels C")
     p.add_argument("--heads", type=int, default=4)
@@ -212,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
+    if hasattr(tokenizer, "to"):  # a network tokenizer encodes the targets on the training device too
+        tokenizer.to(args.device)
     t0 = time.monotonic()
     images, ids = load_split(args.images, tokenizer, args.limit)
     print(f"loaded + tokenised {len(images)} training images at {tokenizer.resolution} px "
@@ -223,8 +230,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            margin=args.margin)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"TokenAdapt {model.cfg} ({n_params / 1e6:.2f} M trainable params)", flush=True)
+    model.to(args.device)
     stats = train(model, tokenizer, images, ids, steps=args.steps, minutes=args.minutes, batch=args.batch,
                   lr=args.lr, seed=args.seed)
+    model.cpu()
+    if hasattr(tokenizer, "to"):
+        tokenizer.to("cpu")
     save_tokenadapt(model, args.out)
     result: dict[str, Any] = {"config": model.cfg.to_dict(), "n_train_images": len(images), "batch": args.batch,
                               "lr": args.lr, "seed": args.seed, "init": args.init, "params": n_params, **stats}
