@@ -18,7 +18,8 @@ configs/finetune_seg_tiny.yaml (``pretrain.optim``). Reported per head:
   (whole-grid inference, ``evaluate_segmentation``'s scoring).
 
 With a handful of images (the ade20k_sample has 4) this measures how fast each head fits and what
-it costs, not how well it generalises.
+it costs, not how well it generalises. ``bench/seg_backbones.py`` uses the same loop (``fit``,
+``score``) to compare pre-trained backbones (MTM, M3I, ADDP) on held-out scenes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,48 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def fit(model, tokens: torch.Tensor, maps: torch.Tensor, steps: int, batch_size: int, lr: float,
+        seed: int, name: str) -> dict:
+    """Train the segment objective ``model`` in place: ``steps`` AdamW steps (warm-up + cosine, layer decay
+    0.65 as configs/finetune_seg_tiny.yaml) on batches of ``batch_size`` samples drawn with rng(``seed``);
+    returns the median step time (ms), the first and last losses (means of 10 steps) and every loss."""
+    optim = OptimConfig(lr=lr, betas=(0.9, 0.999), warmup_steps=max(1, steps // 10), layer_decay=0.65,
+                        grad_clip=0.0)
+    opt = make_optimizer(model, optim, lr)
+    sched = make_scheduler(opt, optim, lr, steps)
+    order = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, len(tokens), (batch_size,), generator=order) for _ in range(steps)]
+    losses, times = [], []
+    model.train()
+    for step, idx in enumerate(batches):
+        torch.manual_seed(seed * 100003 + step)
+        t0 = time.perf_counter()
+        loss, _ = model({"tokens": tokens[idx], "labelmap": maps[idx]})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        if (step + 1) % max(1, steps // 10) == 0:
+            print(f"{name} step {step + 1}/{steps} loss {losses[-1]:.3f} ({1000 * times[-1]:.0f} ms)",
+                  file=sys.stderr, flush=True)
+    model.eval()
+    return {"ms_per_step": 1000 * statistics.median(times[1:] or times), "first_loss": statistics.mean(losses[:10]),
+            "final_loss": statistics.mean(losses[-10:]), "losses": losses}
+
+
+@torch.no_grad()
+def score(model, tokens: torch.Tensor, maps: torch.Tensor, mode: str = "whole") -> ConfusionMatrix:
+    """The confusion matrix of ``model``'s predictions (``mode`` inference) against the label maps."""
+    model.eval()
+    cm = ConfusionMatrix(model.cfg.num_classes)
+    for i in range(0, len(tokens), 8):
+        target = ade20k_targets(maps[i:i + 8])
+        cm.update(model.predict(tokens[i:i + 8], target.shape[-2:], mode).argmax(1), target)
+    return cm
+
+
 def run_head(head: str, args: argparse.Namespace, tokens: torch.Tensor, maps: torch.Tensor, vocab: int) -> dict:
     grid = tokens.shape[-1]
     if args.init:
@@ -80,33 +123,8 @@ def run_head(head: str, args: argparse.Namespace, tokens: torch.Tensor, maps: to
     torch.manual_seed(args.seed)
     options = {"head": head, "channels": args.channels, "pup_stages": args.pup_stages, "init": args.init or ""}
     model = build_objective("segment", options, vit, DataSpec((grid, grid), vocab))
-    optim = OptimConfig(lr=args.lr, betas=(0.9, 0.999), warmup_steps=max(1, args.steps // 10), layer_decay=0.65,
-                        grad_clip=0.0)
-    opt = make_optimizer(model, optim, args.lr)
-    sched = make_scheduler(opt, optim, args.lr, args.steps)
-    order = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, len(tokens), (args.batch_size,), generator=order) for _ in range(args.steps)]
-    losses, times = [], []
-    model.train()
-    for step, idx in enumerate(batches):
-        torch.manual_seed(args.seed * 100003 + step)
-        t0 = time.perf_counter()
-        loss, _ = model({"tokens": tokens[idx], "labelmap": maps[idx]})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-        if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"{head} step {step + 1}/{args.steps} loss {losses[-1]:.3f} ({1000 * times[-1]:.0f} ms)",
-                  file=sys.stderr, flush=True)
-    model.eval()
-    cm = ConfusionMatrix(model.cfg.num_classes)
-    with torch.no_grad():
-        for i in range(0, len(tokens), 8):
-            target = ade20k_targets(maps[i:i + 8])
-            cm.update(model.predict(tokens[i:i + 8], target.shape[-2:]).argmax(1), target)
+    trained = fit(model, tokens, maps, args.steps, args.batch_size, args.lr, args.seed, head)
+    cm = score(model, tokens, maps)
     one = tokens[:1]
     total = flops(lambda: model.logits(one))
     encoder = flops(lambda: model.features(one))
@@ -114,8 +132,7 @@ def run_head(head: str, args: argparse.Namespace, tokens: torch.Tensor, maps: to
         "head_params": sum(p.numel() for p in model.head.parameters()),
         "encoder_params": model.encoder.num_params(),
         "gflops_per_sample": total / 1e9, "head_gflops_per_sample": (total - encoder) / 1e9,
-        "ms_per_step": 1000 * statistics.median(times[1:] or times),
-        "first_loss": statistics.mean(losses[:10]), "final_loss": statistics.mean(losses[-10:]),
+        **{k: v for k, v in trained.items() if k != "losses"},
         "fit_miou": cm.miou(), "fit_pixel_accuracy": cm.pixel_accuracy(),
         "logits_hw": list(model.logits(one).shape[-2:]),
     }

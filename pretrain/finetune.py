@@ -8,21 +8,29 @@
         --init out/mtm/checkpoints --data out/ade20k_tok/training --out out/seg
 
 ``--init`` takes a ``backbone.pt`` or a trainer checkpoints directory of any pre-training objective
-(MTM, M3I, ADDP); omit it to train from scratch. ``--linear-probe`` freezes the backbone (classify
-only). Everything else (schedule, layer-wise lr decay ``optim.layer_decay``, Token-CutMix in
-``augment``, ZeRO, precision, checkpoints, ``--resume``) is ``pretrain.train``'s; evaluate with
-``python -m pretrain.evaluate``. Tasks: ``classify`` (``pretrain.objectives.classify``) and
-``segment`` (ADE20K label maps, ``pretrain.objectives.segment``; its ``augment`` section may not
-hold geometric ops, which would move tokens but not label maps: the objective crops and flips both).
+(MTM, M3I, ADDP); omit it to train from scratch. A pixel-stem backbone (ADDP's) is fine-tuned on
+the stored ids decoded to pixels by the data's tokenizer: ``--init`` sets ``objective.decoder``
+(``data.tokenizer``, else ``tokenizer.pt`` in the dataset root) and ``objective.pixel_patch`` (the
+backbone's) unless given. ``--linear-probe`` freezes the backbone (classify only). Everything else
+(schedule, layer-wise lr decay ``optim.layer_decay``, Token-CutMix in ``augment``, ZeRO, precision,
+checkpoints, ``--resume``) is ``pretrain.train``'s; evaluate with ``python -m pretrain.evaluate``.
+Tasks: ``classify`` (``pretrain.objectives.classify``) and ``segment`` (ADE20K label maps,
+``pretrain.objectives.segment``; its ``augment`` section may not hold geometric ops, which would move
+tokens but not label maps: the objective crops and flips both).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import sys
+from pathlib import Path
 
 from pretrain import train
+from pretrain.objectives.parts import backbone_config
+from storage import io as sio
 
 __all__ = ["main"]
 
@@ -52,7 +60,30 @@ def parse_args(argv: list[str] | None = None):
         extra.append("objective.linear_probe=true")
     targs = train.parse_args(rest)
     targs.overrides = list(targs.overrides) + extra
+    targs.overrides += pixel_backbone_overrides(args.init, targs)
     return targs
+
+
+def pixel_backbone_overrides(init: str, targs: argparse.Namespace) -> list[str]:
+    """For an ``--init`` pixel-stem backbone (ADDP's): ``objective.decoder`` = the data's tokenizer
+    (``data.tokenizer``, else ``tokenizer.pt`` in the dataset root of ``data.train``) and
+    ``objective.pixel_patch`` = the backbone's patch, each unless the command line sets it; [] otherwise."""
+    backbone = backbone_config(init) if init and Path(init).exists() else {}
+    if backbone.get("stem") != "pixel":
+        return []
+    given = {o.split("=", 1)[0] for o in targs.overrides}
+    cfg = train.config_from_args(copy.copy(targs))
+    extra = []
+    if "objective.decoder" not in given and cfg.data.train:
+        split_dir = train.resolve_manifest(cfg.data.train).rsplit("/", 1)[0]
+        url = cfg.data.tokenizer or sio.join(sio.dirname(split_dir), "tokenizer.pt")
+        extra.append(f"objective.decoder={json.dumps(url)}")
+    if "objective.pixel_patch" not in given:
+        extra.append(f"objective.pixel_patch={backbone['patch_size']}")
+    if extra and os.environ.get("RANK", "0") == "0":
+        print(f"--init {init} is a pixel-stem backbone: fine-tuning on the ids decoded to pixels "
+              f"({' '.join(extra)})", flush=True)
+    return extra
 
 
 def main(argv: list[str] | None = None) -> int:

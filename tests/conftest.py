@@ -134,10 +134,11 @@ def token_data(tmp_path_factory) -> Path:
 # ~30 s together belongs in LONGEST_FIRST (tests/README.md). A session fixture (s3_server) is built once per
 # worker that needs it; token_data once per run (the workers share it, see there). (xdist's own --dist
 # loadgroup cannot group with pytest 9: it renames items through a node attribute pytest 9 no longer has.)
-LONGEST_FIRST = ("test_train", "test_elastic", "test_learning_bench", "test_gpu_suite", "test_train_objectives",
-                 "test_sources", "test_segment", "test_seit", "test_cli", "test_tokenise", "test_ray_job",
-                 "test_two_nodes", "test_finetune", "test_tokenizer_train", "test_tokenise_s3", "test_fail_fast",
-                 "test_augment", "test_extending", "test_vqgan", "test_guard_rails", "test_job_guards")
+LONGEST_FIRST = ("test_cli", "test_learning_bench", "test_train_objectives", "test_sources", "test_elastic",
+                 "test_ray_job", "test_train", "test_tokenise", "test_two_nodes", "test_fail_fast", "test_gpu_suite",
+                 "test_finetune", "test_segment", "test_augment", "test_seit", "test_seg_backbones",
+                 "test_guard_rails", "test_extending", "test_job_guards", "test_tokenizer_train", "test_tokenise_s3",
+                 "test_vqgan", "test_tokenadapt")
 PER_TEST = frozenset({"test_train", "test_elastic"})  # test_elastic's module fixture is 120 generated samples
 
 

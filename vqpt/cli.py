@@ -1,4 +1,4 @@
-"""The ``vqpt`` command: ``quickstart``, ``tokenise``, ``import-seit``, ``inspect URL``, ``verify URL``."""
+"""The ``vqpt`` command: ``quickstart``, ``tokenise``, ``import-seit``, ``inspect``, ``show``, ``verify``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 from storage.cli import run_cli
 from storage.codec import DEFAULT_CODEC, codec_names
@@ -19,6 +20,8 @@ EPILOG = """examples:
   vqpt import-seit --tokens seit/imagenet1k-train-token.data.bin.gz --labels seit/imagenet1k-train-label.txt \
       --codebook seit/codebook.ckpt --synonyms seit/synonyms.json --out s3://bucket/in1k-seit --split train
   vqpt inspect s3://bucket/in1k-tok/train      # what a dataset split holds
+  vqpt inspect runs/quickstart/store/imagenet/train --png hist.png   # + token-frequency / bytes histograms
+  vqpt show runs/quickstart/store/imagenet/train --source runs/quickstart/imagenet --out show.png
   vqpt verify runs/quickstart/store/imagenet/train   # re-read every shard: hashes and decoding
 
 S3: the endpoint comes from $VQPT_S3_ENDPOINT (or $AWS_ENDPOINT_URL), credentials from the
@@ -58,7 +61,26 @@ def _inspect(args: argparse.Namespace) -> int:
         "classes": len(meta.class_names),
         "labelmap": _summarise_labelmap(meta.labelmap),
     }
+    if args.png:
+        from vqpt.histograms import plot_statistics, split_statistics
+
+        stats = split_statistics(m, args.max_samples)
+        png = plot_statistics(stats, f"{m.url} ({meta.split})", args.png)
+        info["histograms"] = {**{k: v for k, v in stats.items() if k not in ("counts", "bytes")}, "png": str(png)}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from vqpt.show import ShowConfig, show
+
+    keys = tuple(k for arg in args.keys or () for k in arg.split(",") if k)
+    sidecar = show(ShowConfig(url=args.url, out=args.out or "", n=args.n, keys=keys, seed=args.seed,
+                              source=args.source, tokenizer=args.tokenizer, cols=args.cols))
+    psnr = sidecar.get("psnr_db_mean")
+    print(f"{sidecar['png']}: {len(sidecar['samples'])} samples of {sidecar['split']}"
+          + (f", PSNR {psnr:.2f} dB on average" if psnr is not None else "")
+          + f" (sidecar {Path(sidecar['png']).with_suffix('.json')})")
     return 0
 
 
@@ -145,7 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a dataset split's manifest summary as JSON: samples, shards, bytes, grid, "
                                    "K, codec, tokenizer fingerprint, classes, label maps.")
     i.add_argument("url", metavar="SPLIT", help=SPLIT_HELP)
+    i.add_argument("--png", metavar="OUT", help="also draw the token-frequency and per-image bytes histograms here")
+    i.add_argument("--max-samples", type=int, default=10_000, help="samples read for --png (default: 10000)")
     i.set_defaults(func=_inspect)
+    w = sub.add_parser("show", help="draw decoded samples of a split as a PNG grid (originals beside with --source)",
+                       description="Decode samples of a split through its tokenizer (tokenizer.pt in the dataset "
+                                   "root, fingerprint checked) and draw them as a PNG grid captioned with key and "
+                                   "class; ADE20K label maps are drawn over the images with a legend. --source puts "
+                                   "each original (read by key, as the tokenisation job read it) beside its "
+                                   "reconstruction with its PSNR. A JSON sidecar (<out>.json) lists what was drawn.")
+    w.add_argument("url", metavar="SPLIT", help=SPLIT_HELP)
+    w.add_argument("--n", type=int, default=8, help="samples, drawn at random (default: 8)")
+    w.add_argument("--keys", action="append", metavar="KEY[,KEY...]", help="these samples instead (repeatable)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the random draw (default: 0)")
+    w.add_argument("--out", help="PNG to write (default: show_<split>.png)")
+    w.add_argument("--source", metavar="DIR_OR_URL", help="the originals: what vqpt tokenise --src was given")
+    w.add_argument("--tokenizer", metavar="CKPT", help="tokenizer checkpoint (default: tokenizer.pt in the dataset "
+                   "root)")
+    w.add_argument("--cols", type=int, default=0, help="tiles per row (default: up to 4)")
+    w.set_defaults(func=_show)
     sub.add_parser("tokenise", help="the Ray tokenisation job (same flags as python -m pipeline.tokenise)",
                    add_help=False)
     s = sub.add_parser("import-seit", help="convert SeiT's released token files into shards + manifest",

@@ -11,7 +11,9 @@ Stages (each prints its progress):
 4. MTM pre-training of a ViT-Tiny on the streamed train shards, 2 DeepSpeed ranks;
 5. classification fine-tuning from that backbone, evaluated on val (top-1 / top-5);
 6. ADE20K segmentation fine-tuning from the same backbone, evaluated (mIoU, pixel accuracy);
-7. the report: storage, throughput, accuracy (``<out>/report.json``), and the next commands to try.
+7. the report: storage, throughput, accuracy (``<out>/report.json``), the pictures drawn after
+   tokenisation (``show_train.png``: 8 train samples beside their originals; ``show_ade20k.png``: ADE20K
+   label maps over the decoded scenes; ``vqpt show``), and the next commands to try.
 
 Nothing is left running: the Ray cluster, the S3 server and the DeepSpeed ranks all stop. The
 tokens outlive the local S3 server: its bucket is saved to ``<out>/store`` (the layout of
@@ -168,6 +170,7 @@ def run(cfg: QuickstartConfig) -> dict:
                 tok[split] = _tokenise(ray_cluster, env, "ade20k", ade20k, split, ade, cfg, tokenizer)
         print("    Ray cluster stopped")
         data = {split: f"{inet if split in ('train', 'val') else ade}/{split}" for split in tok}
+        pictures = draw_pictures(data, imagenet, out)
         common = [f"model.depth={cfg.depth}", "run.log_every=5"]
         stage(f"MTM pre-training, {cfg.ranks} DeepSpeed ranks, {cfg.pretrain_steps} steps, shards streamed "
               f"from {inet}/train")
@@ -200,10 +203,23 @@ def run(cfg: QuickstartConfig) -> dict:
     stage("report")
     report = _report(cfg, listings, tok, manifests, pre, cls, cls_eval, seg, seg_eval, store_url,
                      time.perf_counter() - started)
+    report["pictures"] = pictures
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report, out / "report.json")
     print(next_commands(out, saved, cfg))
     return report
+
+
+def draw_pictures(data: dict[str, str], imagenet: str, out: Path) -> dict[str, str]:
+    """``vqpt show`` on the fresh tokens: 8 train samples beside their originals (``show_train.png``) and 8
+    ADE20K scenes with their label maps drawn over them (``show_ade20k.png``); JSON sidecars beside them."""
+    from vqpt.show import ShowConfig, show
+
+    train = show(ShowConfig(url=data["train"], n=8, source=imagenet, out=str(out / "show_train.png")))
+    scenes = show(ShowConfig(url=data["training"], n=8, out=str(out / "show_ade20k.png")))
+    print(f"    drew {train['png']} (8 samples beside their originals, PSNR {train['psnr_db_mean']:.1f} dB on "
+          f"average) and {scenes['png']} (label maps over the decoded scenes)")
+    return {"train": train["png"], "ade20k": scenes["png"], "train_psnr_db": train["psnr_db_mean"]}
 
 
 def save_store(store_url: str, local: Path) -> Path:
@@ -223,7 +239,8 @@ def next_commands(out: Path, store: Path, cfg: QuickstartConfig) -> str:
     train, runs = f"{store}/imagenet/train", out / "runs"
     return "\n".join([
         f"\n  next (the tokens are saved in {store}):",
-        f"    {bin_dir / 'vqpt'} inspect {train}",
+        f"    {bin_dir / 'vqpt'} inspect {train} --png {out}/inspect_train.png",
+        f"    {bin_dir / 'vqpt'} show {store}/ade20k/validation --out {out}/show_ade20k_val.png",
         f"    {bin_dir / 'vqpt'} verify {store}/ade20k/training",
         f"    {bin_dir / 'python'} -c \"from storage.stream import TokenStream; "
         f"print(next(iter(TokenStream('{train}', 4)))['tokens'].shape)\"",
@@ -277,4 +294,6 @@ def _print_report(r: dict, path: Path) -> None:
           f"({c['val_images']} images)")
     print(f"  segmentation        {g['steps']} steps, mIoU {100 * g['miou']:.1f}%, pixel accuracy "
           f"{100 * g['pixel_accuracy']:.1f}% ({g['val_images']} images)")
+    print(f"  pictures            {r['pictures']['train']} (tokens beside originals), {r['pictures']['ade20k']} "
+          "(label maps)")
     print(f"  report              {path}   ({r['wall_s']:.0f} s in all)")

@@ -29,7 +29,8 @@ from torch import nn
 from pretrain.objectives.options import make_config
 from pretrain.vit import VisionTransformer
 
-__all__ = ["DataSpec", "DataNeeds", "Asset", "Objective", "make_config", "ASSET_KINDS", "IDENTITY_KEYS"]
+__all__ = ["DataSpec", "DataNeeds", "Asset", "fine_tune_assets", "Objective", "make_config", "ASSET_KINDS",
+           "IDENTITY_KEYS"]
 
 # What a token identity is made of (``pretrain.provenance``), and which part each kind of asset must share.
 IDENTITY_KEYS = ("tokenizer_fingerprint", "grid", "vocab_size")
@@ -89,6 +90,14 @@ class Asset:
         unknown = sorted(set(self.shares) - set(IDENTITY_KEYS))
         if unknown:
             raise ValueError(f"Asset {self.field}: shares {unknown} are not token-identity keys {IDENTITY_KEYS}")
+
+
+def fine_tune_assets(init: str, decoder: str) -> tuple[Asset, ...]:
+    """A fine-tuning objective's assets, those set: ``init`` (the starting backbone, a checkpoint of the data's
+    tokens whose weights end up in the objective's own checkpoints) and ``decoder`` (the data's tokenizer, whose
+    frozen decoder turns ids into a pixel-stem encoder's input)."""
+    return tuple(a for a in (Asset("init", init, "checkpoint", "the --init backbone", rebuild=False),
+                             Asset("decoder", decoder, "tokenizer", "the decoder tokenizer")) if a.url)
 
 
 class Objective(nn.Module):

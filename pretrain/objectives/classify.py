@@ -20,8 +20,8 @@ decoder             ADDP     a pixel-stem backbone fine-tuned on pixels decoded 
 
 Inputs: token ids (token stem, the default), ``pixels`` from an image folder (``data.input: pixels``,
 ``model.stem: pixel``), or with ``decoder`` the tokens decoded to pixels by the frozen tokenizer
-decoder (``parts.load_frozen_decoder``: the data's tokenizer, fingerprint checked) for a pixel-stem
-encoder of ``pixel_patch``.
+decoder (``pixel_decoders.pixel_decoder_for`` / ``decoded_input``: the data's tokenizer, fingerprint checked;
+the same path as ``segment``'s) for a pixel-stem encoder of ``pixel_patch``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective
-from pretrain.objectives.parts import init_backbone, load_frozen_decoder, normalize_input
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective, fine_tune_assets
+from pretrain.objectives.parts import decoded_input, init_backbone, pixel_decoder_for
 from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig
 
@@ -77,10 +77,7 @@ class Classify(Objective):
         self.cfg = cfg
         self.vq = None
         if cfg.decoder:  # e.g. an ADDP backbone: tokens are stored, the encoder sees their decoded pixels
-            self.vq = load_frozen_decoder(cfg.decoder, data.tokenizer_fingerprint)
-            if self.vq.grid != tuple(data.grid):
-                raise ValueError(f"objective.decoder {cfg.decoder}: grid {self.vq.grid} is not the data's {data.grid}")
-            vit = dataclasses.replace(vit, stem="pixel", grid=self.vq.resolution, patch_size=cfg.pixel_patch)
+            self.vq, vit = pixel_decoder_for(cfg.decoder, vit, data, cfg.pixel_patch, "objective")
         self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=data.num_classes,
                                                              global_pool=cfg.global_pool))
         init_backbone(self.encoder, cfg.init)
@@ -92,10 +89,8 @@ class Classify(Objective):
 
     @classmethod
     def assets(cls, cfg: ClassifyConfig) -> tuple[Asset, ...]:
-        """``init`` (a backbone of the data's tokens; its weights end up in this objective's checkpoints) and
-        ``decoder`` (the data's tokenizer)."""
-        return tuple(a for a in (Asset("init", cfg.init, "checkpoint", "the --init backbone", rebuild=False),
-                                 Asset("decoder", cfg.decoder, "tokenizer", "the decoder tokenizer")) if a.url)
+        """``init`` and ``decoder`` (``base.fine_tune_assets``)."""
+        return fine_tune_assets(cfg.init, cfg.decoder)
 
     def train(self, mode: bool = True) -> Classify:
         super().train(mode)
@@ -106,9 +101,7 @@ class Classify(Objective):
     def inputs(self, batch: dict) -> torch.Tensor:
         """The encoder's input: decoded ``tokens`` (with ``decoder``), ``pixels`` (pixel stem), else ``tokens``."""
         if self.vq is not None:
-            with torch.no_grad():
-                images = self.vq(self.vq.embed(batch["tokens"]))
-            return normalize_input(images).to(self.encoder.pos_embed.dtype)
+            return decoded_input(self.vq, batch["tokens"], self.encoder.pos_embed.dtype)
         if self.encoder.cfg.stem == "pixel":
             if "pixels" not in batch:
                 raise ValueError("a pixel-stem classifier needs batch['pixels'] (data.input: pixels) or "

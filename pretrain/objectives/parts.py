@@ -16,6 +16,7 @@ with ``xavier_linears`` in a fixed order.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ from pretrain.objectives.base import Objective
 from pretrain.objectives.pixel_decoders import (  # noqa: F401  (re-exported: parts objectives compose)
     FrozenVQDecoder,
     KMeansPatchDecoder,
+    decoded_input,
     frozen_decoder,
     load_frozen_decoder,
     normalize_input,
+    pixel_decoder_for,
 )
 from pretrain.token_loss import TokenLoss, masked_sub_token_loss
 from pretrain.vit import Block, VisionTransformer, ViTConfig, sincos_pos_embed_2d
@@ -42,7 +45,8 @@ __all__ = ["MaskedTokenConfig", "sample_mask_ratio", "random_masks", "patch_mean
            "masked_encoder_pass", "encode_with_masked", "decoder_slots", "decoder_blocks", "xavier_linears",
            "SubTokenHead", "TOKEN_HEAD_LEGACY_NAMES", "masked_token_ce", "MaskedTokenObjective", "frozen_copy",
            "set_dropout", "EMATeacher", "ema_momentum_at", "FrozenVQDecoder", "KMeansPatchDecoder",
-           "frozen_decoder", "load_frozen_decoder", "normalize_input", "load_pretrained", "init_backbone"]
+           "frozen_decoder", "load_frozen_decoder", "normalize_input", "pixel_decoder_for", "decoded_input",
+           "backbone_config", "load_pretrained", "init_backbone"]
 
 
 # -- the masked-token settings --------------------------------------------------------------------
@@ -445,21 +449,37 @@ def ema_momentum_at(step: int, base: float, total: int) -> float:
 # -- pre-trained backbones ------------------------------------------------------------------------
 
 
-def _pretrained_state(init: str) -> dict[str, torch.Tensor]:
-    """Encoder weights from a backbone file or a trainer checkpoints directory (weights_only loading)."""
+def _pretrained(init: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Encoder weights and ViTConfig dict from a backbone file or a trainer checkpoints directory
+    (weights_only loading; a trainer checkpoint's ``encoder_config``, so ADDP's encoder reads as pixel-stem)."""
     path = Path(init)
     if path.is_file():
-        return load_backbone(path).state_dict()
+        model = load_backbone(path)
+        return model.state_dict(), dataclasses.asdict(model.cfg)
     if path.is_dir():
-        return read_deepspeed(path)[0]
+        return read_deepspeed(path)
     raise FileNotFoundError(f"objective.init: {init} is neither a backbone file nor a checkpoints directory")
+
+
+def backbone_config(init: str) -> dict:
+    """The ViTConfig (as a dict: ``stem``, ``patch_size``, ``grid``, ...) of the pre-trained backbone ``init``."""
+    return {"stem": "token", **_pretrained(init)[1]}
 
 
 def load_pretrained(encoder: VisionTransformer, init: str) -> dict[str, list[str]]:
     """Copy matching tensors of a pre-trained backbone into ``encoder``; returns loaded/skipped/fresh names.
 
-    ``head.*`` and tensors whose shape differs are skipped; what ``encoder`` has and was not loaded is fresh."""
-    state = _pretrained_state(init)
+    ``head.*`` and tensors whose shape differs are skipped; what ``encoder`` has and was not loaded is fresh.
+    A backbone of another stem (ADDP's pixel stem into a token-stem model, or the reverse) is refused: only
+    its blocks would load, silently."""
+    state, cfg = _pretrained(init)
+    stem = cfg.get("stem", "token")
+    if stem != encoder.cfg.stem:
+        fix = ("fine-tune it on pixels decoded from the tokens: objective.decoder=TOKENIZER (the data's tokenizer.pt) "
+               f"objective.pixel_patch={cfg.get('patch_size')} (pretrain.finetune sets both for --init)"
+               if stem == "pixel" else "leave objective.decoder out (a token-stem backbone reads the ids)")
+        raise ValueError(f"objective.init: {init} is a {stem}-stem backbone but the model is {encoder.cfg.stem}-stem; "
+                         f"{fix}")
     own = encoder.state_dict()
     loaded, skipped = [], []
     for k, v in state.items():

@@ -4,6 +4,8 @@ ADDP decodes partly predicted tokens to pixels for its pixel-stem encoder, and c
 ``decoder`` fine-tunes such an encoder on stored tokens decoded on the fly. ``frozen_decoder`` picks the
 decoder of a tokenizer (``FrozenVQDecoder``: a VQGAN's ``post_quant_conv`` + decoder; ``KMeansPatchDecoder``:
 k-means centroids painted as patches); ``normalize_input`` turns decoded images into the encoder's input.
+``pixel_decoder_for`` loads the data's decoder with the ViTConfig of a pixel-stem encoder reading its output,
+and ``decoded_input`` is that encoder's input from ids: the one decoding path of ``classify`` and ``segment``.
 Every decoder is a copy, frozen (``requires_grad=False``, eval mode), with the same interface: ``embed(ids)``,
 ``soft(probs)``, ``forward(z)``, ``codebook``, ``resolution``, ``grid``.
 """
@@ -11,12 +13,16 @@ Every decoder is a copy, frozen (``requires_grad=False``, eval mode), with the s
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenVQDecoder", "KMeansPatchDecoder", "frozen_decoder", "load_frozen_decoder", "normalize_input"]
+from pretrain.vit import ViTConfig
+
+__all__ = ["FrozenVQDecoder", "KMeansPatchDecoder", "frozen_decoder", "load_frozen_decoder", "normalize_input",
+           "pixel_decoder_for", "decoded_input"]
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (the encoders' pixel input)
 _STD = (0.229, 0.224, 0.225)
@@ -101,3 +107,24 @@ def normalize_input(images: torch.Tensor) -> torch.Tensor:
     """Decoded images float (B, 3, R, R) about [-1, 1] -> the encoder's input: [0, 1], clamped, ImageNet mean/std."""
     x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return (x - x.new_tensor(_MEAN).view(1, 3, 1, 1)) / x.new_tensor(_STD).view(1, 3, 1, 1)
+
+
+def pixel_decoder_for(url: str, vit: ViTConfig, data, pixel_patch: int, who: str) -> tuple[nn.Module, ViTConfig]:
+    """A pixel-stem backbone on tokens: the frozen decoder of the tokenizer at ``url`` (``load_frozen_decoder``,
+    refused unless its fingerprint is ``data.tokenizer_fingerprint``) and the ViTConfig that reads its output:
+    ``vit`` with stem pixel, grid = the tokenizer's resolution, patch ``pixel_patch`` px. ``who`` names the
+    config section in errors (a decoder whose grid is not the data's ``data.grid``)."""
+    vq = load_frozen_decoder(url, data.tokenizer_fingerprint)
+    if vq.grid != tuple(data.grid):
+        raise ValueError(f"{who}.decoder {url}: grid {vq.grid} is not the data's {tuple(data.grid)}")
+    if vq.resolution % pixel_patch:
+        raise ValueError(f"{who}.pixel_patch {pixel_patch} does not divide the decoded images' {vq.resolution} px")
+    return vq, dataclasses.replace(vit, stem="pixel", grid=vq.resolution, patch_size=pixel_patch, in_chans=3)
+
+
+@torch.no_grad()
+def decoded_input(vq: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ids int64 (B, h, w) -> a pixel-stem encoder's input float (B, 3, h f, w f) in ``dtype``: the codes decoded
+    by the frozen ``vq`` (f px per token), then ``normalize_input``. No gradient reaches ``vq``. ADDP's
+    backbone is fine-tuned on exactly this, for classification and segmentation alike."""
+    return normalize_input(vq(vq.embed(ids))).to(dtype)

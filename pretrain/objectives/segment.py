@@ -1,9 +1,14 @@
 """Semantic segmentation (ADE20K, 150 classes) on token grids: the fine-tuning objective and its evaluation.
 
-A token-stem ViT (``self.encoder``, loaded from any pre-trained backbone by ``init`` exactly as in
-``classify``) plus a decoder head. ``forward`` bilinearly upsamples the head's logits to the label
-map (``batch["labelmap"]`` uint8 (B, L, L), 0 = other, 1..150) and takes cross-entropy over the
-labelled pixels (targets ``metrics.ade20k_targets``: 0..149, 255 = ignore). Two heads:
+A ViT (``self.encoder``, loaded from any pre-trained backbone by ``init`` exactly as in ``classify``) plus
+a decoder head. The encoder reads the token ids (token stem: MTM's and M3I's backbones), or, with
+``decoder`` (a tokenizer checkpoint: the data's, fingerprint checked), the pixels that tokenizer's frozen
+decoder makes of the ids (pixel stem of ``pixel_patch`` px: ADDP's backbone, as in ADDP's ADE20K
+fine-tuning; the same decoding as ``classify``'s, ``pixel_decoders.decoded_input``). Crops, flips, windows and
+grids stay in token units either way: the ids are cropped, then decoded. ``forward`` bilinearly
+upsamples the head's logits to the label map (``batch["labelmap"]`` uint8 (B, L, L), 0 = other,
+1..150) and takes cross-entropy over the labelled pixels (targets ``metrics.ade20k_targets``: 0..149,
+255 = ignore). Two heads:
 
 - ``pup`` (SETR-PUP, the default): ``pup_stages`` x (3x3 conv-norm-ReLU + 2x bilinear upsampling)
   on the last block. Logits at 2 ** pup_stages x the patch grid.
@@ -39,6 +44,9 @@ dropout 0.1           mmseg       Dropout2d before the 1x1 classifier (init norm
 loss                  mmseg       CE on logits upsampled to the label map, ignore 255; mean over
                                   labelled pixels (PyTorch's; mmseg averages over all by default)
 label_smoothing 0     mmseg
+decoder ""            ADDP        a tokenizer checkpoint: pixel-stem backbone on decoded ids (ADDP's
+                                  UperNet fine-tuning reads pixels); ``pretrain.finetune --init`` of a
+                                  pixel-stem backbone sets it to the data's tokenizer.pt
 crop_side 0.5-1.0     mmseg/ours  mmseg: resize ratio 0.5-2.0 then crop; only the zoom-in half
                                   (there is no padding token for zoom-out)
 hflip_p 0.5           mmseg       RandomFlip
@@ -59,8 +67,8 @@ from torch import nn
 
 from pretrain.augment_geometry import crop_ids
 from pretrain.metrics import IGNORE_INDEX, ConfusionMatrix, ade20k_targets
-from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective
-from pretrain.objectives.parts import init_backbone
+from pretrain.objectives.base import Asset, DataNeeds, DataSpec, Objective, fine_tune_assets
+from pretrain.objectives.parts import decoded_input, init_backbone, pixel_decoder_for
 from pretrain.objectives.registry import register_objective
 from pretrain.vit import VisionTransformer, ViTConfig, interpolate_pos_embed
 
@@ -83,6 +91,8 @@ class SegmentConfig:
     label_smoothing: float = 0.0
     crop_side: tuple[float, float] = (0.5, 1.0)  # side of the random square crop, fraction of the grid
     hflip_p: float = 0.5
+    decoder: str = ""  # tokenizer checkpoint: a pixel-stem encoder on the ids decoded to pixels (ADDP's backbone)
+    pixel_patch: int = 16  # px per patch side of that pixel-stem encoder
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -91,7 +101,7 @@ class SegmentConfig:
 
         need(self.head in HEADS, "head", f"must be one of {HEADS}")
         need(self.norm in ("gn", "bn"), "norm", "must be 'gn' or 'bn'")
-        for name in ("channels", "pup_stages", "num_classes"):
+        for name in ("channels", "pup_stages", "num_classes", "pixel_patch"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
@@ -174,6 +184,7 @@ class Segment(Objective):
     (B, L, L) stored ADE20K labels. ``acc``: pixel accuracy over labelled pixels; ``miou_batch``: mean
     IoU over the classes present in the batch's targets or predictions (a training signal only; the
     split's mIoU is ``evaluate_segmentation``'s). Both are 0-dim float tensors, 0 when no pixel is labelled.
+    ``vq``: the frozen pixel decoder with ``decoder`` (kept in eval mode, saved with the objective), else None.
     """
 
     name = "segment"
@@ -183,8 +194,13 @@ class Segment(Objective):
     def __init__(self, cfg: SegmentConfig, vit: ViTConfig, data: DataSpec):
         super().__init__()
         if vit.stem != "token":
-            raise ValueError(f"objective segment needs model.stem 'token', got {vit.stem!r}")
+            raise ValueError(f"objective segment needs model.stem 'token' (a pixel-stem backbone reads decoded ids: "
+                             f"set objective.decoder), got {vit.stem!r}")
         self.cfg = cfg
+        self.token_grid = int(data.grid[0])  # slide windows and crops are in token units
+        self.vq = None
+        if cfg.decoder:
+            self.vq, vit = pixel_decoder_for(cfg.decoder, vit, data, cfg.pixel_patch, "objective")
         self.encoder = VisionTransformer(dataclasses.replace(vit, num_classes=0))
         depth = vit.depth
         idx = cfg.out_indices or tuple(max(0, (i + 1) * depth // 4 - 1) for i in range(4))
@@ -203,31 +219,56 @@ class Segment(Objective):
 
     @classmethod
     def assets(cls, cfg: SegmentConfig) -> tuple[Asset, ...]:
-        """``init``: a backbone of the data's tokens, whose weights end up in this objective's checkpoints."""
-        return (Asset("init", cfg.init, "checkpoint", "the --init backbone", rebuild=False),) if cfg.init else ()
+        """``init`` and ``decoder`` (``base.fine_tune_assets``)."""
+        return fine_tune_assets(cfg.init, cfg.decoder)
+
+    def train(self, mode: bool = True) -> Segment:
+        super().train(mode)
+        if self.vq is not None:
+            self.vq.eval()
+        return self
 
     # -- the network ------------------------------------------------------------------------------
 
+    @property
+    def token_multiple(self) -> int:
+        """Token grids must have sides that are multiples of this: the patch in tokens (token stem), or the
+        fewest tokens whose decoded pixels tile whole patches (pixel stem)."""
+        p = self.encoder.cfg.patch_size
+        if self.vq is None:
+            return p
+        f = self.vq.resolution // self.vq.grid[0]  # px per token
+        return p // math.gcd(p, f)
+
+    def stem_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ids int64 (B, h, w) -> what the encoder's patch embedding reads: the token embedding float
+        (B, token_dim, h, w), or with ``decoder`` the decoded, normalised pixels float (B, 3, h f, w f)."""
+        if self.vq is not None:
+            return decoded_input(self.vq, tokens, self.encoder.pos_embed.dtype)
+        return self.encoder.token_embed(tokens)
+
     def features(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """ids int64 (B, h, w) (h, w multiples of patch_size) -> float (B, D, h/p, w/p) per ``out_indices``.
+        """ids int64 (B, h, w) (h, w multiples of ``token_multiple``) -> float (B, D, gh, gw) per ``out_indices``
+        (gh = h / patch for the token stem, h f / pixel_patch for the pixel stem).
 
         A grid other than the training grid gets bicubically resized position embeddings
         (``vit.interpolate_pos_embed``; square grids only). The last block's output goes through the
         encoder's final LayerNorm (``norm``, or ``fc_norm`` with avg pooling); earlier ones are raw.
         """
         enc = self.encoder
-        p, prefix = enc.cfg.patch_size, enc.cfg.num_prefix_tokens
-        if tokens.is_floating_point() or tokens.ndim != 3 or tokens.shape[1] % p or tokens.shape[2] % p:
-            raise ValueError(f"tokens must be int ids (B, h, w) with h, w multiples of {p}, got "
+        m, prefix = self.token_multiple, enc.cfg.num_prefix_tokens
+        if tokens.is_floating_point() or tokens.ndim != 3 or tokens.shape[1] % m or tokens.shape[2] % m:
+            raise ValueError(f"tokens must be int ids (B, h, w) with h, w multiples of {m}, got "
                              f"{tokens.dtype} {tuple(tokens.shape)}")
-        gh, gw = tokens.shape[1] // p, tokens.shape[2] // p
+        stem = self.stem_input(tokens)
+        gh, gw = stem.shape[-2] // enc.cfg.patch_size, stem.shape[-1] // enc.cfg.patch_size
         pos = enc.pos_embed
         if (gh, gw) != (enc.cfg.grid_size,) * 2:
             if gh != gw:
                 raise ValueError(f"a {tokens.shape[1]}x{tokens.shape[2]} token grid needs resized position "
                                  f"embeddings, which exist for square grids only; use mode='slide'")
             pos = interpolate_pos_embed(pos, gh, prefix)
-        x = enc.patch_embed(enc.token_embed(tokens)) + pos[:, prefix:]
+        x = enc.patch_embed(stem) + pos[:, prefix:]
         if enc.cls_token is not None:
             x = torch.cat([(enc.cls_token + pos[:, :prefix]).expand(x.shape[0], -1, -1), x], 1)
         x = enc.pos_drop(x)
@@ -313,7 +354,7 @@ class Segment(Objective):
         if mode != "slide":
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
         b, h, w = tokens.shape
-        win = window or self.encoder.cfg.grid
+        win = window or self.token_grid
         step = stride or max(1, win * 2 // 3)
         if win > h or win > w or step < 1:
             raise ValueError(f"slide: window {win} (stride {step}) must fit the {h}x{w} token grid; use mode='whole'")
