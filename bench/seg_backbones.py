@@ -41,7 +41,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
 from bench.common import write_json  # noqa: E402
-from bench.learning import train  # noqa: E402
+from bench.learning_arms import launch  # noqa: E402
 from bench.seg_heads import fit, load_samples, score  # noqa: E402
 from pretrain.export import load_backbone  # noqa: E402
 from pretrain.objectives import DataSpec, build_objective  # noqa: E402
@@ -78,8 +78,8 @@ def pretrain(args: argparse.Namespace, work: Path, data: Path, tokenizer: Path) 
                       f"objective.pixel_patch={16 * args.resolution // 128}"]}
     out = {}
     for name in ("mtm", "m3i", "addp"):  # ADDP's predictor is the MTM run
-        seconds = train("pretrain.train", ["--config", str(_ROOT / "configs" / CONFIGS[name]), "--data", str(data),
-                                           *common, *extra[name]], work / name, 2)
+        seconds = launch("pretrain.train", ["--config", str(_ROOT / "configs" / CONFIGS[name]), "--data", str(data),
+                                            *common, *extra[name]], work / name, 2)
         print(f"pre-trained {name} in {seconds:.0f} s", flush=True)
         out[name] = work / name / "backbone.pt"
     return out
