@@ -1,11 +1,9 @@
 """The pieces objectives are made of, so that an objective is a short composition of named stages.
 
-Small parts first (masking draws, the masked encoder pass, decoder blocks, the tied sub-token head),
-then the masked-token stack MTM and M3I are built on (``MaskedTokenObjective``: encoder, mask vector,
-decoder, tied head and their stages), then frozen parts (``frozen_copy``, the ``EMATeacher``; the pixel
-decoders of a tokenizer are in ``pixel_decoders``, re-exported here) and loading a pre-trained backbone.
-Two views of an image and patch-box CutMix are in ``pretrain.objectives.views``. Every part is a plain
-function or a small ``nn.Module``; none knows which objective uses it.
+Small parts (masking draws, the masked encoder pass, decoder blocks, the tied sub-token head), the stack MTM
+and M3I share (``MaskedTokenObjective``: encoder, mask vector, decoder, tied head), frozen parts (``frozen_copy``,
+``EMATeacher``; a tokenizer's pixel decoders: ``pixel_decoders``, re-exported) and loading a backbone. Views and
+CutMix: ``pretrain.objectives.views``. Each part is a plain function or a small ``nn.Module`` of no objective.
 
 Randomness: every draw comes from torch's global generator (or the ``generator`` passed), which the
 trainer reseeds from (seed, rank, step) before each step. Construction order matters for identical
