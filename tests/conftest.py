@@ -25,6 +25,10 @@ pytest.register_assert_rewrite("tests.deploy_support")  # plain asserts there re
 # machine, holding a lock every other launch waits on) whenever another venv had used it last. One
 # cache per venv: scripts/setup.sh builds the op there once; the ranks tests launch inherit this.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# Ray starts its workers at nice 15 (RAY_worker_niceness), so beside any busy process (the other xdist worker's
+# ranks, someone else's job) a test's tokeniser actors got a few percent of a core and crawled. The Ray
+# instances the tests start (in-process and in the jobs they launch, which inherit this) use nice 0.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 SHARED_DATA = Path(os.environ.get("VQPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
