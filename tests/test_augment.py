@@ -434,39 +434,22 @@ def test_adapters_run_in_the_step_and_are_checked_before_any_rank_starts(adapted
 
 @pytest.mark.slow
 def test_two_rank_mtm_with_both_adapters_resumes_to_the_straight_losses(adapted, tmp_path):
-    """TokenAdapt + ColorAdapt in the training step (keyed by the batch) keep the resume exact."""
-    import json
-    import os
-    import subprocess
-
-    from pretrain.launch import deepspeed_command, shm_buffers
-    from vqpt.local_s3 import free_port
+    """TokenAdapt + ColorAdapt in the training step (keyed by the batch) keep the resume exact, with two
+    DataLoader workers per rank (the trainer's resume test: ZeRO 2 and other world sizes in test_elastic)."""
+    from tests.test_train import _traces, launch
 
     root = adapted["root"]
     common = [f"augment.tokenadapt={root / 'ta.pt'}", "augment.tokenadapt_p=0.5", "augment.affine_p=0.5",
               f"augment.coloradapt={root / 'ca.pt'}", "augment.color_adapt_p=0.5", "augment.interpolation=nearest",
               "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=2",
               "objective.decoder_dim=32", "objective.decoder_heads=2", "objective.decoder_depth=1",
-              "data.batch_size=8", "data.num_workers=1", "run.log_every=1", "run.progress=false", "run.steps=6",
-              "optim.lr=2e-3", "optim.warmup_steps=2"]
-
-    def launch(out, *extra, resume=False):
-        port = free_port()
-        cmd = deepspeed_command("pretrain.train", ["--config", str(ROOT / "configs" / "mtm_vit_tiny.yaml"), "--data",
-                                                   str(root / "train"), "--out", str(out), *common, *extra],
-                                2, port, cpu=True) + (["--resume"] if resume else [])
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)},
-                                  capture_output=True, text=True, timeout=600)
-        finally:
-            for f in shm_buffers(port):
-                f.unlink(missing_ok=True)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-    straight = launch(tmp_path / "straight")
-    launch(tmp_path / "staged", "run.stop_at=3")
-    staged = launch(tmp_path / "staged", resume=True)
+              "data.batch_size=8", "data.num_workers=2", "run.log_every=1", "run.progress=false", "run.steps=6",
+              "optim.lr=2e-3", "optim.warmup_steps=2", "run.trace_samples=true"]
+    straight = launch(root / "train", tmp_path / "straight", *common, small=False)
+    launch(root / "train", tmp_path / "staged", *common, "run.stop_at=3", small=False)
+    staged = launch(root / "train", tmp_path / "staged", *common, resume=True, small=False)
     assert [r["step"] for r in staged] == [r["step"] for r in straight] == list(range(1, 7))
+    for rank in (0, 1):  # the same samples in the same steps
+        assert _traces(tmp_path / "straight", rank) == _traces(tmp_path / "staged", rank)
     for a, b in zip(straight, staged):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]

@@ -1,5 +1,6 @@
 """The DeepSpeed trainer end to end: 2 CPU ranks under the real `deepspeed` launcher on real images
-tokenised by pipeline/: the loss falls, checkpoints are written, ZeRO 0/1/2, exact resume, clean exit."""
+tokenised by pipeline/: the loss falls, checkpoints are written, ZeRO 0/1/2, clean exit (exact resume:
+test_augment with two DataLoader workers, test_elastic at ZeRO 0 and 2 and other world sizes)."""
 
 from __future__ import annotations
 
@@ -73,26 +74,6 @@ def test_two_rank_mtm_loss_falls_and_checkpoints(token_data, tmp_path):
     # The two ranks read disjoint samples at every step.
     for (s0, i0), (s1, i1) in zip(_traces(out, 0), _traces(out, 1)):
         assert s0 == s1 and not set(i0) & set(i1)
-
-
-@pytest.mark.parametrize("stage", [0])  # ZeRO 2 (same and other world sizes): tests/test_elastic.py
-def test_resume_repeats_the_straight_run(token_data, tmp_path, stage):
-    common = ["run.steps=12", f"engine.zero_stage={stage}", "data.num_workers=2"]
-    straight = launch(token_data, tmp_path / "straight", *common)
-    first = launch(token_data, tmp_path / "staged", *common, "run.stop_at=6")
-    assert [r["step"] for r in first] == list(range(1, 7))
-    resumed = launch(token_data, tmp_path / "staged", *common, resume=True)
-    staged = resumed  # log.jsonl is appended to: steps 1-6 then 7-12
-    assert [r["step"] for r in staged] == list(range(1, 13))
-    for a, b in zip(straight, staged):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
-        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
-    for rank in (0, 1):
-        assert _traces(tmp_path / "straight", rank) == _traces(tmp_path / "staged", rank)
-    w_straight, w_staged = _backbone(tmp_path / "straight"), _backbone(tmp_path / "staged")
-    assert w_straight.keys() == w_staged.keys()
-    for k in w_straight:
-        torch.testing.assert_close(w_staged[k], w_straight[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_zero_stage_1_and_bf16_train(token_data, tmp_path):
