@@ -61,3 +61,17 @@ def test_two_local_clusters_at_once_each_run_a_job_and_leave_nothing():
     for i, (logs, temp_dir) in enumerate(results):
         assert f"job {i} ran" in logs
         assert not _pids_mentioning(str(temp_dir)) and not temp_dir.exists()
+
+
+def test_a_cluster_gets_distinct_ports_each_bindable():
+    """A cluster's ports come from one free_ports call: distinct (two components on one port made `ray start`
+    exit 1 under load, the kernel having handed the same ephemeral port to two free_port calls)."""
+    import socket
+
+    from storage.net import free_ports
+
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

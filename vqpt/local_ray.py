@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from storage.cli import UserError
-from storage.net import free_port
+from storage.net import free_ports
 
 __all__ = ["LocalRayCluster", "submit_job", "submit_with_retries"]
 
@@ -73,10 +73,10 @@ class LocalRayCluster:
             raise
 
     def _start(self) -> LocalRayCluster:
-        port, dashboard = free_port(), free_port()
+        port, dashboard, *fixed = free_ports(2 + len(_FIXED_PORT_OPTIONS))  # distinct: one reused port kills it
         # Every port Ray would otherwise take at a fixed default (job agent 52365, client server 10001, ...)
         # is a fresh one: a second cluster on the machine (another quickstart) must not collide with ours.
-        ports = [f"--{name}={free_port()}" for name in _FIXED_PORT_OPTIONS]
+        ports = [f"--{name}={p}" for name, p in zip(_FIXED_PORT_OPTIONS, fixed)]
         cmd = [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.num_cpus}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
@@ -118,7 +118,7 @@ class LocalRayCluster:
     def _start_worker(self, index: int, num_cpus: int) -> None:
         """A second raylet on this machine joining the head (``ray start --address``): a node of its own,
         with its own temp dir and ports, as a cluster's worker machine would be."""
-        ports = [f"--{name}={free_port()}" for name in _FIXED_PORT_OPTIONS]
+        ports = [f"--{name}={p}" for name, p in zip(_FIXED_PORT_OPTIONS, free_ports(len(_FIXED_PORT_OPTIONS)))]
         temp_dir = self.worker_temp_dir(index)
         cmd = [RAY, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}", *ports,
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
