@@ -42,7 +42,9 @@ on the val that is reported. Pixel arms read their images decoded once into a ui
 
 Pre-training and fine-tuning use the train split only; val is only evaluated. Scratch arms train
 without layer-wise lr decay, fine-tuned arms with ``--layer-decay``. Every arm's budget is in the
-JSON. A stage whose outputs exist is reused (``--work``); ``--fresh`` starts over.
+JSON. A stage whose outputs exist is reused (``--work``); ``--fresh`` starts over. ``--with EARLIER.json``
+merges the arms of an earlier run of the same images and budget that this run does not train (a long
+run finished in parts; each merged arm says ``from`` where).
 """
 
 from __future__ import annotations
@@ -128,6 +130,32 @@ def summarise(result: dict, seeds_top1: dict[str, list[float]]) -> None:
     result["targets"] = targets
 
 
+MERGE_CHECKED = ("train_images", "val_images", "classes", "evaluated_on", "token_resolution")
+
+
+def merge_prior(result: dict, seeds_top1: dict[str, list[float]], path: Path, running: set[str]) -> None:
+    """Add the arms of an earlier run's JSON at ``path`` to ``result`` (arms in ``running`` are left to
+    this run); refused in one line when its images or budget (other than the seeds) differ."""
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --with {path}: cannot read it as JSON ({err})") from None
+    theirs = prior.get("budget", {})
+    differ = [k for k in MERGE_CHECKED if prior.get(k) != result[k]]
+    differ += [f"budget.{k}" for k in BUDGET_KEYS if k != "seeds" and theirs.get(k) != result["budget"][k]]
+    if differ:
+        raise SystemExit(f"error: --with {path}: not the same images and budget as this run ({', '.join(differ)} "
+                         "differ); merge only runs of the same command, arms aside")
+    for key, arm in prior.get("arms", {}).items():
+        if key in running or arm.get("top1") is None:
+            continue
+        result["arms"][key] = {**arm, "from": str(path)}
+        result["curve"][key] = arm.get("curve", [])
+        base = key.rsplit("_s", 1)[0] if key.rsplit("_s", 1)[-1].isdigit() else key
+        seeds_top1.setdefault(base, []).append(arm["top1"])
+        print(f"  {key}: top-1 {100 * arm['top1']:.1f} % (from {path})", flush=True)
+
+
 def _seed_mean(result: dict, arm: str, aug: str, default_aug: str) -> float | None:
     return result.get(f"top1_{arm_key(arm, aug, default_aug)}")
 
@@ -174,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, help="storage-vs-accuracy chart (default: next to --json)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "learning", help="tokens, runs and logs")
     p.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished stages")
+    p.add_argument("--with", dest="prior", type=Path, action="append", default=[], metavar="JSON",
+                   help="merge the arms of an earlier run's JSON (same images and budget; refused otherwise) that "
+                        "this run does not train: a long run finished in parts (repeatable)")
     p.add_argument("--arms", default="pixel,pixel_matched,token,mtm,m3i,addp,jpeg_equal",
                    help=f"comma-separated subset of {','.join(ARMS)}; a token arm may name its augmentation, "
                         "e.g. token:seitpp,mtm:seitpp (default: --token-aug)")
@@ -279,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
     adapters = None
     seeds_top1: dict[str, list[float]] = {}
+    for prior in args.prior:
+        merge_prior(result, seeds_top1, prior, {arm_key(a, g, args.token_aug) for a, g in args.arms})
     runs = [(arm, aug, seed) for seed in args.seeds for arm, aug in args.arms
             if seed == args.seeds[0] or arm in args.seeded_arms]
     for i, (arm, aug, seed) in enumerate(runs, 1):

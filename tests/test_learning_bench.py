@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning import main, summarise  # noqa: E402
+from bench.learning import BUDGET_KEYS, main, merge_prior, summarise  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHANCE = 1 / 3
@@ -102,3 +102,20 @@ def test_summary_means_seeds_and_judges_every_target_against_the_best_pixel_arm(
     result["bytes_per_image_token"] = 1500.0  # over the byte budget: the token target fails whatever its top-1
     summarise(result, seeds)
     assert result["targets"]["token (best aug) >= 0.90 x top1_pixel_best with <= 1200 B/image"] is False
+
+
+def test_with_merges_an_earlier_runs_arms_of_the_same_budget_and_refuses_another(tmp_path):
+    budget = dict.fromkeys(BUDGET_KEYS, 1) | {"seeds": [0], "budget_scale": 4.0}
+    same = {"train_images": 90, "val_images": 30, "classes": 3, "evaluated_on": "val", "token_resolution": 64}
+    prior = {**same, "budget": budget | {"seeds": [1]},
+             "arms": {"pixel": {"top1": 0.4, "curve": [[1.0, 0.4]]}, "token": {"top1": 0.9, "curve": []},
+                      "pixel_matched": {"top1": None}}}
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    result, seeds = {**same, "budget": budget, "arms": {}, "curve": {}, "bytes_per_image_token": 700.0}, {}
+    merge_prior(result, seeds, tmp_path / "prior.json", running={"token"})
+    assert set(result["arms"]) == {"pixel"} and result["arms"]["pixel"]["from"] == str(tmp_path / "prior.json")
+    assert seeds == {"pixel": [0.4]} and result["curve"]["pixel"] == [[1.0, 0.4]]
+    prior["budget"] = budget | {"budget_scale": 1.0}
+    (tmp_path / "other.json").write_text(json.dumps(prior))
+    with pytest.raises(SystemExit, match=r"other.json: not the same images and budget .*budget.budget_scale"):
+        merge_prior(result, seeds, tmp_path / "other.json", running=set())
