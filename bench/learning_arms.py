@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,26 +164,31 @@ def pixel_cache(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
 
 def train_adapters(args: argparse.Namespace, tokens: Tokens, work: Path) -> dict:
     """TokenAdapt and ColorAdapt trained on (``--adapter-images`` of) the train split for the tokens'
-    tokenizer, by ``pipeline.adapters.train`` (reused when present); their seconds count in the run."""
-    from pipeline.adapters.train import main as train_adapter
-
+    tokenizer, by ``pipeline.adapters.train`` (reused when present), side by side: one process and one
+    thread each. ``seconds``: the wall time of the pair, which counts in the run."""
     out, result = work / "adapters" / tokens.name, {"seconds": 0.0}
     out.mkdir(parents=True, exist_ok=True)
+    todo = {kind: out / f"{kind}.pt" for kind in ("tokenadapt", "coloradapt") if not (out / f"{kind}.pt").exists()}
+    if todo:
+        t0, procs = time.perf_counter(), {}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        for kind, ckpt in todo.items():
+            cmd = [sys.executable, "-m", "pipeline.adapters.train", "--kind", kind, "--images", str(args.train),
+                   "--tokenizer", str(tokens.tokenizer), "--out", str(ckpt), "--steps", str(args.adapter_steps),
+                   "--limit", str(args.adapter_images), "--json", str(out / f"{kind}.json"), "--threads", "1"]
+            with open(out / f"{kind}.log", "w") as log:
+                procs[kind] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for kind, proc in procs.items():
+            if proc.wait() != 0:
+                for other in procs.values():
+                    other.kill()
+                raise SystemExit(f"training {kind} failed (rc {proc.returncode}); see {out / f'{kind}.log'}")
+        (out / "pair.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
     for kind in ("tokenadapt", "coloradapt"):
-        ckpt = out / f"{kind}.pt"
-        if not ckpt.exists():
-            t0 = time.perf_counter()
-            rc = train_adapter(["--kind", kind, "--images", str(args.train), "--tokenizer", str(tokens.tokenizer),
-                                "--out", str(ckpt), "--steps", str(args.adapter_steps),
-                                "--limit", str(args.adapter_images), "--json", str(out / f"{kind}.json"),
-                                "--threads", "1"])
-            if rc != 0:
-                raise SystemExit(f"training {kind} failed (rc {rc})")
-            (out / f"{kind}.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
-        result[kind] = str(ckpt)
-        result["seconds"] += float((out / f"{kind}.seconds").read_text())
+        result[kind] = str(out / f"{kind}.pt")
         result[f"{kind}_train"] = {k: v for k, v in json.loads((out / f"{kind}.json").read_text()).items()
                                    if k != "config"}
+    result["seconds"] = float((out / "pair.seconds").read_text()) if (out / "pair.seconds").exists() else 0.0
     return result
 
 
