@@ -92,7 +92,7 @@ def plan_only(split_dir: str) -> dict:
     first = shards[0]  # and a shard's items, made when it is submitted
     t_end = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mixing = {"run_length": cfg.run_length, "after": mixing_of(shards),
+    mixing = {"run_length": shards.run_length, "after": mixing_of(shards),
               "before": mixing_of(plan(replace(cfg, run_length=1), listing.items))}
     return {"images": len(listing.items), "shards": len(digests), "plan_s_1m": round(t_end - t_import, 2),
             "import_s": round(t_import - t0, 2),
@@ -150,7 +150,7 @@ def archive_vs_folder(data: Path, n: int, num_cpus: int, resolution: int, tmp: P
     with LocalS3() as s3:
         bucket = s3.bucket("vqpt-bench-sources")
         upload(ilsvrc_tars_dir, f"{bucket}/ilsvrc")
-        for when, runs in (("after", []), ("before", ["--run-length", "1"])):
+        for when, runs in (("after", ["--run-length", "32"]), ("before", ["--run-length", "1"])):
             for where, src, out in (("folder", str(folder), str(tmp / f"folder-{when}")),
                                     ("archive", f"{bucket}/ilsvrc", f"{bucket}/tok-{when}")):
                 assert main([*job, *runs, "--src", src, "--out", out]) == 0

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from pipeline.plan import DEFAULT_RUN_LENGTH, Plan, class_mixing
+from pipeline.plan import DEFAULT_RUN_LENGTH, MIN_RUNS_PER_SHARD, Plan, class_mixing
 from pipeline.plan import plan as make_plan
 from pipeline.prepare import PrepareConfig, prepare_chunk
 from pipeline.readers import Listing, Reject, SourceItem, list_ade20k, list_folder, list_imagenet
@@ -80,7 +80,7 @@ class JobConfig:
     resolution: int = 256
     labelmap_resolution: int = 256
     shard_size: int = 4096
-    run_length: int = DEFAULT_RUN_LENGTH
+    run_length: int | None = None  # None: pipeline.plan.auto_run_length
     block_size: int = 256
     chunk_size: int = 128
     batch_size: int = 64
@@ -196,8 +196,8 @@ def dataset_meta(cfg: JobConfig, listing: Listing, tokenizer: Tokenizer, codec: 
 
 
 def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[dict], started: float,
-           how: str, mixing: dict | None = None) -> dict:
-    """Manifest (last), rejects.jsonl and report.json from the shards' records."""
+           how: str, mixing: dict | None = None, run_length: int | None = None) -> dict:
+    """Manifest (last), rejects.jsonl and report.json from the shards' records; ``run_length``: the plan's."""
     records = sorted(records, key=lambda r: r["index"])
     infos = [ShardInfo(**r["info"]) for r in records if r["info"] is not None]
     rejects = sorted([asdict(r) for r in listing.rejects] + [x for r in records for x in r["rejects"]],
@@ -224,7 +224,7 @@ def finish(cfg: JobConfig, listing: Listing, meta: DatasetMeta, records: list[di
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "codec": meta.codec.name,
         "nodes": dict(sorted(per_node.items())),  # images this run tokenised per Ray node id (resumed shards: none)
-        "run_length": cfg.run_length,
+        "run_length": cfg.run_length if run_length is None else run_length,
         "class_mixing": mixing or {},  # classes per shard (pipeline.plan.class_mixing)
     }
     sio.write_bytes_atomic(sio.join(cfg.split_dir, "report.json"), (json.dumps(report, indent=2) + "\n").encode())
@@ -257,7 +257,7 @@ def run(cfg: JobConfig) -> dict:
         shards = plan(cfg, listing.items)
         records = run_shards(cfg, shards, ckpt, codec, tokenizer.fingerprint)
         lock.check()
-        return finish(cfg, listing, meta, records, started, how, class_mixing(shards))
+        return finish(cfg, listing, meta, records, started, how, class_mixing(shards), shards.run_length)
 
 
 def no_images_message(cfg: JobConfig, listing: Listing) -> str:
@@ -288,9 +288,11 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--resolution", type=int, default=256, help="tokenizer input side in px")
     ap.add_argument("--labelmap-resolution", type=int, default=256, help="side of stored ADE20K label maps (px)")
     ap.add_argument("--shard-size", type=int, default=4096, help="images per shard")
-    ap.add_argument("--run-length", type=int, default=DEFAULT_RUN_LENGTH,
+    ap.add_argument("--run-length", type=int,
                     help="images adjacent in the source that stay together in a shard (one ranged read per run; "
-                    "1: permute the whole listing, the plan before runs); see pipeline/plan.py")
+                    "1: permute the whole listing, the plan before runs). Default: 1 for a folder, "
+                    f"{DEFAULT_RUN_LENGTH} for archives, tar shards and parquet, capped so a shard holds at least "
+                    f"{MIN_RUNS_PER_SHARD} runs; see pipeline/plan.py")
     ap.add_argument("--block-size", type=int, default=256, help="images per block inside a shard")
     ap.add_argument("--chunk-size", type=int, default=128, help="images per decode task")
     ap.add_argument("--batch-size", type=int, default=64, help="images per tokenizer forward pass")
@@ -303,7 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else start a local instance)")
     ap.add_argument("--max-inflight", type=int, default=4, help="shards in flight at once (bounds memory)")
     a = ap.parse_args(argv)
-    if a.run_length < 1:
+    if a.run_length is not None and a.run_length < 1:
         ap.error(f"--run-length must be >= 1, got {a.run_length}")
     return JobConfig(
         dataset=a.dataset, src=a.src, out=a.out.rstrip("/"), split=a.split or DEFAULT_SPLITS[a.dataset],

@@ -27,7 +27,7 @@ from tests.sources_support import (
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 SMALL = ["--resolution", "64", "--vocab", "16", "--fit-images", "32", "--shard-size", "4", "--block-size", "2",
-         "--chunk-size", "3"]
+         "--chunk-size", "3", "--run-length", "2"]  # runs on both sides: the same plan for folder and archive
 
 
 @pytest.fixture(scope="module")
