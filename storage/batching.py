@@ -15,9 +15,6 @@ or None when no sample of the chunk has one.
 
 from __future__ import annotations
 
-import math
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
@@ -55,45 +52,6 @@ class ShardColumns:
         return cls(shard.tokens, shard.labels, shard.image_size, shard.crop_box,  # type: ignore[arg-type]
                    keys=np.array(shard.keys, dtype=object),
                    labelmaps=_objects(shard.labelmaps, n, None), views=_objects(shard.views, n, ()))
-
-
-class TokenBuffers:
-    """Reused uint16 arrays for decoded shards' token grids (``decode_shard_joined(alloc=...)``).
-
-    A fresh multi-MB array per shard, freed a shard later, made glibc map and unmap it each time:
-    writing a shard's tokens into new pages cost 16 % of the decode itself (28 -> 33 ms per 1,900
-    samples). ``take(shape)`` hands out a view of a free buffer at least that large (or a new one);
-    ``release(decoded, s)`` removes shard ``s`` from ``decoded`` and keeps its buffer for reuse only
-    when nothing else still views it (CPython reference count), so a batch can never see its tokens
-    overwritten. At most ``keep`` free buffers are kept."""
-
-    def __init__(self, keep: int = 2) -> None:
-        self.keep = keep
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()  # two iterators of one stream in one process may share it
-        self.reused = 0  # arrays handed out from a reused buffer
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A uint16 array of ``shape`` (contents undefined)."""
-        need = math.prod(shape)
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if buf.size >= need:
-                    self.reused += 1
-                    return self._free.pop(i)[:need].reshape(shape)
-        return np.empty(need, dtype=np.uint16).reshape(shape)
-
-    def release(self, decoded: dict[int, ShardColumns | None], s: int) -> None:
-        """Drop shard ``s`` from ``decoded``; its buffer is reused if no one else holds a view of it."""
-        cols = decoded.pop(s)
-        base = None if cols is None else cols.tokens.base
-        del cols
-        # the references left: ``base`` here and getrefcount's argument; any more is a live view
-        if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == np.uint16 \
-                and sys.getrefcount(base) == 2:
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(base)
 
 
 def _objects(values: list, n: int, empty: object) -> np.ndarray | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -308,17 +308,15 @@ def decode_shard(data: bytes, codec: TokenCodec, url: str = "<bytes>",
     samples in all, each block is checked against the manifest before it is decoded (grid,
     classes, label-map size), and the first and last keys must be the manifest's.
     """
-    return _decode_blocks(data, codec, url, expect, alloc=None)[0]
+    return _decode_blocks(data, codec, url, expect, joined=False)[0]
 
 
 def decode_shard_joined(data: bytes, codec: TokenCodec, url: str = "<bytes>",
-                        expect: ShardExpect | None = None,
-                        alloc: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Block:
+                        expect: ShardExpect | None = None) -> Block:
     """``decode_shard`` as one Block of all its samples in order, its tokens one uint16 (n, h, w)
-    array the codec decodes into (no copy to join blocks); ``alloc(shape)`` gives that array (default
-    ``np.empty``; the stream passes a pool of reused buffers). ShardError if the main grids of the
+    array the codec decodes into (no copy to join blocks). ShardError if the main grids of the
     shard differ in shape."""
-    blocks, tokens = _decode_blocks(data, codec, url, expect, alloc=alloc or _empty_tokens)
+    blocks, tokens = _decode_blocks(data, codec, url, expect, joined=True)
     return Block(
         keys=list(chain.from_iterable(b.keys for b in blocks)),
         tokens=tokens,  # type: ignore[arg-type]
@@ -330,14 +328,10 @@ def decode_shard_joined(data: bytes, codec: TokenCodec, url: str = "<bytes>",
     )
 
 
-def _empty_tokens(shape: tuple[int, ...]) -> np.ndarray:
-    return np.empty(shape, dtype=np.uint16)
-
-
 def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect | None,
-                   alloc: Callable[[tuple[int, ...]], np.ndarray] | None) -> tuple[list[Block], np.ndarray | None]:
-    """The blocks, and with ``alloc`` the one array holding their tokens (``alloc(shape)``, uint16).
-    Headers are read first (checked, counted against the manifest), then the payloads."""
+                   joined: bool) -> tuple[list[Block], np.ndarray | None]:
+    """The blocks, and with ``joined`` the one array holding their tokens. Headers are read first
+    (checked, counted against the manifest), then the payloads."""
     headers = []
     left = MAX_BLOCK_SAMPLES if expect is None or expect.samples is None else expect.samples
     counted = expect is not None and expect.samples is not None
@@ -354,11 +348,11 @@ def _decode_blocks(data: bytes, codec: TokenCodec, url: str, expect: ShardExpect
     if not headers:
         raise ShardError(url, "holds no blocks")
     out = None
-    if alloc is not None:
+    if joined:
         shapes = set().union(*(h.grids for _, _, h in headers))
         if len(shapes) > 1:
             raise ShardError(url, "token grids differ in shape inside one split; the stream needs one grid")
-        out = alloc((sum(h.n for _, _, h in headers), *shapes.pop()))
+        out = np.empty((sum(h.n for _, _, h in headers), *shapes.pop()), dtype=np.uint16)
     blocks: list[Block] = []
     start = 0
     for name, payload, header in headers:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -59,8 +58,6 @@ from storage.shard import decode_shard_joined
 __all__ = ["Source", "TokenStream", "StreamLoader", "TokenDataset"]  # Source, StreamLoader, TokenDataset re-exported
 
 log = logging.getLogger("vqpt.storage")
-# each stream's pool of token buffers (storage.batching.TokenBuffers), per process, gone with the stream
-_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 Batch = dict
 
 
@@ -258,22 +255,19 @@ class TokenStream(IterableDataset):
             last = needed
         cache = ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None
         fetcher = ShardFetcher(self._shards, plan, self.prefetch_shards, self.retries, cache, self.storage_options)
-        buffers = _BUFFERS.setdefault(self, batching.TokenBuffers())  # reused across epochs too
-        decoded: dict[int, ShardColumns | None] = {}  # one dict, changed in place: no stale copy views a shard
+        decoded: dict[int, ShardColumns | None] = {}
         try:
             for offset, chunk in chunks():
                 needed = sorted(set(np.unique(chunk.shards).tolist()))
-                for s in sorted(set(decoded) - set(needed)):
+                for s in set(decoded) - set(needed):
                     fetcher.release(s)
-                    buffers.release(decoded, s)
+                decoded = {s: decoded[s] for s in needed if s in decoded}
                 for s in needed:
                     if s not in decoded:
-                        decoded[s] = self._load_shard(fetcher, s, buffers)
+                        decoded[s] = self._load_shard(fetcher, s)
                 yield offset, chunk, decoded
         finally:
             fetcher.close()
-            for s in list(decoded):
-                buffers.release(decoded, s)
 
     def _reader_batches(self, layout: BatchLayout, reader: int, ks: np.ndarray) -> Iterator[tuple[int, dict]]:
         """``(k, columns)`` for each micro-batch k in ``ks`` (increasing) of ``reader``, in order; a micro-batch
@@ -303,18 +297,17 @@ class TokenStream(IterableDataset):
                     pending = []
                 pending_k = k
                 pending.append(batching.materialise(batching.cut(cols, lo, hi), dtype))  # the shards can go
-            del cols  # nothing views the chunk's shards now: their buffers can be reused
         if pending:
             yield from _catch_up(todo, pending_k)
             yield pending_k, batching.join(pending)
         yield from _catch_up(todo, None)
 
-    def _load_shard(self, fetcher: ShardFetcher, s: int, buffers: batching.TokenBuffers) -> ShardColumns | None:
+    def _load_shard(self, fetcher: ShardFetcher, s: int) -> ShardColumns | None:
         url, info, _ = self._shards[s]
         try:
             m = self.manifests[self._shard_source[s]]
             return ShardColumns.of(decode_shard_joined(fetcher.get(s), m.codec(), url,
-                                                       m.expect(self._shard_local[s]), alloc=buffers.take))
+                                                       m.expect(self._shard_local[s])))
         except ShardError as err:
             if self.on_error == "raise":
                 raise

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import storage.io as sio
-from storage.batching import ShardColumns, TokenBuffers
 from storage.errors import ShardError
 from storage.order import BatchLayout, EpochOrder, OrderConfig
-from storage.stream import _BUFFERS, StreamLoader, TokenStream
+from storage.stream import StreamLoader, TokenStream
 from tests.conftest import make_samples, write_dataset
 
 N = 230  # not a multiple of anything used below, so padding is exercised
@@ -328,38 +327,3 @@ def test_elastic_resume_refusals_say_what_would_work(dataset):
     other = StreamLoader(TokenStream(manifest, 7, partitions=8, shuffle_window=16, canonical_readers=2))
     with pytest.raises(ValueError, match="for 4 canonical readers, not 2: drop the canonical_readers setting"):
         other.load_state_dict(states[0])
-
-
-def test_reused_token_buffers_never_change_a_batch_already_given(dataset):
-    """The shards' token arrays are reused (storage.batching.TokenBuffers) across shards and epochs; every
-    batch kept from two epochs still holds its samples' own tokens."""
-    manifest, by_key = dataset
-    ds = TokenStream(manifest, 7, partitions=8, shuffle_window=16)
-    loader = StreamLoader(ds, num_workers=0)
-    kept = [b for _ in range(2) for b in loader]
-    assert _BUFFERS[ds].reused >= len(manifest.shards)  # every shard of the second epoch, at least
-    assert sum(len(b["key"]) for b in kept) >= 2 * N
-    for b in kept:
-        for key, tokens in zip(b["key"], b["tokens"]):
-            np.testing.assert_array_equal(tokens.numpy(), by_key[key].tokens)
-
-
-def test_a_token_buffer_something_still_views_is_not_reused():
-    buffers = TokenBuffers()
-
-    def shard() -> ShardColumns:
-        tokens = buffers.take((4, 2, 2))
-        tokens[:] = 7
-        z = np.zeros((4, 4), dtype=np.int64)
-        return ShardColumns(tokens, z[:, 0], z[:, :2], z, np.array(list("abcd"), dtype=object), None, None)
-
-    decoded = {0: shard()}
-    view = decoded[0].tokens[1]
-    buffers.release(decoded, 0)
-    assert 0 not in decoded
-    assert not np.shares_memory(buffers.take((4, 2, 2)), view) and buffers.reused == 0
-    decoded[1] = shard()
-    address = decoded[1].tokens.ctypes.data  # not a view: holding one would keep the buffer from reuse
-    buffers.release(decoded, 1)  # nothing views it any more: kept, and handed out again
-    assert buffers.take((3, 2, 2)).ctypes.data == address and buffers.reused == 1
-    np.testing.assert_array_equal(view, 7)
