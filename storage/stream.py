@@ -316,6 +316,7 @@ class TokenStream(IterableDataset):
             return None
 
     def __iter__(self) -> Iterator[Batch | dict]:
+        batching.settle_allocator()  # this process's shard and batch arrays come from the heap, not fresh maps
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         layout = self.batch_layout(num_workers)
