@@ -12,6 +12,7 @@ errors (OSError, connection errors) are retried by Ray; bad images never raise, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -25,17 +26,28 @@ from tqdm import tqdm
 from pipeline.prepare import PrepareConfig, PreparedChunk, prepare_chunk
 from pipeline.readers import SourceItem
 from pipeline.shardwork import encode_chunk, finished_record, shard_digest, write_shard
+from storage import io as sio
 from storage.codec import CodecSpec, TokenCodec, make_codec
 
 TRANSIENT = [OSError, ConnectionError, TimeoutError]
 
 
+def warm_connections(urls: tuple[str, ...]) -> None:
+    """Open this process's filesystem for each remote URL with one small request (an object store's
+    client and connection take a second to set up); best effort: a real failure surfaces at the read."""
+    for url in urls:
+        with contextlib.suppress(OSError, ValueError):
+            sio.exists(url)
+
+
 @ray.remote(num_cpus=1)
-def warm_up() -> bool:
-    """Import the decode and write stacks in a worker before the clock starts (first imports take seconds)."""
+def warm_up(urls: tuple[str, ...] = ()) -> bool:
+    """Import the decode and write stacks in a worker before the clock starts (first imports take seconds),
+    and open its connections to the job's remote source and output (``warm_connections``)."""
     import pipeline.prepare  # noqa: F401
     import pipeline.shardwork  # noqa: F401  (the shard writer; imports torch)
 
+    warm_connections(urls)
     return True
 
 
@@ -60,8 +72,9 @@ class TokenizerActor:
             self.tokenizer.to("cuda")
         self.batch_size = batch_size
 
-    def ready(self) -> str:
-        """The id of the Ray node this actor runs on (hex)."""
+    def ready(self, urls: tuple[str, ...] = ()) -> str:
+        """The id of the Ray node this actor runs on (hex), once its connections to ``urls`` are open."""
+        warm_connections(urls)
         return ray.get_runtime_context().get_node_id()
 
     def encode(self, chunk: PreparedChunk) -> tuple:
@@ -165,8 +178,9 @@ def run_shards(cfg, shards: Sequence[Sequence[SourceItem]], checkpoint: bytes, c
         ckpt_ref = ray.put(checkpoint)
         actors = [TokenizerActor.options(**options).remote(ckpt_ref, cfg.batch_size)
                   for options in actor_options(n_actors, gpus, ray.nodes())]
-        actor_nodes = ray.get([a.ready.remote() for a in actors])
-        ray.get([warm_up.remote() for _ in range(cpus)])
+        remote = tuple(u for u in (cfg.src, cfg.out) if sio.protocol_of(u) != "file")
+        actor_nodes = ray.get([a.ready.remote(remote) for a in actors])
+        ray.get([warm_up.remote(remote) for _ in range(cpus)])
         where = f"{gpus} GPU actor(s)" if gpus else f"{n_actors} CPU actor(s)"
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
         print(f"ray: {alive} nodes, {cpus} CPUs, {gpus} GPUs; tokenising with {where} on "
