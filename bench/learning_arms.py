@@ -172,17 +172,21 @@ def train_adapters(args: argparse.Namespace, tokens: Tokens, work: Path) -> dict
     if todo:
         t0, procs = time.perf_counter(), {}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-        for kind, ckpt in todo.items():
-            cmd = [sys.executable, "-m", "pipeline.adapters.train", "--kind", kind, "--images", str(args.train),
-                   "--tokenizer", str(tokens.tokenizer), "--out", str(ckpt), "--steps", str(args.adapter_steps),
-                   "--limit", str(args.adapter_images), "--json", str(out / f"{kind}.json"), "--threads", "1"]
-            with open(out / f"{kind}.log", "w") as log:
-                procs[kind] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        for kind, proc in procs.items():
-            if proc.wait() != 0:
-                for other in procs.values():
-                    other.kill()
-                raise SystemExit(f"training {kind} failed (rc {proc.returncode}); see {out / f'{kind}.log'}")
+        try:
+            for kind, ckpt in todo.items():
+                cmd = [sys.executable, "-m", "pipeline.adapters.train", "--kind", kind, "--images", str(args.train),
+                       "--tokenizer", str(tokens.tokenizer), "--out", str(ckpt), "--steps", str(args.adapter_steps),
+                       "--limit", str(args.adapter_images), "--json", str(out / f"{kind}.json"), "--threads", "1"]
+                with open(out / f"{kind}.log", "w") as log:
+                    procs[kind] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            for kind, proc in procs.items():
+                if proc.wait() != 0:
+                    raise SystemExit(f"training {kind} failed (rc {proc.returncode}); see {out / f'{kind}.log'}")
+        finally:  # a failure or an interrupt leaves no trainer running
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         (out / "pair.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
     for kind in ("tokenadapt", "coloradapt"):
         result[kind] = str(out / f"{kind}.pt")
