@@ -24,7 +24,8 @@ every one the shipped tool under its real launcher (``bench/learning_arms.py``):
               (``bench/equal_bytes.py``: per format JPEG / WebP / AVIF, the highest-PSNR side and
               quality within 5 % of the budget), a pixel arm trained on each format that can get
               that small, and the best of them reported;
-   a token arm may name its augmentation: ``token:seitpp``, ``mtm:seitpp`` (ids | seit | seitpp);
+   a token arm may name its augmentation: ``token:seitpp``, ``mtm:seitpp`` (ids | seit | seitpp |
+   adapters: the seitpp preset without Token-EDA, the learned adapters alone);
 3. with ``--frontier``: pixel arms at ``--pixel-budgets`` bytes/image (best-PSNR format each) and token
    arms at ``--token-variants`` (resolution, hence grid, codebook size K' and tokenizer kind);
 4. JSON (``top1_<arm>[_<aug>]``, ``top1_pixel_best`` (the better pixel arm), ``top1_token_best``,
@@ -62,6 +63,7 @@ if str(ROOT) not in sys.path:
 
 from bench.equal_bytes import available_formats  # noqa: E402
 from bench.learning_arms import (  # noqa: E402
+    ADAPTER_AUGS,
     PIXEL_ARMS,
     dev_split,
     equal_byte_arms,
@@ -74,7 +76,7 @@ from bench.learning_arms import (  # noqa: E402
 from bench.learning_plot import plot  # noqa: E402
 
 ARMS = ("pixel", "pixel_matched", "token", "mtm", "m3i", "addp", "jpeg_equal")
-AUGS = ("ids", "seit", "seitpp")
+AUGS = ("ids", "seit", "seitpp", "adapters")
 HEADLINE = ("pixel", "pixel_matched", "token", "mtm", "jpeg_equal")  # the arms ``--seeds`` repeats
 BUDGET_KEYS = ("resolution", "token_resolution", "vocab", "depth", "token_patch", "batch_size", "ranks", "workers",
                "pretrain_steps", "finetune_steps", "budget_scale", "pretrain_lr", "finetune_lr", "seeds", "token_aug",
@@ -114,10 +116,13 @@ def summarise(result: dict, seeds_top1: dict[str, list[float]]) -> None:
             best_token >= 0.9 * best_pixel and result["bytes_per_image_token"] <= 1200)
     if result.get("top1_pixel") and result.get("top1_token") is not None:
         result["token_vs_pixel_top1"] = result["top1_token"] / result["top1_pixel"]
-    ids, seitpp = (_seed_mean(result, "token", a, result["budget"]["token_aug"]) for a in ("ids", "seitpp"))
+    ids, seitpp, learned = (_seed_mean(result, "token", a, result["budget"]["token_aug"])
+                            for a in ("ids", "seitpp", "adapters"))
     if ids is not None and seitpp is not None:
         result["seitpp_minus_ids_points"] = 100 * (seitpp - ids)
         targets["seitpp aug >= ids aug + 2 points"] = bool(seitpp >= ids + 0.02)
+    if ids is not None and learned is not None:  # the ablation: the adapters without Token-EDA
+        result["adapters_minus_ids_points"] = 100 * (learned - ids)
     if mtm and token:
         result["mtm_best"], result["top1_mtm_best"] = mtm
         result["mtm_minus_token_points"] = 100 * (mtm[1] - token[1])
@@ -232,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="token arms' augmentation when the arm names none: the ids-only recipe of "
                         "finetune_cls_tiny.yaml, SeiT's (synonyms, code swap, embedding noise, embedding-space crop, "
                         "CutMix), or SeiT++'s (learned TokenAdapt and ColorAdapt, trained on train first, Token-EDA, "
-                        "CutMix; bench/learning_arms.py seitpp_overrides)")
+                        "CutMix; bench/learning_arms.py seitpp_overrides), or the adapters alone (seitpp "
+                        "without Token-EDA)")
     p.add_argument("--adapter-steps", type=int, default=100, help="training steps of TokenAdapt and of ColorAdapt")
     p.add_argument("--adapter-images", type=int, default=2000, help="train images the adapters are trained on")
     p.add_argument("--layer-decay", type=float, default=1.0,
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         base = arm_key(arm, aug, args.token_aug)
         key = base if seed == args.seeds[0] else f"{base}_s{seed}"
         print(f"[2/3] arm {i}/{len(runs)}: {base} (seed {seed})", flush=True)
-        if aug == "seitpp" and arm not in PIXEL_ARMS and adapters is None:  # trained when first needed
+        if aug in ADAPTER_AUGS and arm not in PIXEL_ARMS and adapters is None:  # trained when first needed
             print("  train TokenAdapt and ColorAdapt on train", flush=True)
             adapters = train_adapters(args, tokens, args.work)
             result["adapters"] = {k: v for k, v in adapters.items() if k not in ("tokenadapt", "coloradapt")}

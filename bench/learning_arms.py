@@ -28,6 +28,7 @@ from storage.manifest import read_manifest
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = {"mtm": "mtm_vit_tiny.yaml", "m3i": "m3i_vit_tiny.yaml", "addp": "addp_vit_tiny.yaml"}
 PIXEL_ARMS = ("pixel", "pixel_matched")
+ADAPTER_AUGS = ("seitpp", "adapters")  # the augmentations that run the learned TokenAdapt and ColorAdapt
 CURVE_POINTS = 4  # fine-tuning checkpoints at 25 / 50 / 75 / 100 % of the steps, each evaluated
 
 # SeiT's fine-tuning token augmentation (naver-ai/seit token_transform.py), on ids with re-quantisation.
@@ -35,7 +36,7 @@ SEIT_TOKEN_AUG = ["augment.replace_p=0.25", "augment.swap_p=0.25", "augment.nois
                   "augment.interpolation=bicubic", "augment.cutmix_alpha=1.0"]
 
 
-def seitpp_overrides(adapters: dict[str, str], pretraining: bool) -> list[str]:
+def seitpp_overrides(adapters: dict[str, str], eda: bool) -> list[str]:
     """SeiT++'s token augmentation (naver-ai/tokenadapt main.py / engine.py) on our recipe, as overrides.
 
     Geometry: half of each batch goes through the learned TokenAdapt (random resized crop, flip, and with
@@ -45,10 +46,12 @@ def seitpp_overrides(adapters: dict[str, str], pretraining: bool) -> list[str]:
     synonyms, 0.25 of the tokens of a quarter of the samples = 0.0625 per token; code swap p 0.25) and the
     recipe's CutMix. SeiT++'s embedding noise (p 0.75, std 1) is left out: our k-means codes are pixel
     values with a spread far below 1, so that noise erases them (SeiT's noise cut top-1 from 40.9 to 24.2 %).
-    Pre-training (MTM) gets the geometry and colour only: EDA and CutMix corrupt the tokens it predicts."""
+    Pre-training (MTM) gets the geometry and colour only (``eda=False``): EDA and CutMix corrupt the tokens it
+    predicts. The ``adapters`` aug is the same in fine-tuning too: the learned adapters without Token-EDA,
+    the ablation that tells the adapters' effect from EDA's."""
     out = [f"augment.tokenadapt={adapters['tokenadapt']}", "augment.tokenadapt_p=0.5", "augment.affine_p=0.5",
            f"augment.coloradapt={adapters['coloradapt']}", "augment.color_adapt_p=0.25"]
-    if not pretraining:
+    if eda:
         out += ["augment.replace_p=0.0625", "augment.synonym_k=5", "augment.swap_p=0.25"]
     return out
 
@@ -244,7 +247,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
     """Pre-train (if the arm does) and fine-tune one arm, evaluate its curve; returns metrics and timings.
 
     ``arm``: pixel | pixel_matched | token | mtm | m3i | addp. ``aug``: the token arms' augmentation
-    (ids | seit | seitpp; default ``--token-aug``; seitpp needs ``adapters``). ``name`` names its run
+    (ids | seit | seitpp | adapters; default ``--token-aug``; the last two need ``adapters``). ``name`` names its run
     folders (default: the arm, plus ``_r<res>_k<K>`` of the tokens for arms that read them); seeds other
     than 0 add ``_s<seed>``. ``pixels`` (train, val) folders replace --train/--val for pixel arms."""
     aug = aug or args.token_aug
@@ -255,7 +258,9 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
     scale_tag = "" if args.budget_scale == 1 else f"_x{args.budget_scale:g}"
     seed_tag = "" if seed == 0 else f"_s{seed}"
     tag = name + aug_tag + (f"_ld{args.layer_decay:g}" if decay else "") + scale_tag + seed_tag
-    sfx = f"_{tokens.name}" + (aug_tag if arm in PRETRAIN else "") + scale_tag + seed_tag
+    # seitpp and adapters pre-train alike (no Token-EDA in pre-training): one pre-training run serves both
+    pre_tag = "_seitppaug" if aug in ADAPTER_AUGS else aug_tag
+    sfx = f"_{tokens.name}" + (pre_tag if arm in PRETRAIN else "") + scale_tag + seed_tag
     common = model_overrides(args, seed)
     if token_arm and arm != "addp":  # token-stem encoders
         common.append(f"model.patch_size={tokens.token_patch}")
@@ -266,8 +271,8 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         pre = [f"run.steps={pre_steps}", f"optim.lr={args.pretrain_lr}",
                f"optim.warmup_steps={max(1, pre_steps // 20)}", *common]
         pre += ["objective.decoder_dim=128", "objective.decoder_heads=4"]  # a CPU-sized decoder for all three
-        if aug == "seitpp":
-            pre += seitpp_overrides(adapters, pretraining=True)
+        if aug in ADAPTER_AUGS:
+            pre += seitpp_overrides(adapters, eda=False)
         if arm == "addp":
             pre += [f"objective.tokenizer={tokens.tokenizer}", f"objective.pixel_patch={pixel_patch}",
                     f"objective.predictor={work / f'pre_mtm{sfx}' / 'checkpoints'}"]
@@ -284,8 +289,8 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         ft.append(f"optim.layer_decay={args.layer_decay}")
     if token_arm and aug == "seit":
         ft += SEIT_TOKEN_AUG
-    elif token_arm and aug == "seitpp":
-        ft += seitpp_overrides(adapters, pretraining=False)
+    elif token_arm and aug in ADAPTER_AUGS:
+        ft += seitpp_overrides(adapters, eda=aug == "seitpp")
     train_data, val_data, val_cache = tokens.train, tokens.val, None
     if not token_arm:
         train_data, val_data = pixels or (args.train, args.val)

@@ -87,7 +87,7 @@ def test_one_run_every_new_arm_and_flag(tmp_path):
 def test_summary_means_seeds_and_judges_every_target_against_the_best_pixel_arm():
     result = {"bytes_per_image_token": 800.0, "budget": {"token_aug": "ids"}}
     seeds = {"pixel": [0.50, 0.54], "pixel_matched": [0.60], "token": [0.55, 0.57], "token_seitpp": [0.60],
-             "mtm_seitpp": [0.62]}
+             "token_adapters": [0.575], "mtm_seitpp": [0.62]}
     summarise(result, seeds)
     assert result["top1_pixel"] == pytest.approx(0.52) and result["top1_pixel_spread"] == pytest.approx(0.02)
     assert result["top1_pixel_seeds"] == [0.50, 0.54] and "top1_pixel_matched_spread" not in result
@@ -95,6 +95,7 @@ def test_summary_means_seeds_and_judges_every_target_against_the_best_pixel_arm(
     assert (result["token_best"], result["top1_token_best"]) == ("token_seitpp", 0.60)
     assert result["token_vs_pixel_best_top1"] == pytest.approx(1.0)
     assert result["seitpp_minus_ids_points"] == pytest.approx(4.0)
+    assert result["adapters_minus_ids_points"] == pytest.approx(1.5)  # the ablation is reported, not a target
     assert result["mtm_minus_token_points"] == pytest.approx(2.0)
     assert result["targets"] == {"token (best aug) >= 0.90 x top1_pixel_best with <= 1200 B/image": True,
                                  "seitpp aug >= ids aug + 2 points": True,
@@ -102,6 +103,21 @@ def test_summary_means_seeds_and_judges_every_target_against_the_best_pixel_arm(
     result["bytes_per_image_token"] = 1500.0  # over the byte budget: the token target fails whatever its top-1
     summarise(result, seeds)
     assert result["targets"]["token (best aug) >= 0.90 x top1_pixel_best with <= 1200 B/image"] is False
+
+
+def test_the_adapters_aug_is_seitpp_without_token_eda_and_parses_as_an_arm():
+    from bench.learning import _arms
+    from bench.learning_arms import seitpp_overrides
+
+    paths = {"tokenadapt": "/m/ta.pt", "coloradapt": "/m/ca.pt"}
+    full, learned = seitpp_overrides(paths, eda=True), seitpp_overrides(paths, eda=False)
+    assert "augment.tokenadapt=/m/ta.pt" in learned and "augment.coloradapt=/m/ca.pt" in learned
+    assert set(learned) < set(full)
+    assert {o.split("=")[0] for o in set(full) - set(learned)} == {"augment.replace_p", "augment.synonym_k",
+                                                                   "augment.swap_p"}
+    assert _arms("token:adapters,mtm:adapters", "ids") == [("token", "adapters"), ("mtm", "adapters")]
+    with pytest.raises(SystemExit, match="adapters"):  # the error lists the augmentations, this one among them
+        _arms("token:bogus", "ids")
 
 
 def test_with_merges_an_earlier_runs_arms_of_the_same_budget_and_refuses_another(tmp_path):
