@@ -175,7 +175,10 @@ def test_batching_does_not_change_ids(tok: VQGANTokenizer) -> None:
     x = images(5, seed=1)
     small = VQGANTokenizer(tok.config, tok.model, batch_size=2)
     np.testing.assert_array_equal(small.encode(x), tok.encode(x))
-    np.testing.assert_array_equal(small.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+    # Decoded pixels: the same up to the rounding to uint8 of floats that the batch size may sum in another
+    # order (CPU conv kernels block by batch; one pixel in 15,360 once came out 86 against 85).
+    a, b = small.decode(tok.encode(x)).astype(np.int16), tok.decode(tok.encode(x)).astype(np.int16)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
 
 
 def test_encode_matches_manual_l2(tok: VQGANTokenizer) -> None:
