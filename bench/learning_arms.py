@@ -168,8 +168,10 @@ def pixel_cache(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
 def train_adapters(args: argparse.Namespace, tokens: Tokens, work: Path) -> dict:
     """TokenAdapt and ColorAdapt trained on (``--adapter-images`` of) the train split for the tokens'
     tokenizer, by ``pipeline.adapters.train`` (reused when present), side by side: one process and one
-    thread each. ``seconds``: the wall time of the pair, which counts in the run."""
-    out, result = work / "adapters" / tokens.name, {"seconds": 0.0}
+    thread each. ``seconds``: the wall time of the pair, which counts in the run. Their folder names the
+    tokens, ``--adapter-steps`` and ``--adapter-images``, so a run with other values trains its own."""
+    out = work / "adapters" / f"{tokens.name}_s{args.adapter_steps}_n{args.adapter_images}"
+    result = {"seconds": 0.0}
     out.mkdir(parents=True, exist_ok=True)
     todo = {kind: out / f"{kind}.pt" for kind in ("tokenadapt", "coloradapt") if not (out / f"{kind}.pt").exists()}
     if todo:

@@ -69,7 +69,7 @@ def test_one_run_every_new_arm_and_flag(tmp_path):
     def augment_of(run: str) -> dict:
         return yaml.safe_load((tmp_path / "work" / run / "config.yaml").read_text())["augment"]
 
-    adapters = tmp_path / "work" / "adapters" / "r64_k32_kmeans_residual"
+    adapters = tmp_path / "work" / "adapters" / "r64_k32_kmeans_residual_s2_n12"  # tokens, steps, images
     seitpp = augment_of("ft_token_r64_k32_kmeans_residual_seitppaug_x2")  # the seitpp run trained with both
     assert (seitpp["tokenadapt"], seitpp["coloradapt"]) == (str(adapters / "tokenadapt.pt"),
                                                              str(adapters / "coloradapt.pt"))
