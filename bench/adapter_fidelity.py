@@ -14,11 +14,13 @@ and each operator on ids is scored by:
   (a wrong code can be near or far: a near miss is a milder augmentation than a far one);
 - ``entropy`` (nats) and ``kl_vs_clean``: the code-usage distribution of its output and its KL divergence
   from the clean tokens' (a model that trains on shifted code statistics and is tested on clean ones pays
-  for the shift).
+  for the shift); ``real_<crop|colour>_kl_vs_clean``: the shift of the real augmented tokens, for scale.
 
 Operators: geometry by the exact nearest-cell crop of ids (the ``ids`` recipe), the bilinear warp of the
 embeddings + nearest code (an untrained TokenAdapt), and the learned TokenAdapt; colour by copying the
-input and by the learned ColorAdapt. Images should not be the reported val split (``--images`` from train).
+input and by the learned ColorAdapt; each learned one also with its codes drawn from its softmax
+(``_sampled``) instead of its argmax, which the trainer uses. Images should not be the reported val split
+(``--images`` from train).
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ def entropy(p: torch.Tensor) -> float:
     return float(-(q * q.log()).sum())
 
 
+def sampled(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Codes drawn from the softmax of float (B, K, h, w) logits instead of their argmax: int64 (B, h, w)."""
+    b, k, h, w = logits.shape
+    probs = logits.permute(0, 2, 3, 1).reshape(-1, k).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).view(b, h, w)
+
+
 def fidelity(out: torch.Tensor, target: torch.Tensor, clean: torch.Tensor, codebook: torch.Tensor) -> dict:
     """Scores of an operator's ids ``out`` int64 (N, h, w) against ``target`` (same shape), ``clean`` (K,) the
     clean tokens' code shares, ``codebook`` float (K, D)."""
@@ -91,12 +100,15 @@ def measure(tokenizer, tokenadapt: torch.nn.Module, coloradapt: torch.nn.Module,
         "crop_bilinear_nearest_code": (untrained.adapt(ids, theta), crop_target),
         "crop_tokenadapt": (tokenadapt.eval().adapt(ids, theta), crop_target),
         "crop_affine_tokenadapt": (tokenadapt.adapt(ids, theta_affine), real(warp_images(images, theta_affine))),
+        "crop_tokenadapt_sampled": (sampled(tokenadapt(ids, theta), gen), crop_target),
         "colour_copy": (ids, colour_target),
         "colour_coloradapt": (coloradapt.eval().adapt(ids, jitter), colour_target),
+        "colour_coloradapt_sampled": (sampled(coloradapt(ids, jitter), gen), colour_target),
     }
-    return {"images": n, "clean_entropy": entropy(clean), "real_crop_kl_vs_clean": fidelity(
-        crop_target, crop_target, clean, codebook)["kl_vs_clean"],
-        **{name: fidelity(out, target, clean, codebook) for name, (out, target) in ops.items()}}
+    real_shift = {f"real_{name}_kl_vs_clean": fidelity(target, target, clean, codebook)["kl_vs_clean"]
+                  for name, target in (("crop", crop_target), ("colour", colour_target))}
+    return {"images": n, "clean_entropy": entropy(clean), **real_shift,
+            **{name: fidelity(out, target, clean, codebook) for name, (out, target) in ops.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:

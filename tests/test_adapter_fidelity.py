@@ -38,9 +38,10 @@ def test_scores_each_operator_against_the_real_augmented_tokens(adapter_tok, ada
     assert untrained["colour_copy"]["kl_vs_clean"] == pytest.approx(0.0, abs=1e-9)
     assert untrained["colour_copy"]["entropy"] == pytest.approx(untrained["clean_entropy"])
     for name in ("crop_nearest_ids", "crop_bilinear_nearest_code", "crop_affine_tokenadapt", "colour_copy",
-                 "colour_coloradapt"):
+                 "colour_coloradapt", "crop_tokenadapt_sampled", "colour_coloradapt_sampled"):
         r = untrained[name]
         assert 0.0 < r["agreement"] < 1.0 and r["code_dist2"] > 0 and r["kl_vs_clean"] >= 0, name
+    assert untrained["real_crop_kl_vs_clean"] >= 0 and untrained["real_colour_kl_vs_clean"] > 0
     learned = measure(adapter_tok, *_adapters(adapter_tok, learned=True), adapter_images)
     assert learned["crop_tokenadapt"] != learned["crop_bilinear_nearest_code"]
     assert learned["crop_nearest_ids"] == untrained["crop_nearest_ids"]  # the same fixed-seed draw
