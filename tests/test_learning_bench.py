@@ -37,7 +37,7 @@ def test_one_run_every_new_arm_and_flag(tmp_path):
     out = tmp_path / "learning.json"
     with local_ray():  # one Ray instance for both tokenise calls (each would start its own otherwise)
         rc = main(["--train", str(data / "train"), "--val", str(data / "val"), "--json", str(out), "--work",
-                   str(tmp_path / "work"), "--arms", "pixel,pixel_matched,token,token:seitpp",
+                   str(tmp_path / "work"), "--arms", "pixel,pixel_matched,token,token:seitpp,token:adapters",
                    "--resolution", "32", "--token-resolution", "64", "--depth", "1", "--batch-size", str(BATCH),
                    "--ranks", "1", "--workers", "0", "--finetune-steps", "12", "--budget-scale", "2",
                    "--dev-fraction", "0.3", "--tokenizer-kind", "kmeans_residual", "--vocab", "32",
@@ -55,7 +55,7 @@ def test_one_run_every_new_arm_and_flag(tmp_path):
     assert result["token_grid"] == 8 and result["token_resolution"] == 64
     assert 0 < result["bytes_tokens"] < result["bytes_jpeg"]
     assert result["bytes_per_image_token"] == pytest.approx(result["bytes_tokens"] / 30, rel=1e-3)
-    for key in ("pixel", "pixel_matched", "token", "token_seitpp"):
+    for key in ("pixel", "pixel_matched", "token", "token_seitpp", "token_adapters"):
         arm = result["arms"][key]
         assert arm["val_samples"] == 9 and arm["finetune_s"] > 0, key
         assert arm["finetune_steps"] == 24, key  # --budget-scale 2
@@ -73,6 +73,11 @@ def test_one_run_every_new_arm_and_flag(tmp_path):
     seitpp = augment_of("ft_token_r64_k32_kmeans_residual_seitppaug_x2")  # the seitpp run trained with both
     assert (seitpp["tokenadapt"], seitpp["coloradapt"]) == (str(adapters / "tokenadapt.pt"),
                                                              str(adapters / "coloradapt.pt"))
+    assert seitpp["replace_p"] > 0 and seitpp["swap_p"] > 0  # with Token-EDA
+    learned = augment_of("ft_token_r64_k32_kmeans_residual_adaptersaug_x2")  # the same adapters, no Token-EDA
+    assert (learned["tokenadapt"], learned["coloradapt"]) == (seitpp["tokenadapt"], seitpp["coloradapt"])
+    assert learned["replace_p"] == learned["swap_p"] == 0 and learned["affine_p"] == seitpp["affine_p"] > 0
+    assert result["arms"]["token_adapters"]["aug"] == "adapters" and "adapters_minus_ids_points" in result
     assert augment_of("ft_token_r64_k32_kmeans_residual_x2")["tokenadapt"] is None  # the ids run without
     # Targets against the better pixel arm; the pixel_matched arm read 64 px crops from the decoded cache.
     best = max(result["top1_pixel"], result["top1_pixel_matched"])
