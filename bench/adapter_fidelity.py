@@ -81,10 +81,12 @@ def fidelity(out: torch.Tensor, target: torch.Tensor, clean: torch.Tensor, codeb
 @torch.no_grad()
 def measure(tokenizer, tokenadapt: torch.nn.Module, coloradapt: torch.nn.Module, images, seed: int = 0) -> dict:
     """Every operator's ``fidelity`` on uint8 (N, R, R, 3) ``images`` at the tokenizer's resolution R."""
-    ids = torch.from_numpy(tokenizer.encode(images)).long()
+    def real(pixels) -> torch.Tensor:  # the tokenizer's ids of really transformed pixels
+        return torch.from_numpy(tokenizer.encode(pixels)).long()
+
+    ids = real(images)
     codebook, vocab = torch.as_tensor(tokenizer.codebook).float(), int(tokenizer.codebook.shape[0])
     clean = code_histogram(ids, vocab)
-    real = lambda pixels: torch.from_numpy(tokenizer.encode(pixels)).long()  # noqa: E731
     gen, n = torch.Generator().manual_seed(seed), len(ids)
     boxes = random_resized_crop_params(n, RRC_SCALE, RRC_RATIO, gen, tuple(ids.shape[-2:]))
     flips = torch.rand(n, generator=gen) < 0.5
