@@ -215,10 +215,10 @@ def test_sample_batch_crops_and_flips_exactly():
 def test_bf16_autocast_trains():
     """The GPU recipe's precision path (bf16 autocast of encoder/decoder) runs and learns on the CPU too."""
     data = torch.from_numpy(synthetic_images(16, 32, seed=4))
-    cfg = dataclasses.replace(TINY, steps=12, precision="bf16")
+    cfg = dataclasses.replace(TINY, steps=6, precision="bf16")  # CPU bf16 convolutions are ~7x fp32's time
     tok, stats = tr.train(data, cfg, progress=False)
-    hist = stats["history"]
-    assert stats["steps"] == 12 and all(math.isfinite(h["loss"]) for h in hist)
+    hist = stats["history"]  # seen (seeds 4-6): the last 3 losses' mean 0.16-0.20 against the first 3's 0.25-0.29
+    assert stats["steps"] == 6 and all(math.isfinite(h["loss"]) for h in hist)
     assert np.mean([h["loss"] for h in hist[-3:]]) < np.mean([h["loss"] for h in hist[:3]])
     assert next(tok.model.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="precision"):
