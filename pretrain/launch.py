@@ -4,9 +4,11 @@
                        ranks=2, log=Path("out/mtm/launcher.log"))
 
 On a machine without CUDA the ranks are CPU processes (``DS_ACCELERATOR=cpu``, ``--num_accelerators``);
-with CUDA, one rank per GPU (``--num_gpus``). A fresh master port per launch, and the launcher's
-CPU all-reduce buffers in /dev/shm (``deepspeed_allreduce_buffer_*_<port>_*``) are removed whatever
-the outcome. The command is an argument list, never a shell string. For the trainers
+with CUDA, one rank per GPU (``--num_gpus``). One rank runs as one process with the variables the
+launcher would give it (``single_rank_env``), without the launcher's two interpreters in front. A fresh
+master port per launch, and the launcher's CPU all-reduce buffers in /dev/shm
+(``deepspeed_allreduce_buffer_*_<port>_*``) are removed whatever the outcome. The command is an argument
+list, never a shell string. For the trainers
 (``pretrain.train``, ``pretrain.finetune``) the arguments and config are checked here first
 (``preflight``), so a mistake is one line in seconds instead of after the ranks' start-up.
 """
@@ -24,7 +26,8 @@ import torch
 
 from storage.net import free_port
 
-__all__ = ["deepspeed_executable", "deepspeed_command", "shm_buffers", "run_deepspeed", "preflight", "ROOT"]
+__all__ = ["deepspeed_executable", "deepspeed_command", "single_rank_env", "shm_buffers", "run_deepspeed", "preflight",
+           "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,16 @@ def deepspeed_command(module: str, args: Sequence[str], ranks: int, port: int, c
     count = "--num_accelerators" if cpu else "--num_gpus"
     return [deepspeed_executable(), count, str(ranks), "--master_port", str(port), "--module", module,
             *map(str, args)]
+
+
+def single_rank_env(port: int, visible: str | None, cpu: bool) -> dict[str, str]:
+    """The variables ``deepspeed.launcher.launch`` gives its one process at 1 rank on 1 node: rank, world,
+    master address and port, and (with CUDA) the first visible GPU."""
+    out = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "CROSS_RANK": "0",
+           "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if not cpu:
+        out["CUDA_VISIBLE_DEVICES"] = (visible or "0").split(",")[0]
+    return out
 
 
 def shm_buffers(port: int) -> list[Path]:
@@ -68,8 +81,9 @@ def preflight(module: str, args: Sequence[str]) -> None:
 def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | None = None,
                   timeout: float | None = None, cpu: bool | None = None, env: dict | None = None,
                   capture: bool = False) -> subprocess.CompletedProcess:
-    """Launch ``module`` on ``ranks`` processes and wait. Output goes to ``log`` (a file) when given,
-    else is captured (``capture``) or inherited. Returns the CompletedProcess (check ``returncode``).
+    """Launch ``module`` on ``ranks`` processes (the deepspeed launcher; one rank: the module itself) and
+    wait. Output goes to ``log`` (a file) when given, else is captured (``capture``) or inherited. Returns
+    the CompletedProcess (check ``returncode``).
     A trainer's bad arguments or config raise here, before any process starts (``preflight``)."""
     preflight(module, args)
     cpu = not torch.cuda.is_available() if cpu is None else cpu
@@ -77,6 +91,9 @@ def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | 
     cmd = deepspeed_command(module, args, ranks, port, cpu)
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    if ranks == 1:  # the launcher would only set these (at the cost of two interpreters' start-up, ~5 s)
+        cmd = [sys.executable, "-u", "-m", module, "--local_rank=0", *map(str, args)]
+        full_env |= single_rank_env(port, full_env.get("CUDA_VISIBLE_DEVICES"), cpu)
     if cpu:
         full_env["DS_ACCELERATOR"] = "cpu"
     try:
