@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.launch import deepspeed_command, shm_buffers
+from pretrain.launch import deepspeed_command, shm_buffers, single_rank_env
 from tests.job_support import run_process_group
 from vqpt.local_s3 import free_port
 
@@ -89,3 +89,13 @@ def test_bad_override_is_a_clear_error(token_data, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "learning_rate" in proc.stderr and "valid keys" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_rank_runs_without_the_launcher_but_with_its_variables():
+    """run_deepspeed at 1 rank runs the module itself (the learning bench's arms end-to-end in
+    test_learning_bench.py); it gets what deepspeed.launcher.launch would set, the first visible GPU included."""
+    gpu = single_rank_env(29511, "3,1", cpu=False)
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "3" and gpu["MASTER_PORT"] == "29511"
+    assert (gpu["RANK"], gpu["LOCAL_RANK"], gpu["WORLD_SIZE"], gpu["LOCAL_SIZE"]) == ("0", "0", "1", "1")
+    assert single_rank_env(29511, None, cpu=False)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in single_rank_env(29511, "3", cpu=True)
