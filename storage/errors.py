@@ -24,5 +24,11 @@ class ShardError(StorageError):
         return type(self), (self.url, self.reason), self.__dict__
 
 
+class ShardUnreachable(ShardError):
+    """A shard whose store did not answer (time-outs, refused connections, 5xx) until its retries or
+    deadline ran out: not the shard's fault, and every further shard of that store would wait as long,
+    so ``on_error="skip"`` does not skip it."""
+
+
 class FingerprintMismatch(StorageError):
     """The manifest's tokenizer fingerprint is not the one the caller expects."""

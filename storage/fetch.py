@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 from storage import io as sio
 from storage.cancel import Cancel
-from storage.errors import ShardError
+from storage.errors import ShardError, ShardUnreachable
 from storage.shard import ShardInfo
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -241,6 +241,8 @@ class ShardFetcher:
         try:
             data = sio.read_bytes(url, self.storage_options, retries=self.retries, max_bytes=info.bytes + 1,
                                   root=root, cancel=self._cancel)
+        except sio.Unreachable as err:
+            raise ShardUnreachable(url, f"cannot be read: {err}") from err
         except OSError as err:
             raise ShardError(url, f"cannot be read: {err}") from err
         if len(data) != info.bytes:

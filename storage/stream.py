@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from storage import batching
 from storage.batching import ShardColumns
 from storage.dataset import TokenDataset
-from storage.errors import ShardError
+from storage.errors import ShardError, ShardUnreachable
 from storage.fetch import ShardCache, ShardFetcher, parse_size
 from storage.loader import StreamLoader
 from storage.manifest import Manifest
@@ -94,7 +94,9 @@ class TokenStream(IterableDataset):
         expected_fingerprint: refuse data made by another tokenizer (FingerprintMismatch).
         on_error: "raise" (default) stops at the first bad shard; "skip" drops its samples,
             logs a warning naming it, and lists it in ``skipped`` (per process; in skip mode ranks
-            may then see unequal counts).
+            may then see unequal counts). A store that does not answer until the read's deadline
+            (``ShardUnreachable``) stops the stream in either mode: skipping it would wait one
+            deadline per shard.
         prefetch_shards: shards fetched ahead in background threads.
         cache_dir, cache_limit: optional local cache of verified shards shared by the node's
             readers, bounded by ``cache_limit`` (bytes or "20gb"; ``storage.fetch.ShardCache``).
@@ -309,7 +311,7 @@ class TokenStream(IterableDataset):
             return ShardColumns.of(decode_shard_joined(fetcher.get(s), m.codec(), url,
                                                        m.expect(self._shard_local[s])))
         except ShardError as err:
-            if self.on_error == "raise":
+            if self.on_error == "raise" or isinstance(err, ShardUnreachable):
                 raise
             self.skipped[url] = err.reason
             log.warning("skipping %s (%d samples): %s", url, info.samples, err.reason)

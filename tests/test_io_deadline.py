@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from storage import io as sio
-from storage.errors import ManifestError, ShardError
+from storage.errors import ManifestError, ShardUnreachable
 from storage.manifest import Manifest
 from storage.stream import TokenStream
 from tests.hostile import write_base
@@ -102,16 +102,22 @@ def test_a_server_that_never_answers_is_an_error_naming_the_url_within_the_deadl
         assert tries < 1 + RETRIES and "TimeoutError" in str(err.value), str(err.value)
 
 
-def test_a_shard_server_that_never_answers_names_the_shard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_shard_server_that_never_answers_names_the_shard(tmp_path, monkeypatch, on_error):
+    """In skip mode too: a store that does not answer is not a bad shard to skip (each further shard would
+    wait a deadline as long); fewer attempts than one shard's retries prove no second shard was waited on."""
     for var, value in SHORT.items():
         monkeypatch.setenv(var, value)
     local = write_base(tmp_path / "train")
+    assert len(local.shards) > 1
     with silent_server() as (url, attempts):
         remote = Manifest(url=f"{url}/train/manifest.parquet", meta=local.meta, shards=local.shards)
-        ds = TokenStream(remote, 4, partitions=1, shuffle=False, prefetch_shards=0, retries=RETRIES)
-        with pytest.raises(ShardError, match=rf"shard {url}/train/shard-00000\d\.tar: cannot be read") as err:
+        ds = TokenStream(remote, 4, partitions=1, shuffle=False, prefetch_shards=0, retries=RETRIES,
+                         on_error=on_error)
+        with pytest.raises(ShardUnreachable, match=rf"shard {url}/train/shard-00000\d\.tar: cannot be read") as err:
             next(iter(ds))
         assert 1 <= len(attempts) < 1 + RETRIES, (len(attempts), str(err.value))
+        assert ds.skipped == {}
 
 
 @pytest.mark.parametrize(("status", "retried"), [(403, False), (404, False), (400, False), (503, True), (429, True)])
