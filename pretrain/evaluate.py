@@ -66,27 +66,43 @@ def evaluate(ckpt: str, data: str, batch_size: int = 256, passes: int = 1, devic
     result: dict = {"ckpt": str(ckpt), "data": data, "step": int(client["step"]), "objective": client["objective"]}
     if isinstance(objective, Segment):
         return {**result, **evaluate_segmentation(objective, stream, device, mode, window, stride)}
+    if isinstance(objective, Classify):
+        return {**result, **classify_metrics(objective, stream, device)}
+    return {**result, **objective_metrics(objective, stream, device, passes)}
+
+
+def kept_batches(stream, device: str, labelled: bool):
+    """``(batch on device, samples)`` for each batch of ``stream`` without its padding (and, when
+    ``labelled``, without samples of label < 0); batches left empty are skipped."""
+    for b in stream:
+        keep = ~b["pad"] & (b["label"] >= 0) if labelled else ~b["pad"]
+        if keep.any():
+            yield ({k: (v[keep].to(device) if torch.is_tensor(v) and v.ndim and len(v) == len(keep) else v)
+                    for k, v in b.items() if k != "key"}, int(keep.sum()))
+
+
+def classify_metrics(objective: Classify, stream, device: str) -> dict:
+    """top1 / top5 over every labelled sample of ``stream`` and their count (``samples``)."""
+    sums, n = {"top1": 0.0, "top5": 0.0}, 0
+    for batch, k in kept_batches(stream, device, labelled=True):
+        for name, v in topk_accuracy(objective.logits(batch), batch["label"], ks=(1, 5)).items():
+            sums[name] += float(v) * k
+        n += k
+    return {**{name: v / max(n, 1) for name, v in sums.items()}, "samples": n}
+
+
+def objective_metrics(objective, stream, device: str, passes: int) -> dict:
+    """The mean of the objective's own metrics over ``passes`` reads of ``stream`` (pass p draws its
+    masks from seed 1000 + p) and the samples per pass (``samples``)."""
     sums: dict[str, float] = {}
     n = 0
-    for p in range(1 if isinstance(objective, Classify) else passes):
+    for p in range(passes):
         torch.manual_seed(1000 + p)
-        for b in stream:
-            keep = ~b["pad"] & (b["label"] >= 0 if isinstance(objective, Classify) else True)
-            if not keep.any():
-                continue
-            batch = {k: (v[keep].to(device) if torch.is_tensor(v) and v.ndim and len(v) == len(keep) else v)
-                     for k, v in b.items() if k != "key"}
-            k = int(keep.sum())
-            if isinstance(objective, Classify):
-                acc = topk_accuracy(objective.logits(batch), batch["label"], ks=(1, 5))
-            else:
-                _, acc = objective(batch)
-            for name, v in acc.items():
+        for batch, k in kept_batches(stream, device, labelled=False):
+            for name, v in objective(batch)[1].items():
                 sums[name] = sums.get(name, 0.0) + float(v) * k
             n += k
-    result.update({name: v / max(n, 1) for name, v in sums.items()})
-    result["samples"] = n // (1 if isinstance(objective, Classify) else passes)
-    return result
+    return {**{name: v / max(n, 1) for name, v in sums.items()}, "samples": n // passes}
 
 
 def main(argv: list[str] | None = None) -> int:
