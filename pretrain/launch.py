@@ -88,12 +88,13 @@ def run_deepspeed(module: str, args: Sequence[str], ranks: int = 2, log: Path | 
     preflight(module, args)
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     port = free_port()
-    cmd = deepspeed_command(module, args, ranks, port, cpu)
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     if ranks == 1:  # the launcher would only set these (at the cost of two interpreters' start-up, ~5 s)
         cmd = [sys.executable, "-u", "-m", module, "--local_rank=0", *map(str, args)]
         full_env |= single_rank_env(port, full_env.get("CUDA_VISIBLE_DEVICES"), cpu)
+    else:
+        cmd = deepspeed_command(module, args, ranks, port, cpu)
     if cpu:
         full_env["DS_ACCELERATOR"] = "cpu"
     try:
