@@ -65,6 +65,8 @@ from bench.equal_bytes import available_formats  # noqa: E402
 from bench.learning_arms import (  # noqa: E402
     ADAPTER_AUGS,
     PIXEL_ARMS,
+    PRETRAIN,
+    aug_stages,
     dev_split,
     equal_byte_arms,
     frontier,
@@ -84,14 +86,28 @@ BUDGET_KEYS = ("resolution", "token_resolution", "vocab", "depth", "token_patch"
 
 
 def arm_key(arm: str, aug: str, default_aug: str) -> str:
-    """The JSON key of an arm: its name, plus ``_<aug>`` for a token arm whose augmentation is not the default."""
-    return arm if arm in PIXEL_ARMS or arm == "jpeg_equal" or aug == default_aug else f"{arm}_{aug}"
+    """The JSON key of an arm: its name, plus ``_<aug>`` for a token arm whose augmentation is not the default
+    (``PRE/FT`` written ``PRE-FT``: ``mtm:seitpp/ids`` -> ``mtm_seitpp-ids``)."""
+    plain = arm in PIXEL_ARMS or arm == "jpeg_equal" or aug == default_aug
+    return arm if plain else f"{arm}_{aug.replace('/', '-')}"
+
+
+def run_key(arm: str, aug: str, seed: int, default_aug: str) -> str:
+    """The JSON key of one run: ``arm_key``, plus ``_s<seed>`` for seeds other than 0 (as the run folders)."""
+    return arm_key(arm, aug, default_aug) + ("" if seed == 0 else f"_s{seed}")
+
+
+def is_aug(text: str) -> bool:
+    """Whether ``text`` names a token augmentation: one of AUGS, or PRE/FT of two of them."""
+    parts = text.split("/")
+    return len(parts) <= 2 and all(a in AUGS for a in parts)
 
 
 def _best(result: dict, prefix: str) -> tuple[str, float] | None:
     """(key, top-1) of the best ``top1_<prefix>`` / ``top1_<prefix>_<aug>`` in ``result`` (None if none)."""
     found = [(k[5:], v) for k, v in result.items() if v is not None and not k.endswith(("_spread", "_seeds", "_best"))
-             and (k == f"top1_{prefix}" or any(k == f"top1_{prefix}_{a}" for a in AUGS))]
+             and (k == f"top1_{prefix}"
+                  or k.startswith(f"top1_{prefix}_") and is_aug(k[len(prefix) + 6:].replace("-", "/")))]
     return max(found, key=lambda kv: kv[1]) if found else None
 
 
@@ -140,14 +156,16 @@ MERGE_CHECKED = ("train_images", "val_images", "classes", "evaluated_on", "token
 
 def merge_prior(result: dict, seeds_top1: dict[str, list[float]], path: Path, running: set[str]) -> None:
     """Add the arms of an earlier run's JSON at ``path`` to ``result`` (arms in ``running`` are left to
-    this run); refused in one line when its images or budget (other than the seeds) differ."""
+    this run); refused in one line when its images or budget differ (other than the seeds, and the
+    adapters' budget where the earlier run trained none)."""
     try:
         prior = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: --with {path}: cannot read it as JSON ({err})") from None
     theirs = prior.get("budget", {})
+    free = {"seeds"} | ({"adapter_steps", "adapter_images"} if "adapters" not in prior else set())
     differ = [k for k in MERGE_CHECKED if prior.get(k) != result[k]]
-    differ += [f"budget.{k}" for k in BUDGET_KEYS if k != "seeds" and theirs.get(k) != result["budget"][k]]
+    differ += [f"budget.{k}" for k in BUDGET_KEYS if k not in free and theirs.get(k) != result["budget"][k]]
     if differ:
         raise SystemExit(f"error: --with {path}: not the same images and budget as this run ({', '.join(differ)} "
                          "differ); merge only runs of the same command, arms aside")
@@ -189,11 +207,15 @@ def _arms(text: str, default_aug: str) -> list[tuple[str, str]]:
     out = []
     for spec in (a for a in text.split(",") if a):
         arm, _, aug = spec.partition(":")
-        if arm not in ARMS or (aug and aug not in AUGS):
+        if arm not in ARMS or (aug and not is_aug(aug)):
             raise SystemExit(f"error: unknown arm {spec!r}; arms: {', '.join(ARMS)}, optionally ARM:AUG with AUG one "
-                             f"of {', '.join(AUGS)} for token arms")
+                             f"of {', '.join(AUGS)} for token arms, or PRE/FT (e.g. mtm:seitpp/ids) for pre-trained "
+                             "arms")
         if aug and (arm in PIXEL_ARMS or arm == "jpeg_equal"):
             raise SystemExit(f"error: {spec!r}: only token arms take an augmentation")
+        if "/" in aug and arm not in PRETRAIN:
+            raise SystemExit(f"error: {spec!r}: PRE/FT augmentations are for pre-trained arms ({', '.join(PRETRAIN)})"
+                             f"; {arm} only fine-tunes")
         out.append((arm, aug or default_aug))
     return out
 
@@ -316,15 +338,15 @@ def main(argv: list[str] | None = None) -> int:
 
     adapters = None
     seeds_top1: dict[str, list[float]] = {}
-    for prior in args.prior:
-        merge_prior(result, seeds_top1, prior, {arm_key(a, g, args.token_aug) for a, g in args.arms})
     runs = [(arm, aug, seed) for seed in args.seeds for arm, aug in args.arms
             if seed == args.seeds[0] or arm in args.seeded_arms]
+    for prior in args.prior:
+        merge_prior(result, seeds_top1, prior, {run_key(a, g, s, args.token_aug) for a, g, s in runs})
     for i, (arm, aug, seed) in enumerate(runs, 1):
-        base = arm_key(arm, aug, args.token_aug)
-        key = base if seed == args.seeds[0] else f"{base}_s{seed}"
+        base, key = arm_key(arm, aug, args.token_aug), run_key(arm, aug, seed, args.token_aug)
         print(f"[2/3] arm {i}/{len(runs)}: {base} (seed {seed})", flush=True)
-        if aug in ADAPTER_AUGS and arm not in PIXEL_ARMS and adapters is None:  # trained when first needed
+        needs_adapters = arm not in PIXEL_ARMS and bool(set(aug_stages(aug)) & set(ADAPTER_AUGS))
+        if needs_adapters and adapters is None:  # trained when first needed
             print("  train TokenAdapt and ColorAdapt on train", flush=True)
             adapters = train_adapters(args, tokens, args.work)
             result["adapters"] = {k: v for k, v in adapters.items() if k not in ("tokenadapt", "coloradapt")}

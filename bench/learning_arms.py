@@ -238,6 +238,13 @@ def model_overrides(args: argparse.Namespace, seed: int) -> list[str]:
             f"data.num_workers={args.workers}"]
 
 
+def aug_stages(aug: str) -> tuple[str, str]:
+    """A token arm's augmentation as (pre-training aug, fine-tuning aug): "seitpp" -> ("seitpp", "seitpp"),
+    "seitpp/ids" -> ("seitpp", "ids") (a pre-trained arm whose fine-tuning takes another recipe)."""
+    pre, _, ft = aug.partition("/")
+    return pre, ft or pre
+
+
 def steps_of(args: argparse.Namespace, which: str) -> int:
     """Pre-training or fine-tuning steps at the run's ``--budget-scale``."""
     return max(1, round(getattr(args, f"{which}_steps") * args.budget_scale))
@@ -249,19 +256,21 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
     """Pre-train (if the arm does) and fine-tune one arm, evaluate its curve; returns metrics and timings.
 
     ``arm``: pixel | pixel_matched | token | mtm | m3i | addp. ``aug``: the token arms' augmentation
-    (ids | seit | seitpp | adapters; default ``--token-aug``; the last two need ``adapters``). ``name`` names its run
-    folders (default: the arm, plus ``_r<res>_k<K>`` of the tokens for arms that read them); seeds other
+    (ids | seit | seitpp | adapters, or PRE/FT for a pre-trained arm: ``seitpp/ids`` pre-trains with SeiT++'s
+    adapters and fine-tunes with ids; default ``--token-aug``; seitpp and adapters need ``adapters``). ``name``
+    names its run folders (default: the arm, plus ``_r<res>_k<K>`` of the tokens for arms that read them); seeds other
     than 0 add ``_s<seed>``. ``pixels`` (train, val) folders replace --train/--val for pixel arms."""
     aug = aug or args.token_aug
+    pre_aug, ft_aug = aug_stages(aug)
     token_arm = arm not in PIXEL_ARMS
     decay = arm in PRETRAIN and args.layer_decay is not None
     name = name or (arm if not token_arm else f"{arm}_{tokens.name}")
-    aug_tag = f"_{aug}aug" if token_arm and aug != "ids" else ""
+    aug_tag = f"_{aug.replace('/', '-')}aug" if token_arm and aug != "ids" else ""
     scale_tag = "" if args.budget_scale == 1 else f"_x{args.budget_scale:g}"
     seed_tag = "" if seed == 0 else f"_s{seed}"
     tag = name + aug_tag + (f"_ld{args.layer_decay:g}" if decay else "") + scale_tag + seed_tag
     # seitpp and adapters pre-train alike (no Token-EDA in pre-training): one pre-training run serves both
-    pre_tag = "_seitppaug" if aug in ADAPTER_AUGS else aug_tag
+    pre_tag = "_seitppaug" if pre_aug in ADAPTER_AUGS else "" if pre_aug == "ids" else f"_{pre_aug}aug"
     sfx = f"_{tokens.name}" + (pre_tag if arm in PRETRAIN else "") + scale_tag + seed_tag
     common = model_overrides(args, seed)
     if token_arm and arm != "addp":  # token-stem encoders
@@ -273,7 +282,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         pre = [f"run.steps={pre_steps}", f"optim.lr={args.pretrain_lr}",
                f"optim.warmup_steps={max(1, pre_steps // 20)}", *common]
         pre += ["objective.decoder_dim=128", "objective.decoder_heads=4"]  # a CPU-sized decoder for all three
-        if aug in ADAPTER_AUGS:
+        if pre_aug in ADAPTER_AUGS:
             pre += seitpp_overrides(adapters, eda=False)
         if arm == "addp":
             pre += [f"objective.tokenizer={tokens.tokenizer}", f"objective.pixel_patch={pixel_patch}",
@@ -289,10 +298,10 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         ft.append("optim.layer_decay=1.0")
     elif decay:
         ft.append(f"optim.layer_decay={args.layer_decay}")
-    if token_arm and aug == "seit":
+    if token_arm and ft_aug == "seit":
         ft += SEIT_TOKEN_AUG
-    elif token_arm and aug in ADAPTER_AUGS:
-        ft += seitpp_overrides(adapters, eda=aug == "seitpp")
+    elif token_arm and ft_aug in ADAPTER_AUGS:
+        ft += seitpp_overrides(adapters, eda=ft_aug == "seitpp")
     train_data, val_data, val_cache = tokens.train, tokens.val, None
     if not token_arm:
         train_data, val_data = pixels or (args.train, args.val)
@@ -321,7 +330,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
             images = n_train or jpeg_bytes(Path(train_data))[1]
             curve.append((round(step * args.batch_size * args.ranks / images, 3), metrics["top1"]))
     return {"top1": metrics["top1"], "top5": metrics["top5"], "val_samples": metrics["samples"], "curve": curve,
-            "aug": aug if token_arm else None, "pretrain_steps": pre_steps if arm in PRETRAIN else 0,
+            "aug": aug if token_arm else None, "seed": seed, "pretrain_steps": pre_steps if arm in PRETRAIN else 0,
             "finetune_steps": ft_steps, "pretrain_s": round(pre_s, 1), "finetune_s": round(ft_s, 1),
             "eval_s": round(time.perf_counter() - eval_s, 1)}
 
