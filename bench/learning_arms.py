@@ -245,6 +245,27 @@ def aug_stages(aug: str) -> tuple[str, str]:
     return pre, ft or pre
 
 
+def aug_overrides(aug: str, adapters: dict | None, stage: str) -> list[str]:
+    """The ``augment.*`` overrides of a token arm's ``aug`` at ``stage`` ("pretrain" | "finetune").
+
+    Pre-training gets the learned adapters' geometry and colour for seitpp and adapters (no Token-EDA, no
+    CutMix: they corrupt the tokens MTM predicts) and nothing else; fine-tuning gets its recipe: SeiT's, or
+    the adapters with (seitpp) or without (adapters) Token-EDA, or none (ids: the config's exact crop)."""
+    pre_aug, ft_aug = aug_stages(aug)
+    if stage == "pretrain":
+        return seitpp_overrides(adapters, eda=False) if pre_aug in ADAPTER_AUGS else []
+    if ft_aug == "seit":
+        return list(SEIT_TOKEN_AUG)
+    return seitpp_overrides(adapters, eda=ft_aug == "seitpp") if ft_aug in ADAPTER_AUGS else []
+
+
+def pretrain_tag(aug: str) -> str:
+    """The pre-training run's folder tag of a token arm's ``aug``. seitpp and adapters pre-train alike (no
+    Token-EDA in pre-training), and PRE/FT by its PRE: one pre-training run serves them all."""
+    pre_aug = aug_stages(aug)[0]
+    return "_seitppaug" if pre_aug in ADAPTER_AUGS else "" if pre_aug == "ids" else f"_{pre_aug}aug"
+
+
 def steps_of(args: argparse.Namespace, which: str) -> int:
     """Pre-training or fine-tuning steps at the run's ``--budget-scale``."""
     return max(1, round(getattr(args, f"{which}_steps") * args.budget_scale))
@@ -261,7 +282,6 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
     names its run folders (default: the arm, plus ``_r<res>_k<K>`` of the tokens for arms that read them); seeds other
     than 0 add ``_s<seed>``. ``pixels`` (train, val) folders replace --train/--val for pixel arms."""
     aug = aug or args.token_aug
-    pre_aug, ft_aug = aug_stages(aug)
     token_arm = arm not in PIXEL_ARMS
     decay = arm in PRETRAIN and args.layer_decay is not None
     name = name or (arm if not token_arm else f"{arm}_{tokens.name}")
@@ -269,8 +289,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
     scale_tag = "" if args.budget_scale == 1 else f"_x{args.budget_scale:g}"
     seed_tag = "" if seed == 0 else f"_s{seed}"
     tag = name + aug_tag + (f"_ld{args.layer_decay:g}" if decay else "") + scale_tag + seed_tag
-    # seitpp and adapters pre-train alike (no Token-EDA in pre-training): one pre-training run serves both
-    pre_tag = "_seitppaug" if pre_aug in ADAPTER_AUGS else "" if pre_aug == "ids" else f"_{pre_aug}aug"
+    pre_tag = pretrain_tag(aug)
     sfx = f"_{tokens.name}" + (pre_tag if arm in PRETRAIN else "") + scale_tag + seed_tag
     common = model_overrides(args, seed)
     if token_arm and arm != "addp":  # token-stem encoders
@@ -282,8 +301,7 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         pre = [f"run.steps={pre_steps}", f"optim.lr={args.pretrain_lr}",
                f"optim.warmup_steps={max(1, pre_steps // 20)}", *common]
         pre += ["objective.decoder_dim=128", "objective.decoder_heads=4"]  # a CPU-sized decoder for all three
-        if pre_aug in ADAPTER_AUGS:
-            pre += seitpp_overrides(adapters, eda=False)
+        pre += aug_overrides(aug, adapters, "pretrain")
         if arm == "addp":
             pre += [f"objective.tokenizer={tokens.tokenizer}", f"objective.pixel_patch={pixel_patch}",
                     f"objective.predictor={work / f'pre_mtm{sfx}' / 'checkpoints'}"]
@@ -298,10 +316,8 @@ def run_arm(arm: str, args: argparse.Namespace, tokens: Tokens, work: Path, seed
         ft.append("optim.layer_decay=1.0")
     elif decay:
         ft.append(f"optim.layer_decay={args.layer_decay}")
-    if token_arm and ft_aug == "seit":
-        ft += SEIT_TOKEN_AUG
-    elif token_arm and ft_aug in ADAPTER_AUGS:
-        ft += seitpp_overrides(adapters, eda=ft_aug == "seitpp")
+    if token_arm:
+        ft += aug_overrides(aug, adapters, "finetune")
     train_data, val_data, val_cache = tokens.train, tokens.val, None
     if not token_arm:
         train_data, val_data = pixels or (args.train, args.val)

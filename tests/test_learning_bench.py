@@ -125,6 +125,33 @@ def test_the_adapters_aug_is_seitpp_without_token_eda_and_parses_as_an_arm():
         _arms("token:bogus", "ids")
 
 
+def test_a_pre_trained_arm_takes_one_aug_for_pre_training_and_another_for_fine_tuning():
+    from bench.learning import _arms, _best, arm_key, run_key
+    from bench.learning_arms import aug_overrides, aug_stages, pretrain_tag
+
+    assert _arms("mtm:seitpp/ids,mtm:seitpp", "ids") == [("mtm", "seitpp/ids"), ("mtm", "seitpp")]
+    assert aug_stages("seitpp/ids") == ("seitpp", "ids") and aug_stages("adapters") == ("adapters", "adapters")
+    paths = {"tokenadapt": "/m/ta.pt", "coloradapt": "/m/ca.pt"}
+    # seitpp/ids pre-trains as seitpp does (the same run folder, reused) and fine-tunes as ids does
+    assert pretrain_tag("seitpp/ids") == pretrain_tag("seitpp") == pretrain_tag("adapters") == "_seitppaug"
+    assert aug_overrides("seitpp/ids", paths, "pretrain") == aug_overrides("seitpp", paths, "pretrain")
+    assert "augment.tokenadapt=/m/ta.pt" in aug_overrides("seitpp/ids", paths, "pretrain")
+    assert aug_overrides("seitpp/ids", paths, "finetune") == aug_overrides("ids", None, "finetune") == []
+    assert pretrain_tag("ids") == "" and aug_overrides("ids", None, "pretrain") == []
+    assert "augment.replace_p=0.0625" in aug_overrides("ids/seitpp", paths, "finetune")
+    assert arm_key("mtm", "seitpp/ids", "ids") == "mtm_seitpp-ids" and arm_key("mtm", "ids", "ids") == "mtm"
+    assert run_key("pixel", "ids", 1, "ids") == "pixel_s1"
+    assert run_key("mtm", "seitpp/ids", 0, "ids") == "mtm_seitpp-ids"
+    # the staged arm competes for the best mtm arm; spreads and other arms' keys do not
+    found = {"top1_mtm_seitpp": 0.60, "top1_mtm_seitpp-ids": 0.63, "top1_mtm_seitpp-ids_spread": 0.9,
+             "top1_mtm_bogus-ids": 0.99}
+    assert _best(found, "mtm") == ("mtm_seitpp-ids", 0.63)
+    for bad, says in (("token:seitpp/ids", "only fine-tunes"), ("mtm:seitpp/bogus", "unknown arm"),
+                      ("mtm:ids/ids/ids", "unknown arm"), ("mtm:seitpp/", "unknown arm")):
+        with pytest.raises(SystemExit, match=says):
+            _arms(bad, "ids")
+
+
 def test_with_merges_an_earlier_runs_arms_of_the_same_budget_and_refuses_another(tmp_path):
     budget = dict.fromkeys(BUDGET_KEYS, 1) | {"seeds": [0], "budget_scale": 4.0}
     same = {"train_images": 90, "val_images": 30, "classes": 3, "evaluated_on": "val", "token_resolution": 64}
@@ -140,3 +167,12 @@ def test_with_merges_an_earlier_runs_arms_of_the_same_budget_and_refuses_another
     (tmp_path / "other.json").write_text(json.dumps(prior))
     with pytest.raises(SystemExit, match=r"other.json: not the same images and budget .*budget.budget_scale"):
         merge_prior(result, seeds, tmp_path / "other.json", running=set())
+    # the adapters' budget matters only where the earlier run trained adapters; a seed-1 run keeps seed 0's arm
+    prior["budget"] = budget | {"adapter_steps": 150}
+    (tmp_path / "no_adapters.json").write_text(json.dumps(prior))
+    result, seeds = {**same, "budget": budget, "arms": {}, "curve": {}}, {}
+    merge_prior(result, seeds, tmp_path / "no_adapters.json", running={"token_s1"})
+    assert set(result["arms"]) == {"pixel", "token"} and seeds == {"pixel": [0.4], "token": [0.9]}
+    (tmp_path / "adapters.json").write_text(json.dumps(prior | {"adapters": {"seconds": 1.0}}))
+    with pytest.raises(SystemExit, match=r"budget.adapter_steps"):
+        merge_prior(result, seeds, tmp_path / "adapters.json", running=set())
