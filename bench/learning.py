@@ -25,7 +25,9 @@ every one the shipped tool under its real launcher (``bench/learning_arms.py``):
               quality within 5 % of the budget), a pixel arm trained on each format that can get
               that small, and the best of them reported;
    a token arm may name its augmentation: ``token:seitpp``, ``mtm:seitpp`` (ids | seit | seitpp |
-   adapters: the seitpp preset without Token-EDA, the learned adapters alone);
+   adapters: the seitpp preset without Token-EDA, the learned adapters alone); a pre-trained arm may
+   name one for each stage, PRE/FT: ``mtm:seitpp/ids`` pre-trains with the adapters (the same run as
+   ``mtm:seitpp``, reused) and fine-tunes with ids (JSON key ``mtm_seitpp-ids``);
 3. with ``--frontier``: pixel arms at ``--pixel-budgets`` bytes/image (best-PSNR format each) and token
    arms at ``--token-variants`` (resolution, hence grid, codebook size K' and tokenizer kind);
 4. JSON (``top1_<arm>[_<aug>]``, ``top1_pixel_best`` (the better pixel arm), ``top1_token_best``,
@@ -36,7 +38,8 @@ every one the shipped tool under its real launcher (``bench/learning_arms.py``):
 ``--budget-scale S`` multiplies every pre-training and fine-tuning step count (warm-ups are fractions of
 them). ``--seeds 0,1`` runs the headline arms (pixel, pixel_matched, token, mtm, jpeg_equal, with any
 augmentation) once per seed and reports the mean (``top1_<arm>``) and the spread (``top1_<arm>_spread``:
-half the max-min range). ``--dev-fraction 0.12`` holds a seeded share of train out as a dev split and
+half the max-min range); a seed other than 0 keys its run ``<arm>_s<seed>``, as its run folders.
+``--dev-fraction 0.12`` holds a seeded share of train out as a dev split and
 evaluates there instead of val: settings (recipes, probabilities, tokenizers) are chosen on dev, never
 on the val that is reported. Pixel arms read their images decoded once into a uint8 cache
 (``pretrain/pixel_cache.py``, at the tokens' source resolution; ``--no-pixel-cache`` decodes every epoch).
@@ -45,7 +48,9 @@ Pre-training and fine-tuning use the train split only; val is only evaluated. Sc
 without layer-wise lr decay, fine-tuned arms with ``--layer-decay``. Every arm's budget is in the
 JSON. A stage whose outputs exist is reused (``--work``); ``--fresh`` starts over. ``--with EARLIER.json``
 merges the arms of an earlier run of the same images and budget that this run does not train (a long
-run finished in parts; each merged arm says ``from`` where).
+run finished in parts; each merged arm says ``from`` where): ``--seeds 1 --with SEED0.json`` adds a
+second seed to an earlier run's arms. The adapters' budget (``--adapter-*``) must match only where the
+earlier run trained adapters.
 """
 
 from __future__ import annotations
@@ -234,7 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "this run does not train: a long run finished in parts (repeatable)")
     p.add_argument("--arms", default="pixel,pixel_matched,token,mtm,m3i,addp,jpeg_equal",
                    help=f"comma-separated subset of {','.join(ARMS)}; a token arm may name its augmentation, "
-                        "e.g. token:seitpp,mtm:seitpp (default: --token-aug)")
+                        "e.g. token:seitpp,mtm:seitpp (default: --token-aug), and a pre-trained arm one per stage, "
+                        "PRE/FT: mtm:seitpp/ids pre-trains with seitpp and fine-tunes with ids")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds for the headline arms "
                    "(--seeded-arms); others run with the first")
     p.add_argument("--seeded-arms", type=lambda t: [a for a in t.split(",") if a], default=list(HEADLINE),
