@@ -79,10 +79,16 @@ def plot(result: dict, path: Path) -> None:
 
 
 def plot_curves(ax, curves: dict[str, list]) -> None:
-    """Top-1 against fine-tuning epochs: one line per arm (``curve``: arm -> [(epochs, top-1), ...])."""
-    for arm, pts in sorted(curves.items()):
-        style = "o-" if arm.startswith("pixel") else ("^-" if arm.startswith(("mtm", "m3i", "addp")) else "s-")
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=arm, markersize=5)
+    """Top-1 against fine-tuning epochs: one line per arm (``curve``: arm -> [(epochs, top-1), ...]); the
+    runs of one arm at other seeds (``<arm>_s<seed>``) share its colour, dashed."""
+    colors: dict[str, str] = {}
+    for key, pts in sorted(curves.items()):
+        arm, _, seed = key.rpartition("_s")
+        arm = arm if seed.isdigit() else key
+        color = colors.setdefault(arm, f"C{len(colors) % 10}")
+        marker = "o" if arm.startswith("pixel") else ("^" if arm.startswith(("mtm", "m3i", "addp")) else "s")
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker + ("--" if arm != key else "-"),
+                color=color, label=key, markersize=5)
     ax.set_xlabel("fine-tuning epochs")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("top-1 as training goes on (25 / 50 / 75 / 100 % of the steps)", fontsize=9)
